@@ -1,0 +1,338 @@
+//! The relay's error type, and the one place that decides which failures are
+//! retried (reconnect and resume from the slot) and which stop the relay.
+
+use std::fmt;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::decode::DecodeError;
+
+/// Result of relay operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error reported by the PostgreSQL server (an ErrorResponse).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PgError {
+    /// `ERROR`, `FATAL` or `PANIC`.
+    pub severity: String,
+    /// The SQLSTATE code.
+    pub code: String,
+    /// The primary message.
+    pub message: String,
+    /// Optional detail.
+    pub detail: Option<String>,
+    /// Optional hint.
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(detail) = &self.detail {
+            write!(f, "; detail: {detail}")?;
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PgError {}
+
+/// Everything that can stop or interrupt the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Invalid configuration, found before any connection is made.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A network failure talking to PostgreSQL.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the relay was doing.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// PostgreSQL refused a command.
+    #[error("{context}: {source}")]
+    Server {
+        /// What the relay was doing.
+        context: String,
+        /// The server's error.
+        source: Box<PgError>,
+    },
+
+    /// TLS could not be set up as the `sslmode` demands.
+    #[error("tls: {0}")]
+    Tls(String),
+
+    /// Authentication could not be completed.
+    #[error("authentication: {0}")]
+    Auth(String),
+
+    /// The server sent something the wire protocol does not allow here.
+    #[error("postgres protocol error: {0}")]
+    Protocol(String),
+
+    /// A replication message could not be decoded.
+    #[error("decoding the replication stream failed at {lsn}: {source}")]
+    Decode {
+        /// Position of the offending message.
+        lsn: crate::lsn::Lsn,
+        /// What was wrong.
+        source: DecodeError,
+    },
+
+    /// The database is not set up for logical decoding.
+    #[error(
+        "wal_level is `{actual}` but logical decoding needs `logical`; set `wal_level = logical` \
+         in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
+    )]
+    WalLevel {
+        /// The current setting.
+        actual: String,
+    },
+
+    /// The publication to read from does not exist.
+    #[error(
+        "publication `{name}` does not exist in database `{database}`; apply the migrations \
+         (`outbox-relay migrate`) or create it with \
+         `CREATE PUBLICATION {name} FOR TABLE outbox WITH (publish = 'insert')`, or pass the right --publication"
+    )]
+    PublicationMissing {
+        /// The publication's name.
+        name: String,
+        /// The database it was looked up in.
+        database: String,
+    },
+
+    /// The slot exists but cannot be used by this relay.
+    #[error("replication slot `{slot}` cannot be used: {reason}")]
+    SlotUnusable {
+        /// The slot's name.
+        slot: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// A row of the outbox cannot be turned into a Kafka record.
+    #[error("outbox event {event_id} cannot be published: {reason}")]
+    BadEvent {
+        /// The event id (or `unknown` when the id itself is unreadable).
+        event_id: String,
+        /// What is wrong with it and how to fix it.
+        reason: String,
+    },
+
+    /// A published table does not look like an outbox.
+    #[error("table {table} is in the publication but is not an outbox table: {reason}")]
+    NotAnOutbox {
+        /// `schema.table`.
+        table: String,
+        /// What is missing.
+        reason: String,
+    },
+
+    /// The topic for an event does not exist and may not be created.
+    #[error(
+        "kafka topic `{topic}` does not exist (needed by event {event_id}); create it, or run the \
+         relay with --create-topics"
+    )]
+    TopicMissing {
+        /// The topic.
+        topic: String,
+        /// The event that needs it.
+        event_id: String,
+    },
+
+    /// The brokers could not be reached at start.
+    #[error(
+        "cannot reach the kafka brokers at `{brokers}`: {source}; check --kafka-brokers \
+         (OUTBOX_KAFKA_BROKERS) and that the brokers are up"
+    )]
+    BrokersUnreachable {
+        /// The configured bootstrap servers.
+        brokers: String,
+        /// The client's error.
+        source: Box<KafkaError>,
+    },
+
+    /// Kafka refused or failed to take an event.
+    #[error("kafka did not accept event {event_id} for topic `{topic}`: {source}")]
+    Delivery {
+        /// The event.
+        event_id: String,
+        /// Its topic.
+        topic: String,
+        /// The error.
+        source: Box<KafkaError>,
+    },
+
+    /// Any other Kafka client failure.
+    #[error("{context}: {source}")]
+    Kafka {
+        /// What the relay was doing.
+        context: String,
+        /// The error.
+        source: Box<KafkaError>,
+    },
+
+    /// sqlx failed (migrations and bookkeeping).
+    #[error("{context}: {source}")]
+    Database {
+        /// What the relay was doing.
+        context: String,
+        /// The error.
+        source: Box<sqlx::Error>,
+    },
+
+    /// Applying migrations failed.
+    #[error("applying migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Error {
+    /// Whether the relay should reconnect and resume from the slot (true), or
+    /// stop and report (false). Retrying is always safe for correctness,
+    /// because nothing is confirmed past what Kafka acknowledged; it is wrong
+    /// only when the same failure would repeat forever.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Io { .. } => true,
+            Error::Server { source, .. } => pg_code_is_retryable(&source.code),
+            Error::Delivery { source, .. } | Error::Kafka { source, .. } => {
+                kafka_is_retryable(source)
+            }
+            Error::Database { source, .. } => matches!(
+                **source,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+            ),
+            Error::Config(_)
+            | Error::Tls(_)
+            | Error::Auth(_)
+            | Error::Protocol(_)
+            | Error::Decode { .. }
+            | Error::WalLevel { .. }
+            | Error::PublicationMissing { .. }
+            | Error::SlotUnusable { .. }
+            | Error::BadEvent { .. }
+            | Error::NotAnOutbox { .. }
+            | Error::TopicMissing { .. }
+            | Error::BrokersUnreachable { .. }
+            | Error::Migrate(_) => false,
+        }
+    }
+}
+
+/// SQLSTATE classes worth retrying: connection exceptions (08), insufficient
+/// resources (53), operator intervention such as a shutdown or a server still
+/// starting (57), transaction rollbacks (40), and `object_in_use` (55006),
+/// which is what "replication slot is active for PID" raises while a previous
+/// relay instance is still shutting down during a rolling deploy.
+pub fn pg_code_is_retryable(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57")
+        || code.starts_with("40")
+        || code == "55006"
+}
+
+/// Kafka errors that a retry cannot fix: the record itself or the topic is
+/// refused. Everything else (timeouts, brokers down, leader changes) is
+/// transient.
+pub fn kafka_is_retryable(err: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    let code = match err {
+        KafkaError::MessageProduction(code) => *code,
+        KafkaError::AdminOp(code) => *code,
+        KafkaError::MetadataFetch(code) => *code,
+        KafkaError::ClientCreation(_) | KafkaError::ClientConfig(..) => return false,
+        _ => return true,
+    };
+    !matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::UnknownTopic
+            | C::UnknownTopicOrPartition
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication
+            | C::InvalidRequiredAcks
+            | C::UnsupportedVersion
+            | C::Fatal
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_postgres_errors() {
+        for code in ["08006", "57P01", "57P03", "53300", "55006", "40001"] {
+            assert!(pg_code_is_retryable(code), "{code}");
+        }
+        for code in ["28P01", "3D000", "42704", "42501", "XX000"] {
+            assert!(!pg_code_is_retryable(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn classifies_kafka_errors() {
+        use RDKafkaErrorCode as C;
+        for code in [
+            C::MessageSizeTooLarge,
+            C::TopicAuthorizationFailed,
+            C::InvalidTopic,
+        ] {
+            assert!(
+                !kafka_is_retryable(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            C::MessageTimedOut,
+            C::AllBrokersDown,
+            C::NotLeaderForPartition,
+            C::QueueFull,
+        ] {
+            assert!(
+                kafka_is_retryable(&KafkaError::MessageProduction(code)),
+                "{code:?}"
+            );
+        }
+        assert!(!kafka_is_retryable(&KafkaError::ClientCreation("x".into())));
+    }
+
+    #[test]
+    fn messages_are_lowercase_and_actionable() {
+        let err = Error::WalLevel {
+            actual: "replica".into(),
+        };
+        assert!(err.to_string().starts_with("wal_level is `replica`"));
+        assert!(!err.is_retryable());
+        let err = Error::Server {
+            context: "connecting".into(),
+            source: Box::new(PgError {
+                severity: "FATAL".into(),
+                code: "57P01".into(),
+                message: "terminating connection due to administrator command".into(),
+                ..PgError::default()
+            }),
+        };
+        assert!(err.is_retryable());
+        assert_eq!(
+            err.to_string(),
+            "connecting: terminating connection due to administrator command (SQLSTATE 57P01)"
+        );
+    }
+}

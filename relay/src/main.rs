@@ -1,0 +1,74 @@
+//! `outbox-relay`: parses flags, sets up logging and signal handling, and
+//! hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use outbox_relay::config::{Cli, Command, LogFormat, RelayConfig};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "outbox-relay stopped");
+            eprintln!("error: {err}");
+            if matches!(err, outbox_relay::Error::Config(_)) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> outbox_relay::Result<()> {
+    match command {
+        Command::Migrate(args) => outbox_relay::migrate::run(&args.database_url).await,
+        Command::Run(args) => {
+            let cfg = RelayConfig::from_args(&args)?;
+            let token = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(token.clone()));
+            outbox_relay::run(cfg, token).await
+        }
+    }
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping"),
+    }
+    token.cancel();
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("OUTBOX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

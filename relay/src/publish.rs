@@ -1,0 +1,340 @@
+//! Publishing events to Kafka: the idempotent producer, topic resolution
+//! (per-row override or template) and existence checks, record layout
+//! (key, value, headers), and waiting on delivery reports.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::config::{KafkaConfig, TopicTemplate};
+use crate::row::OutboxEvent;
+use crate::{Error, Result};
+
+/// One record handed to the producer and not yet acknowledged.
+pub struct InFlight {
+    /// The event id, for errors.
+    pub event_id: String,
+    /// The topic, for errors.
+    pub topic: String,
+    /// The delivery report.
+    pub delivery: DeliveryFuture,
+}
+
+/// Where an acknowledged record landed.
+#[derive(Debug, Clone, Copy)]
+pub struct Acked {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+impl InFlight {
+    /// Waits for the delivery report.
+    pub async fn acked(self) -> Result<Acked> {
+        match self.delivery.await {
+            Ok(Ok(d)) => Ok(Acked {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Ok(Err((source, _))) => Err(Error::Delivery {
+                event_id: self.event_id,
+                topic: self.topic,
+                source: Box::new(source),
+            }),
+            Err(_) => Err(Error::Kafka {
+                context: format!("waiting for the delivery of event {}", self.event_id),
+                source: Box::new(KafkaError::Canceled),
+            }),
+        }
+    }
+}
+
+/// The Kafka side of the relay.
+pub struct Publisher {
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    cfg: KafkaConfig,
+    template: TopicTemplate,
+    known_topics: HashSet<String>,
+    timeout: Duration,
+}
+
+impl Publisher {
+    /// Creates the producer. No connection is made yet.
+    pub fn new(
+        cfg: &KafkaConfig,
+        template: TopicTemplate,
+        max_in_flight: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("client.id", "outbox-relay")
+            // Idempotence gives acks=all and retries that keep per-partition order.
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5")
+            // Bound librdkafka's own buffer; the relay's window bounds the rest.
+            .set("queue.buffering.max.kbytes", "32768")
+            .set(
+                "queue.buffering.max.messages",
+                (max_in_flight + 1024).max(10_000).to_string(),
+            );
+        for (k, v) in &cfg.options {
+            client.set(k, v);
+        }
+        let producer: FutureProducer = client.create().map_err(|e| {
+            Error::Config(format!(
+                "the kafka producer settings are refused: {}",
+                redact_config_error(&e, &cfg.options)
+            ))
+        })?;
+        let admin: AdminClient<DefaultClientContext> =
+            client.create().map_err(|e| Error::Kafka {
+                context: "creating the kafka admin client".into(),
+                source: Box::new(e),
+            })?;
+        Ok(Self {
+            producer,
+            admin,
+            cfg: cfg.clone(),
+            template,
+            known_topics: HashSet::new(),
+            timeout,
+        })
+    }
+
+    /// Fails with a clear error when no broker answers within the timeout.
+    pub async fn check_brokers(&self) -> Result<()> {
+        let producer = self.producer.clone();
+        let timeout = self.timeout;
+        let result = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, timeout).map(|_| ())
+        })
+        .await
+        .expect("metadata lookup does not panic");
+        result.map_err(|source| Error::BrokersUnreachable {
+            brokers: self.cfg.brokers.clone(),
+            source: Box::new(source),
+        })
+    }
+
+    /// The topic an event goes to.
+    pub fn topic_for(&self, event: &OutboxEvent) -> Result<String> {
+        let topic = match &event.topic {
+            Some(t) => t.clone(),
+            None => self
+                .template
+                .render(&event.aggregate_type, &event.event_type),
+        };
+        outbox::topic::validate(&topic).map_err(|why| Error::BadEvent {
+            event_id: event.id.clone(),
+            reason: format!(
+                "the topic template gives `{topic}`, which is not a legal Kafka topic ({why}); \
+                 fix its aggregate_type or event_type, or change --topic-template"
+            ),
+        })?;
+        Ok(topic)
+    }
+
+    /// Makes sure a topic exists, creating it when allowed. Checked once per
+    /// topic and process, because producing to a missing topic only fails after
+    /// a long timeout with an error that does not name the topic.
+    pub async fn ensure_topic(&mut self, topic: &str, event_id: &str) -> Result<()> {
+        if self.known_topics.contains(topic) {
+            return Ok(());
+        }
+        if !self.topic_exists(topic).await? {
+            if !self.cfg.create_topics {
+                return Err(Error::TopicMissing {
+                    topic: topic.to_owned(),
+                    event_id: event_id.to_owned(),
+                });
+            }
+            self.create_topic(topic).await?;
+        }
+        self.known_topics.insert(topic.to_owned());
+        Ok(())
+    }
+
+    async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        let producer = self.producer.clone();
+        let timeout = self.timeout;
+        let name = topic.to_owned();
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&name), timeout)
+        })
+        .await
+        .expect("metadata lookup does not panic")
+        .map_err(|source| Error::Kafka {
+            context: format!("looking up kafka topic `{topic}`"),
+            source: Box::new(source),
+        })?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+    }
+
+    async fn create_topic(&self, topic: &str) -> Result<()> {
+        let new = NewTopic::new(
+            topic,
+            self.cfg.topic_partitions,
+            TopicReplication::Fixed(self.cfg.topic_replication_factor),
+        );
+        let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
+        let results = self
+            .admin
+            .create_topics([&new], &opts)
+            .await
+            .map_err(|source| Error::Kafka {
+                context: format!("creating kafka topic `{topic}`"),
+                source: Box::new(source),
+            })?;
+        for result in results {
+            match result {
+                Ok(_) => tracing::info!(
+                    topic,
+                    partitions = self.cfg.topic_partitions,
+                    "created kafka topic"
+                ),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(Error::Kafka {
+                        context: format!("creating kafka topic `{topic}`"),
+                        source: Box::new(KafkaError::AdminOp(code)),
+                    });
+                }
+            }
+        }
+        // Wait until the new topic shows up in metadata, so the first records
+        // are not held back by librdkafka's unknown-topic handling.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        while !self.topic_exists(topic).await? {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Kafka {
+                    context: format!(
+                        "kafka topic `{topic}` was created but does not appear in metadata"
+                    ),
+                    source: Box::new(KafkaError::AdminOp(RDKafkaErrorCode::RequestTimedOut)),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Hands one event to the producer: key = aggregate id, value = payload,
+    /// headers = id, event_type, aggregate_type, aggregate_id, traceparent and
+    /// the row's own headers.
+    pub async fn send(&mut self, event: &OutboxEvent) -> Result<InFlight> {
+        let topic = self.topic_for(event)?;
+        self.ensure_topic(&topic, &event.id).await?;
+        let mut headers = OwnedHeaders::new_with_capacity(5 + event.headers.len())
+            .insert(Header {
+                key: "id",
+                value: Some(event.id.as_bytes()),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some(event.event_type.as_bytes()),
+            })
+            .insert(Header {
+                key: "aggregate_type",
+                value: Some(event.aggregate_type.as_bytes()),
+            })
+            .insert(Header {
+                key: "aggregate_id",
+                value: Some(event.aggregate_id.as_bytes()),
+            });
+        if let Some(tp) = &event.trace_context {
+            headers = headers.insert(Header {
+                key: "traceparent",
+                value: Some(tp.as_bytes()),
+            });
+        }
+        for (k, v) in &event.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(&topic)
+            .key(event.aggregate_id.as_bytes())
+            .payload(&event.payload[..])
+            .headers(headers);
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => {
+                    return Ok(InFlight {
+                        event_id: event.id.clone(),
+                        topic,
+                        delivery,
+                    });
+                }
+                // librdkafka's buffer is full: wait for deliveries to free it.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((source, _)) => {
+                    return Err(Error::Delivery {
+                        event_id: event.id.clone(),
+                        topic,
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Waits until everything handed to the producer is acknowledged or failed.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .expect("flush does not panic")
+            .map_err(|source| Error::Kafka {
+                context: "flushing the kafka producer".into(),
+                source: Box::new(source),
+            })
+    }
+}
+
+/// librdkafka echoes the offending value in configuration errors; replace any
+/// option value (which may be a password) before it reaches a log.
+fn redact_config_error(err: &KafkaError, options: &[(String, String)]) -> String {
+    let mut text = err.to_string();
+    for (_, v) in options {
+        if v.len() >= 3 {
+            text = text.replace(v.as_str(), "[redacted]");
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_option_values_in_errors() {
+        // librdkafka echoes an invalid value in its message: provoke that.
+        let err = ClientConfig::new()
+            .set("linger.ms", "hunter2-not-a-number")
+            .create::<FutureProducer>()
+            .err()
+            .expect("an invalid value is refused");
+        assert!(err.to_string().contains("hunter2"), "{err}");
+        let text =
+            redact_config_error(&err, &[("linger.ms".into(), "hunter2-not-a-number".into())]);
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+}

@@ -1,0 +1,110 @@
+//! The relay's top-level loop: start-up checks, one replication session at a
+//! time, reconnection with backoff after retryable failures, and the final
+//! producer flush on shutdown.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::RelayConfig;
+use crate::connection::{Connection, Mode};
+use crate::publish::Publisher;
+use crate::{Result, slot, stream};
+
+/// Runs until `token` is cancelled (then returns `Ok` after flushing) or a
+/// fatal error. Retryable failures (PostgreSQL restarts, dropped connections,
+/// Kafka outages) reconnect and resume from the slot's confirmed position.
+pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
+    tracing::info!(
+        database = %cfg.pg,
+        slot = %cfg.slot,
+        publication = %cfg.publication,
+        brokers = %cfg.kafka.brokers,
+        max_in_flight = cfg.max_in_flight,
+        "starting outbox relay"
+    );
+    let mut publisher = Publisher::new(
+        &cfg.kafka,
+        cfg.topic_template.clone(),
+        cfg.max_in_flight,
+        cfg.connect_timeout,
+    )?;
+    let mut backoff = Backoff::new(cfg.max_backoff);
+    let mut first = true;
+    let result = loop {
+        let span = tracing::info_span!("session", slot = %cfg.slot);
+        let outcome = session(&cfg, &mut publisher, &token, first)
+            .instrument(span)
+            .await;
+        match outcome {
+            Ok(()) => break Ok(()),
+            Err(err) if err.is_retryable() && !token.is_cancelled() => {
+                let wait = backoff.next();
+                tracing::warn!(error = %err, retry_in = ?wait, "relay interrupted; resuming from the slot");
+                tokio::select! {
+                    biased;
+                    _ = token.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(err) => break Err(err),
+        }
+        // Once Postgres and Kafka were both reached, later outages are waited out.
+        first = false;
+    };
+    // Dropping a producer purges what it still holds: flush first.
+    if let Err(err) = publisher.flush(cfg.shutdown_timeout).await {
+        tracing::warn!(error = %err, "flushing the producer at exit failed");
+    }
+    result
+}
+
+async fn session(
+    cfg: &RelayConfig,
+    publisher: &mut Publisher,
+    token: &CancellationToken,
+    first: bool,
+) -> Result<()> {
+    let mut conn = Connection::connect(&cfg.pg, Mode::Replication).await?;
+    slot::check_wal_level(&mut conn).await?;
+    slot::check_publication(&mut conn, &cfg.publication, &cfg.pg.dbname).await?;
+    if first {
+        publisher.check_brokers().await?;
+    }
+    let start = slot::prepare(&mut conn, cfg, publisher, token).await?;
+    stream::run(conn, start, cfg, publisher, token).await
+}
+
+/// Exponential backoff from 100 ms up to a ceiling.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self {
+            next: Duration::from_millis(100),
+            max,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(self.max);
+        now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_ceiling() {
+        let mut b = Backoff::new(Duration::from_millis(500));
+        let waits: Vec<u128> = (0..5).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, vec![100, 200, 400, 500, 500]);
+    }
+}

@@ -1,0 +1,318 @@
+//! Outbox rows: mapping a published table's columns (by name, from its
+//! Relation message or a query's row description) to the event the relay
+//! publishes, and checking each row on the way.
+
+use bytes::Bytes;
+
+use crate::connection::Row;
+use crate::decode::{Cell, Relation};
+use crate::{Error, Result};
+
+/// One event read from the outbox, ready to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    /// The event id (a UUID in text form).
+    pub id: String,
+    /// Aggregate type: picks the default topic.
+    pub aggregate_type: String,
+    /// Aggregate id: the record key.
+    pub aggregate_id: String,
+    /// Event type.
+    pub event_type: String,
+    /// The payload: jsonb in PostgreSQL's text form, sent as the record value.
+    pub payload: Bytes,
+    /// Extra headers from the `headers` column.
+    pub headers: Vec<(String, String)>,
+    /// Per-row topic override.
+    pub topic: Option<String>,
+    /// W3C traceparent.
+    pub trace_context: Option<String>,
+}
+
+const REQUIRED: [&str; 5] = [
+    "id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "payload",
+];
+
+/// Where each outbox column sits in a table's rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    table: String,
+    required: [usize; 5],
+    headers: Option<usize>,
+    topic: Option<usize>,
+    trace_context: Option<usize>,
+}
+
+impl Layout {
+    /// Maps the columns of a Relation message. A table without the required
+    /// columns is refused (it is not an outbox, or a required column was dropped).
+    pub fn from_relation(rel: &Relation) -> Result<Self> {
+        let table = format!("{}.{}", rel.namespace, rel.name);
+        let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+        Self::from_names(table, &names)
+    }
+
+    fn from_names(table: String, names: &[&str]) -> Result<Self> {
+        let find = |name: &str| names.iter().position(|n| *n == name);
+        let mut required = [0usize; 5];
+        for (slot, name) in required.iter_mut().zip(REQUIRED) {
+            *slot = find(name).ok_or_else(|| Error::NotAnOutbox {
+                table: table.clone(),
+                reason: format!(
+                    "it has no `{name}` column (required: {}); restore the column, or remove the table \
+                     from the publication",
+                    REQUIRED.join(", ")
+                ),
+            })?;
+        }
+        Ok(Self {
+            table,
+            required,
+            headers: find("headers"),
+            topic: find("topic"),
+            trace_context: find("trace_context"),
+        })
+    }
+
+    /// The table this layout describes.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Turns the values of an Insert into an event.
+    pub fn event(&self, tuple: &[Cell]) -> Result<OutboxEvent> {
+        let cell = |i: usize| -> Result<Option<Bytes>> {
+            match tuple.get(i) {
+                Some(Cell::Text(b)) => Ok(Some(b.clone())),
+                Some(Cell::Null) | None => Ok(None),
+                Some(Cell::Unchanged) | Some(Cell::Binary(_)) => Err(Error::Protocol(format!(
+                    "column {i} of an insert into {} is not in text format",
+                    self.table
+                ))),
+            }
+        };
+        let values = (0..tuple.len().max(self.max_index() + 1))
+            .map(cell)
+            .collect::<Result<Vec<_>>>()?;
+        self.build(|i| values.get(i).cloned().flatten())
+    }
+
+    /// Turns a row of `SELECT * FROM outbox` (the backfill) into an event.
+    pub fn event_from_row(table: &str, row: &Row, columns: &[String]) -> Result<OutboxEvent> {
+        let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let layout = Self::from_names(table.to_owned(), &names)?;
+        layout.build(|i| row.get_bytes(&columns[i]).cloned())
+    }
+
+    fn max_index(&self) -> usize {
+        let optional = [self.headers, self.topic, self.trace_context];
+        self.required
+            .iter()
+            .copied()
+            .chain(optional.into_iter().flatten())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn build(&self, get: impl Fn(usize) -> Option<Bytes>) -> Result<OutboxEvent> {
+        let text = |i: usize| get(i).map(|b| String::from_utf8_lossy(&b).into_owned());
+        let id = text(self.required[0]).unwrap_or_else(|| "unknown".to_owned());
+        let bad = |reason: String| Error::BadEvent {
+            event_id: id.clone(),
+            reason,
+        };
+        let required = |pos: usize, name: &str| -> Result<String> {
+            match text(self.required[pos]) {
+                Some(v) if !v.is_empty() => Ok(v),
+                _ => Err(bad(format!(
+                    "column `{name}` of {} is null or empty; every event needs one",
+                    self.table
+                ))),
+            }
+        };
+        if id == "unknown" {
+            return Err(bad(format!("column `id` of {} is null", self.table)));
+        }
+        let aggregate_type = required(1, "aggregate_type")?;
+        let aggregate_id = required(2, "aggregate_id")?;
+        let event_type = required(3, "event_type")?;
+        let payload = get(self.required[4])
+            .ok_or_else(|| bad(format!("column `payload` of {} is null", self.table)))?;
+        let headers = match self.headers.and_then(&get) {
+            None => Vec::new(),
+            Some(raw) => parse_headers(&raw).map_err(|why| bad(why.to_owned()))?,
+        };
+        let topic = self.topic.and_then(&text);
+        if let Some(t) = &topic
+            && let Err(why) = outbox::topic::validate(t)
+        {
+            return Err(bad(format!(
+                "its topic override `{t}` is not a legal Kafka topic: {why}"
+            )));
+        }
+        Ok(OutboxEvent {
+            id: id.clone(),
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            payload,
+            headers,
+            topic,
+            trace_context: self.trace_context.and_then(text),
+        })
+    }
+}
+
+fn parse_headers(raw: &[u8]) -> std::result::Result<Vec<(String, String)>, &'static str> {
+    let value: serde_json::Value =
+        serde_json::from_slice(raw).map_err(|_| "its `headers` column is not valid JSON")?;
+    let object = value
+        .as_object()
+        .ok_or("its `headers` column is not a JSON object of strings")?;
+    object
+        .iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(s) => Ok((k.clone(), s.to_owned())),
+            None => Err("its `headers` column has a value that is not a string"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::RelationColumn;
+
+    fn relation(cols: &[&str]) -> Relation {
+        Relation {
+            oid: 1,
+            namespace: "public".into(),
+            name: "outbox".into(),
+            columns: cols
+                .iter()
+                .map(|c| RelationColumn {
+                    is_key: *c == "id",
+                    name: (*c).into(),
+                    type_oid: 25,
+                })
+                .collect(),
+        }
+    }
+
+    fn t(s: &str) -> Cell {
+        Cell::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    const FULL: [&str; 9] = [
+        "id",
+        "aggregate_type",
+        "aggregate_id",
+        "event_type",
+        "payload",
+        "headers",
+        "topic",
+        "trace_context",
+        "created_at",
+    ];
+
+    #[test]
+    fn maps_columns_by_name() {
+        // Columns in an unusual order, plus an unknown one, still map.
+        let rel = relation(&[
+            "extra",
+            "payload",
+            "event_type",
+            "aggregate_id",
+            "aggregate_type",
+            "id",
+        ]);
+        let layout = Layout::from_relation(&rel).unwrap();
+        let ev = layout
+            .event(&[
+                t("x"),
+                t("{\"a\": 1}"),
+                t("Placed"),
+                t("42"),
+                t("order"),
+                t("abc"),
+            ])
+            .unwrap();
+        assert_eq!(ev.id, "abc");
+        assert_eq!(ev.aggregate_type, "order");
+        assert_eq!(ev.aggregate_id, "42");
+        assert_eq!(&ev.payload[..], b"{\"a\": 1}");
+        assert!(ev.headers.is_empty());
+        assert_eq!(ev.topic, None);
+    }
+
+    #[test]
+    fn reads_optional_columns() {
+        let layout = Layout::from_relation(&relation(&FULL)).unwrap();
+        let ev = layout
+            .event(&[
+                t("abc"),
+                t("order"),
+                t("42"),
+                t("Placed"),
+                t("{}"),
+                t("{\"tenant\": \"acme\"}"),
+                t("orders.v1"),
+                t("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                t("2026-01-01"),
+            ])
+            .unwrap();
+        assert_eq!(ev.headers, vec![("tenant".to_owned(), "acme".to_owned())]);
+        assert_eq!(ev.topic.as_deref(), Some("orders.v1"));
+        assert!(ev.trace_context.is_some());
+    }
+
+    #[test]
+    fn refuses_a_table_without_required_columns() {
+        let err = Layout::from_relation(&relation(&[
+            "id",
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, Error::NotAnOutbox { .. }));
+        assert!(err.to_string().contains("no `payload` column"), "{err}");
+    }
+
+    #[test]
+    fn refuses_bad_rows_naming_the_event() {
+        let layout = Layout::from_relation(&relation(&FULL)).unwrap();
+        let row = |headers: &str, topic: Cell, payload: Cell| {
+            vec![
+                t("ev-1"),
+                t("order"),
+                t("42"),
+                t("Placed"),
+                payload,
+                t(headers),
+                topic,
+                Cell::Null,
+                Cell::Null,
+            ]
+        };
+        let err = layout.event(&row("[1]", Cell::Null, t("{}"))).unwrap_err();
+        assert!(err.to_string().contains("event ev-1"), "{err}");
+        assert!(err.to_string().contains("not a JSON object"), "{err}");
+        let err = layout
+            .event(&row("{\"a\": 1}", Cell::Null, t("{}")))
+            .unwrap_err();
+        assert!(err.to_string().contains("not a string"), "{err}");
+        let err = layout
+            .event(&row("{}", t("bad topic"), t("{}")))
+            .unwrap_err();
+        assert!(err.to_string().contains("`bad topic`"), "{err}");
+        let err = layout
+            .event(&row("{}", Cell::Null, Cell::Null))
+            .unwrap_err();
+        assert!(err.to_string().contains("`payload`"), "{err}");
+    }
+}

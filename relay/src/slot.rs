@@ -1,0 +1,207 @@
+//! The replication slot: start-up checks (wal_level, publication, slot
+//! health), creating the slot with an exported snapshot and a backfill of the
+//! rows already in the outbox, and the bookkeeping that makes that backfill
+//! crash-safe (table `outbox_relay_slot`).
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::connection::{Connection, Mode, quote_ident, quote_literal};
+use crate::lsn::Lsn;
+use crate::publish::Publisher;
+use crate::{Error, Result, backfill};
+
+/// Checks that the server can do logical decoding.
+pub async fn check_wal_level(conn: &mut Connection) -> Result<()> {
+    let rows = conn.query("SHOW wal_level").await?;
+    let level = rows
+        .first()
+        .and_then(|r| r.get("wal_level"))
+        .unwrap_or_default()
+        .to_owned();
+    if level != "logical" {
+        return Err(Error::WalLevel { actual: level });
+    }
+    Ok(())
+}
+
+/// Checks that the publication exists in the connected database.
+pub async fn check_publication(
+    conn: &mut Connection,
+    publication: &str,
+    database: &str,
+) -> Result<()> {
+    let rows = conn
+        .query(&format!(
+            "SELECT 1 AS found FROM pg_publication WHERE pubname = {}",
+            quote_literal(publication)
+        ))
+        .await?;
+    if rows.is_empty() {
+        return Err(Error::PublicationMissing {
+            name: publication.to_owned(),
+            database: database.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Makes the slot ready to stream and returns the position to start from:
+/// the existing slot's confirmed position, or a new slot's consistent point
+/// after the backfill.
+pub async fn prepare(
+    conn: &mut Connection,
+    cfg: &RelayConfig,
+    publisher: &mut Publisher,
+    token: &CancellationToken,
+) -> Result<Option<Lsn>> {
+    let slot = &cfg.slot;
+    let bookkeeping = bookkeeping(conn, slot).await?;
+    let existing = conn
+        .query(&format!(
+            "SELECT plugin, slot_type, database, confirmed_flush_lsn::text AS confirmed_flush_lsn, \
+             wal_status FROM pg_replication_slots WHERE slot_name = {}",
+            quote_literal(slot)
+        ))
+        .await?;
+
+    if let Some(row) = existing.first() {
+        let unusable = |reason: String| Error::SlotUnusable {
+            slot: slot.clone(),
+            reason,
+        };
+        if row.get("slot_type") != Some("logical") || row.get("plugin") != Some("pgoutput") {
+            return Err(unusable(format!(
+                "it is a {} slot with plugin {}, but the relay needs a logical slot with pgoutput; \
+                 choose another --slot",
+                row.get("slot_type").unwrap_or("?"),
+                row.get("plugin").unwrap_or("none")
+            )));
+        }
+        if row.get("database") != Some(cfg.pg.dbname.as_str()) {
+            return Err(unusable(format!(
+                "it belongs to database `{}`, not `{}`; choose another --slot",
+                row.get("database").unwrap_or("?"),
+                cfg.pg.dbname
+            )));
+        }
+        if row.get("wal_status") == Some("lost") {
+            return Err(unusable(
+                "PostgreSQL invalidated it because it fell behind by more than max_slot_wal_keep_size, so \
+                 WAL it needed is gone and events may have been missed. Drop it (SELECT \
+                 pg_drop_replication_slot('<slot>')), delete its row from outbox_relay_slot, and restart: the \
+                 relay then creates a new slot and publishes every row still in the outbox table"
+                    .replace("<slot>", slot),
+            ));
+        }
+        match bookkeeping {
+            Some(Bookkeeping { backfilled: false }) => {
+                // A previous start created the slot but did not finish the
+                // backfill: start over, or the rows it missed would be lost.
+                tracing::warn!(slot = %slot, "slot exists but its backfill never completed; dropping and recreating it");
+                conn.query(&format!(
+                    "SELECT pg_drop_replication_slot({})",
+                    quote_literal(slot)
+                ))
+                .await?;
+            }
+            _ => {
+                let lsn = row
+                    .get("confirmed_flush_lsn")
+                    .and_then(|s| s.parse::<Lsn>().ok());
+                tracing::info!(slot = %slot, confirmed_flush_lsn = %lsn.unwrap_or_default(), "resuming from existing slot");
+                return Ok(lsn);
+            }
+        }
+    } else if let Some(Bookkeeping { backfilled: true }) = bookkeeping {
+        return Err(Error::SlotUnusable {
+            slot: slot.clone(),
+            reason: format!(
+                "the relay created it before, but it no longer exists (dropped, or lost in a failover), so \
+                 events committed since it disappeared may not have been relayed. To start over, run \
+                 `DELETE FROM outbox_relay_slot WHERE slot_name = '{slot}'` and restart: the relay creates \
+                 the slot again and publishes every row still in the outbox table"
+            ),
+        });
+    }
+
+    create_with_backfill(conn, cfg, publisher, token)
+        .await
+        .map(Some)
+}
+
+struct Bookkeeping {
+    backfilled: bool,
+}
+
+async fn bookkeeping(conn: &mut Connection, slot: &str) -> Result<Option<Bookkeeping>> {
+    let rows = conn
+        .query(&format!(
+            "SELECT (backfilled_at IS NOT NULL)::text AS backfilled FROM outbox_relay_slot WHERE slot_name = {}",
+            quote_literal(slot)
+        ))
+        .await
+        .map_err(|e| match e {
+            Error::Server { source, .. } if source.code == "42P01" => Error::Config(
+                "table outbox_relay_slot does not exist; apply the migrations with `outbox-relay migrate`".into(),
+            ),
+            other => other,
+        })?;
+    Ok(rows.first().map(|r| Bookkeeping {
+        backfilled: r.get("backfilled") == Some("true"),
+    }))
+}
+
+async fn create_with_backfill(
+    conn: &mut Connection,
+    cfg: &RelayConfig,
+    publisher: &mut Publisher,
+    token: &CancellationToken,
+) -> Result<Lsn> {
+    let slot = &cfg.slot;
+    let mut sql = Connection::connect(&cfg.pg, Mode::Sql).await?;
+    // Recorded before the slot exists: if we crash anywhere from here until
+    // the backfill is marked done, the next start drops and recreates the slot.
+    sql.query(&format!(
+        "INSERT INTO outbox_relay_slot (slot_name, publication_name) VALUES ({}, {}) \
+         ON CONFLICT (slot_name) DO UPDATE SET publication_name = EXCLUDED.publication_name, \
+         created_at = now(), backfilled_at = NULL",
+        quote_literal(slot),
+        quote_literal(&cfg.publication)
+    ))
+    .await?;
+
+    // EXPORT_SNAPSHOT (rather than PG 15's `(SNAPSHOT 'export')`) works on every
+    // version since 10. The snapshot stays valid only until this connection
+    // runs its next command, so the backfill runs before anything else here.
+    let rows = conn
+        .query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(slot)
+        ))
+        .await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let consistent_point: Lsn = row
+        .get("consistent_point")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            Error::Protocol("CREATE_REPLICATION_SLOT returned no consistent_point".into())
+        })?;
+    let snapshot = row
+        .get("snapshot_name")
+        .ok_or_else(|| Error::Protocol("CREATE_REPLICATION_SLOT returned no snapshot_name".into()))?
+        .to_owned();
+    tracing::info!(slot = %slot, consistent_point = %consistent_point, "created replication slot");
+
+    let published = backfill::run(&mut sql, cfg, &snapshot, publisher, token).await?;
+    sql.query(&format!(
+        "UPDATE outbox_relay_slot SET backfilled_at = now() WHERE slot_name = {}",
+        quote_literal(slot)
+    ))
+    .await?;
+    sql.terminate().await;
+    tracing::info!(slot = %slot, events = published, "backfill complete");
+    Ok(consistent_point)
+}

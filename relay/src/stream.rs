@@ -1,0 +1,337 @@
+//! The replication stream: START_REPLICATION on the slot, decoding each
+//! message, publishing outbox inserts as they arrive, feeding positions to
+//! the progress FIFO, and sending standby status updates (the confirmed LSN)
+//! back to PostgreSQL. One call is one session; the caller reconnects.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, BytesMut};
+use tokio::sync::mpsc::{self, Permit};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::connection::{Backend, Connection, quote_ident, quote_literal};
+use crate::decode::{self, LogicalMessage, ReplicationMessage};
+use crate::lsn::Lsn;
+use crate::progress::{Pending, Totals, Tracker};
+use crate::publish::Publisher;
+use crate::row::Layout;
+use crate::{Error, Result};
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// Streams from the slot until `token` is cancelled (returns `Ok`) or a
+/// failure (returns it; retryable ones are resumed by the caller).
+pub async fn run(
+    mut conn: Connection,
+    start: Option<Lsn>,
+    cfg: &RelayConfig,
+    publisher: &mut Publisher,
+    token: &CancellationToken,
+) -> Result<()> {
+    let start_lsn = start.unwrap_or(Lsn::ZERO);
+    // proto_version 1 without `streaming`: pgoutput sends each transaction
+    // once it committed, so every Insert we see is committed data.
+    conn.send_query(&format!(
+        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {})",
+        quote_ident(&cfg.slot),
+        start_lsn,
+        quote_literal(&quote_ident(&cfg.publication))
+    ))
+    .await?;
+    loop {
+        match conn.recv().await? {
+            Backend::CopyBoth => break,
+            Backend::Error(source) => {
+                return Err(Error::Server {
+                    context: format!("starting replication from slot `{}`", cfg.slot),
+                    source: Box::new(source),
+                });
+            }
+            _ => {}
+        }
+    }
+    tracing::info!(slot = %cfg.slot, start_lsn = %start_lsn, "streaming");
+
+    let Tracker {
+        tx,
+        confirmed,
+        mut task,
+    } = Tracker::start(start_lsn, cfg.max_in_flight);
+    let mut session = Session {
+        conn,
+        cfg,
+        layouts: HashMap::new(),
+        in_transaction: false,
+        last_position: start_lsn,
+        last_sent: None,
+        last_sent_at: Instant::now(),
+    };
+    let ended = session
+        .pump(&tx, &mut task, confirmed.clone(), publisher, token)
+        .await;
+    drop(tx);
+    session.finish(confirmed, task, ended).await
+}
+
+/// Why the read loop stopped without an error of its own.
+enum Ended {
+    /// Shutdown was requested.
+    Shutdown,
+    /// The delivery task ended (only a failed delivery ends it early).
+    Deliveries(Result<Totals>),
+}
+
+struct Session<'a> {
+    conn: Connection,
+    cfg: &'a RelayConfig,
+    layouts: HashMap<u32, Layout>,
+    in_transaction: bool,
+    /// The newest position pushed into the FIFO.
+    last_position: Lsn,
+    last_sent: Option<Lsn>,
+    last_sent_at: Instant,
+}
+
+impl Session<'_> {
+    async fn pump(
+        &mut self,
+        tx: &mpsc::Sender<Pending>,
+        task: &mut JoinHandle<Result<Totals>>,
+        mut confirmed: watch::Receiver<Lsn>,
+        publisher: &mut Publisher,
+        token: &CancellationToken,
+    ) -> Result<Ended> {
+        let mut tick = tokio::time::interval(self.cfg.status_interval.min(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut permit: Option<Permit<'_, Pending>> = None;
+        loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return Ok(Ended::Shutdown),
+                joined = &mut *task => return Ok(Ended::Deliveries(joined_result(joined))),
+                _ = tick.tick() => {
+                    let lsn = *confirmed.borrow_and_update();
+                    let due = self.last_sent != Some(lsn)
+                        || self.last_sent_at.elapsed() >= self.cfg.status_interval;
+                    if due {
+                        self.send_status(lsn, false).await?;
+                    }
+                }
+                // Reading WAL only with room in the window is the backpressure:
+                // a full window stops the stream until acknowledgements arrive.
+                p = tx.reserve(), if permit.is_none() => {
+                    permit = Some(p.map_err(|_| Error::Protocol("the delivery task stopped".into()))?);
+                }
+                msg = self.conn.recv(), if permit.is_some() => {
+                    self.handle(msg?, &mut permit, &confirmed, publisher).await?;
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        msg: Backend,
+        permit: &mut Option<Permit<'_, Pending>>,
+        confirmed: &watch::Receiver<Lsn>,
+        publisher: &mut Publisher,
+    ) -> Result<()> {
+        let data = match msg {
+            Backend::CopyData(data) => data,
+            Backend::Error(source) => {
+                return Err(Error::Server {
+                    context: format!("streaming from slot `{}`", self.cfg.slot),
+                    source: Box::new(source),
+                });
+            }
+            Backend::CopyDone => {
+                return Err(Error::Io {
+                    context: format!("streaming from slot `{}`", self.cfg.slot),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the server ended the replication stream",
+                    ),
+                });
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected message {other:?} during replication"
+                )));
+            }
+        };
+        let at = self.last_position;
+        match decode::replication_message(data)
+            .map_err(|source| Error::Decode { lsn: at, source })?
+        {
+            ReplicationMessage::XLogData {
+                wal_start, data, ..
+            } => {
+                let msg = decode::logical_message(data).map_err(|source| Error::Decode {
+                    lsn: wal_start,
+                    source,
+                })?;
+                self.handle_logical(msg, wal_start, permit, publisher)
+                    .await?;
+            }
+            ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                // Nothing open and the server is past everything we pushed:
+                // confirm its position once the FIFO drains, so an idle or
+                // filtered outbox does not pin WAL.
+                if !self.in_transaction && wal_end > self.last_position {
+                    self.push(permit, Pending::Position(wal_end));
+                }
+                if reply_requested {
+                    let lsn = *confirmed.borrow();
+                    self.send_status(lsn, false).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_logical(
+        &mut self,
+        msg: LogicalMessage,
+        wal_start: Lsn,
+        permit: &mut Option<Permit<'_, Pending>>,
+        publisher: &mut Publisher,
+    ) -> Result<()> {
+        match msg {
+            LogicalMessage::Begin { final_lsn, xid, .. } => {
+                self.in_transaction = true;
+                tracing::trace!(xid, final_lsn = %final_lsn, "begin");
+            }
+            LogicalMessage::Relation(rel) => {
+                // Every Relation replaces the previous layout, so added or
+                // dropped columns are followed as soon as the table changes.
+                let layout = Layout::from_relation(&rel)?;
+                tracing::debug!(table = layout.table(), oid = rel.oid, "relation");
+                self.layouts.insert(rel.oid, layout);
+            }
+            LogicalMessage::Insert { rel_oid, tuple } => {
+                let layout = self.layouts.get(&rel_oid).ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "insert into relation {rel_oid} before its Relation message"
+                    ))
+                })?;
+                let event = layout.event(&tuple)?;
+                let in_flight = publisher.send(&event).await?;
+                tracing::debug!(event_id = %event.id, topic = %in_flight.topic, lsn = %wal_start, "published");
+                self.push(permit, Pending::Record(in_flight));
+            }
+            LogicalMessage::Commit { end_lsn, .. } => {
+                self.in_transaction = false;
+                if end_lsn > self.last_position {
+                    self.push(permit, Pending::Position(end_lsn));
+                }
+            }
+            LogicalMessage::Other { tag } => {
+                tracing::debug!(tag = %tag, lsn = %wal_start, "skipping pgoutput message");
+            }
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, permit: &mut Option<Permit<'_, Pending>>, entry: Pending) {
+        if let Pending::Position(lsn) = &entry {
+            self.last_position = *lsn;
+        }
+        // The select loop reads a message only while holding a permit, and a
+        // message pushes at most one entry.
+        permit
+            .take()
+            .expect("a message is read only with a reserved slot")
+            .send(entry);
+    }
+
+    /// Standby status update: write, flush and apply positions all report
+    /// what Kafka has acknowledged; the server keeps WAL after `flush`.
+    async fn send_status(&mut self, lsn: Lsn, reply: bool) -> Result<()> {
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or_default()
+            - PG_EPOCH_OFFSET_US;
+        let mut msg = BytesMut::with_capacity(34);
+        msg.put_u8(b'r');
+        msg.put_u64(lsn.0);
+        msg.put_u64(lsn.0);
+        msg.put_u64(lsn.0);
+        msg.put_i64(now_us);
+        msg.put_u8(u8::from(reply));
+        self.conn.send_copy_data(&msg).await?;
+        if self.last_sent != Some(lsn) {
+            tracing::debug!(lsn = %lsn, "confirmed");
+        }
+        self.last_sent = Some(lsn);
+        self.last_sent_at = Instant::now();
+        Ok(())
+    }
+
+    /// Ends the session: on shutdown waits for outstanding deliveries
+    /// (bounded by the shutdown timeout), confirms what was acknowledged, and
+    /// closes the stream.
+    async fn finish(
+        mut self,
+        confirmed: watch::Receiver<Lsn>,
+        task: JoinHandle<Result<Totals>>,
+        ended: Result<Ended>,
+    ) -> Result<()> {
+        let deliveries = match ended {
+            Ok(Ended::Shutdown) => {
+                match tokio::time::timeout(self.cfg.shutdown_timeout, task).await {
+                    Ok(joined) => joined_result(joined),
+                    Err(_) => Err(Error::Kafka {
+                        context: format!(
+                            "kafka did not acknowledge all events within the shutdown timeout of {:?}; \
+                         unacknowledged events will be sent again at the next start",
+                            self.cfg.shutdown_timeout
+                        ),
+                        source: Box::new(rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+                        )),
+                    }),
+                }
+            }
+            Ok(Ended::Deliveries(result)) => result,
+            Err(e) => {
+                task.abort();
+                Err(e)
+            }
+        };
+        let lsn = *confirmed.borrow();
+        // Best effort: on a broken connection this fails, and the slot keeps
+        // the last confirmed position it had; replay covers the rest.
+        if self.send_status(lsn, false).await.is_ok() {
+            tracing::info!(lsn = %lsn, "final position confirmed");
+            let _ = self.conn.send_copy_done().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(msg) = self.conn.recv().await {
+                    if matches!(msg, Backend::ReadyForQuery | Backend::Error(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+            self.conn.terminate().await;
+        }
+        deliveries.map(|totals| {
+            tracing::info!(delivered = totals.delivered, "session ended");
+        })
+    }
+}
+
+fn joined_result(
+    joined: std::result::Result<Result<Totals>, tokio::task::JoinError>,
+) -> Result<Totals> {
+    joined.unwrap_or_else(|e| Err(Error::Protocol(format!("the delivery task failed: {e}"))))
+}

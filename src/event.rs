@@ -1,0 +1,356 @@
+//! The outbox event: what a service hands to the write helper, and the checks
+//! it must pass before it reaches the database.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::{Error, Result, topic};
+
+/// Header names the relay sets itself; an event may not override them.
+pub const RESERVED_HEADERS: [&str; 5] = [
+    "id",
+    "event_type",
+    "aggregate_type",
+    "aggregate_id",
+    "traceparent",
+];
+
+/// The identity of one event: a UUIDv7, so ids sort by creation time. It is
+/// sent as the Kafka header `id`, and consumers deduplicate on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct EventId(Uuid);
+
+impl EventId {
+    /// A new time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The underlying UUID.
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl Default for EventId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<Uuid> for EventId {
+    fn from(id: Uuid) -> Self {
+        Self(id)
+    }
+}
+
+impl From<EventId> for Uuid {
+    fn from(id: EventId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One outbox event. Kafka sees `aggregate_id` as the record key (so one
+/// aggregate's events stay in order), the payload as the value, and the id,
+/// types, trace context and extra headers as record headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub(crate) id: EventId,
+    pub(crate) aggregate_type: String,
+    pub(crate) aggregate_id: String,
+    pub(crate) event_type: String,
+    pub(crate) payload: String,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) topic: Option<String>,
+    pub(crate) trace_context: Option<String>,
+}
+
+impl Event {
+    /// A new event with a fresh UUIDv7 id. The payload is serialized to JSON
+    /// now; names are checked here too, the payload size when it is written.
+    pub fn new<P: Serialize + ?Sized>(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: &P,
+    ) -> Result<Self> {
+        let event = Self {
+            id: EventId::new(),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            payload: serde_json::to_string(payload).map_err(Error::Payload)?,
+            headers: BTreeMap::new(),
+            topic: None,
+            trace_context: None,
+        };
+        check_text("aggregate_type", &event.aggregate_type)?;
+        check_text("aggregate_id", &event.aggregate_id)?;
+        check_text("event_type", &event.event_type)?;
+        // serde_json escapes NUL as \u0000, which jsonb refuses to store.
+        if event.payload.contains("\\u0000") {
+            return Err(Error::NulCharacter { field: "payload" });
+        }
+        Ok(event)
+    }
+
+    /// Uses a caller-chosen id instead of a fresh one (for example to make a
+    /// retried command produce the same event id).
+    pub fn with_id(mut self, id: impl Into<EventId>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Adds a Kafka header. Names must be non-empty and not one of
+    /// [`RESERVED_HEADERS`]; neither name nor value may contain NUL.
+    pub fn with_header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self> {
+        let name = name.into();
+        let value = value.into();
+        if name.is_empty() {
+            return Err(Error::InvalidHeader {
+                name,
+                reason: "header names must not be empty",
+            });
+        }
+        if RESERVED_HEADERS.contains(&name.as_str()) {
+            return Err(Error::InvalidHeader {
+                name,
+                reason: "this header is set by the relay; choose another name",
+            });
+        }
+        if name.contains('\0') || value.contains('\0') {
+            return Err(Error::InvalidHeader {
+                name,
+                reason: "header names and values must not contain NUL characters",
+            });
+        }
+        self.headers.insert(name, value);
+        Ok(self)
+    }
+
+    /// Sends this event to `topic` instead of the relay's topic template.
+    pub fn with_topic(mut self, topic: impl Into<String>) -> Result<Self> {
+        let topic = topic.into();
+        if let Err(reason) = topic::validate(&topic) {
+            return Err(Error::InvalidTopic { topic, reason });
+        }
+        self.topic = Some(topic);
+        Ok(self)
+    }
+
+    /// Attaches a W3C `traceparent`, forwarded as the Kafka header of that name.
+    pub fn with_trace_context(mut self, traceparent: impl Into<String>) -> Result<Self> {
+        let value = traceparent.into();
+        if let Err(reason) = check_traceparent(&value) {
+            return Err(Error::InvalidTraceContext { value, reason });
+        }
+        self.trace_context = Some(value);
+        Ok(self)
+    }
+
+    /// The event's id.
+    pub fn id(&self) -> EventId {
+        self.id
+    }
+
+    /// The aggregate type (for example `order`); picks the default topic.
+    pub fn aggregate_type(&self) -> &str {
+        &self.aggregate_type
+    }
+
+    /// The aggregate id: the Kafka record key.
+    pub fn aggregate_id(&self) -> &str {
+        &self.aggregate_id
+    }
+
+    /// The event type (for example `OrderPlaced`).
+    pub fn event_type(&self) -> &str {
+        &self.event_type
+    }
+
+    /// The payload as JSON text.
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+
+    /// The extra headers.
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
+    /// The topic override, if any.
+    pub fn topic(&self) -> Option<&str> {
+        self.topic.as_deref()
+    }
+
+    /// The trace context, if any.
+    pub fn trace_context(&self) -> Option<&str> {
+        self.trace_context.as_deref()
+    }
+
+    /// The extra headers as the JSON object stored in the `headers` column.
+    pub(crate) fn headers_json(&self) -> String {
+        serde_json::to_string(&self.headers).expect("a map of strings always serializes")
+    }
+
+    /// Checks the size limit; every other rule was checked on construction.
+    pub(crate) fn check_size(&self, max_payload_bytes: usize) -> Result<()> {
+        if self.payload.len() > max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                size: self.payload.len(),
+                max: max_payload_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_text(field: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::EmptyField { field });
+    }
+    if value.contains('\0') {
+        return Err(Error::NulCharacter { field });
+    }
+    Ok(())
+}
+
+/// `version-traceid-parentid-flags`, lowercase hex, ids not all zero.
+fn check_traceparent(value: &str) -> Result<(), &'static str> {
+    let parts: Vec<&str> = value.split('-').collect();
+    if parts.len() != 4 {
+        return Err("it must have four `-`-separated fields");
+    }
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !hex(parts[0], 2) || parts[0] == "ff" {
+        return Err("the version must be two lowercase hex digits other than `ff`");
+    }
+    if !hex(parts[1], 32) || parts[1].bytes().all(|b| b == b'0') {
+        return Err("the trace id must be 32 lowercase hex digits, not all zero");
+    }
+    if !hex(parts[2], 16) || parts[2].bytes().all(|b| b == b'0') {
+        return Err("the parent id must be 16 lowercase hex digits, not all zero");
+    }
+    if !hex(parts[3], 2) {
+        return Err("the flags must be two lowercase hex digits");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event() -> Event {
+        Event::new("order", "42", "OrderPlaced", &json!({"total": 1})).unwrap()
+    }
+
+    #[test]
+    fn builds_an_event_with_all_parts() {
+        let e = event()
+            .with_header("tenant", "acme")
+            .unwrap()
+            .with_topic("orders.v1")
+            .unwrap()
+            .with_trace_context("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .unwrap();
+        assert_eq!(e.aggregate_type(), "order");
+        assert_eq!(e.aggregate_id(), "42");
+        assert_eq!(e.event_type(), "OrderPlaced");
+        assert_eq!(e.payload(), r#"{"total":1}"#);
+        assert_eq!(e.headers_json(), r#"{"tenant":"acme"}"#);
+        assert_eq!(e.topic(), Some("orders.v1"));
+        assert_eq!(e.id().as_uuid().get_version_num(), 7);
+    }
+
+    #[test]
+    fn refuses_empty_names() {
+        for (t, i, ty, field) in [
+            ("", "1", "T", "aggregate_type"),
+            ("a", "", "T", "aggregate_id"),
+            ("a", "1", "", "event_type"),
+        ] {
+            let err = Event::new(t, i, ty, &json!({})).unwrap_err();
+            assert!(
+                matches!(err, Error::EmptyField { field: f } if f == field),
+                "{err}"
+            );
+            assert!(err.to_string().contains(field));
+        }
+    }
+
+    #[test]
+    fn refuses_nul_characters() {
+        let err = Event::new("a\0", "1", "T", &json!({})).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::NulCharacter {
+                field: "aggregate_type"
+            }
+        ));
+        let err = Event::new("a", "1", "T", &json!({"x": "a\u{0}b"})).unwrap_err();
+        assert!(matches!(err, Error::NulCharacter { field: "payload" }));
+    }
+
+    #[test]
+    fn refuses_bad_headers() {
+        let err = event().with_header("", "x").unwrap_err();
+        assert!(err.to_string().contains("must not be empty"), "{err}");
+        let err = event().with_header("id", "x").unwrap_err();
+        assert!(err.to_string().contains("set by the relay"), "{err}");
+        let err = event().with_header("k", "a\0b").unwrap_err();
+        assert!(err.to_string().contains("NUL"), "{err}");
+    }
+
+    #[test]
+    fn refuses_bad_topic_and_trace_context() {
+        let err = event().with_topic("no spaces").unwrap_err();
+        assert!(matches!(err, Error::InvalidTopic { .. }));
+        assert!(err.to_string().contains("no spaces"));
+        for bad in [
+            "",
+            "00-abc-def-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            let err = event().with_trace_context(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidTraceContext { .. }), "{bad}");
+        }
+    }
+
+    #[test]
+    fn checks_payload_size() {
+        let e = Event::new("a", "1", "T", &"x".repeat(100)).unwrap();
+        assert!(e.check_size(102).is_ok());
+        let err = e.check_size(50).unwrap_err();
+        assert!(matches!(err, Error::PayloadTooLarge { size: 102, max: 50 }));
+        assert!(err.to_string().contains("102 bytes"));
+    }
+
+    #[test]
+    fn refuses_unserializable_payload() {
+        let mut map = std::collections::HashMap::new();
+        map.insert(vec![1u8], 1);
+        let err = Event::new("a", "1", "T", &map).unwrap_err();
+        assert!(matches!(err, Error::Payload(_)));
+    }
+}

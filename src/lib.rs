@@ -1,0 +1,39 @@
+//! Transactional outbox for PostgreSQL: write events in the same transaction as
+//! your business rows, and let `outbox-relay` publish them to Kafka.
+//!
+//! This crate is what services embed. It depends on sqlx (and, behind the
+//! `tokio-postgres` feature, on tokio-postgres) and nothing else heavy: no Kafka
+//! client and no replication code.
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox::Event;
+//!
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("UPDATE orders SET state = 'placed' WHERE id = 42")
+//!     .execute(&mut *tx)
+//!     .await?;
+//! let event = Event::new("order", "42", "OrderPlaced", &serde_json::json!({"total": 12.5}))?
+//!     .with_header("tenant", "acme")?;
+//! let id = outbox::write(&mut tx, &event).await?;
+//! tx.commit().await?; // the order and the event commit together, or neither does
+//! println!("wrote event {id}");
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod event;
+pub mod topic;
+mod write;
+
+#[cfg(feature = "tokio-postgres")]
+pub mod tokio_postgres;
+
+pub use error::{Error, Result};
+pub use event::{Event, EventId, RESERVED_HEADERS};
+pub use write::{DEFAULT_MAX_PAYLOAD_BYTES, Outbox, write, write_all};
+
+/// The SQL migrations that create the outbox table, its publication and the
+/// relay's bookkeeping table, embedded so `MIGRATOR.run(&pool)` applies them.
+/// The same files work with `sqlx migrate run --source migrations`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -1,0 +1,67 @@
+//! The write helpers for tokio-postgres transactions (feature `tokio-postgres`),
+//! with the same checks and SQL as the sqlx ones.
+
+use ::tokio_postgres::Transaction;
+
+use crate::write::{INSERT_MANY, INSERT_ONE};
+use crate::{Event, EventId, Outbox, Result};
+
+impl Outbox {
+    /// [`Outbox::write`] for a tokio-postgres transaction.
+    pub async fn write_pg(&self, tx: &Transaction<'_>, event: &Event) -> Result<EventId> {
+        self.check(std::slice::from_ref(event))?;
+        tx.execute(
+            INSERT_ONE,
+            &[
+                &event.id.as_uuid(),
+                &event.aggregate_type,
+                &event.aggregate_id,
+                &event.event_type,
+                &event.payload,
+                &event.headers_json(),
+                &event.topic,
+                &event.trace_context,
+            ],
+        )
+        .await?;
+        Ok(event.id)
+    }
+
+    /// [`Outbox::write_all`] for a tokio-postgres transaction.
+    pub async fn write_all_pg(
+        &self,
+        tx: &Transaction<'_>,
+        events: &[Event],
+    ) -> Result<Vec<EventId>> {
+        self.check(events)?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let c = Self::columns(events);
+        tx.execute(
+            INSERT_MANY,
+            &[
+                &c.ids,
+                &c.aggregate_types,
+                &c.aggregate_ids,
+                &c.event_types,
+                &c.payloads,
+                &c.headers,
+                &c.topics,
+                &c.trace_contexts,
+            ],
+        )
+        .await?;
+        Ok(events.iter().map(|e| e.id).collect())
+    }
+}
+
+/// Inserts one event in a tokio-postgres transaction, with default settings.
+pub async fn write(tx: &Transaction<'_>, event: &Event) -> Result<EventId> {
+    Outbox::default().write_pg(tx, event).await
+}
+
+/// Inserts many events in one round trip in a tokio-postgres transaction.
+pub async fn write_all(tx: &Transaction<'_>, events: &[Event]) -> Result<Vec<EventId>> {
+    Outbox::default().write_all_pg(tx, events).await
+}
