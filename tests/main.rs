@@ -1,1 +1,8 @@
+//! Integration tests: one binary against a real PostgreSQL (private cluster
+//! per test) and a real Kafka-protocol broker (a Tansu process per test).
 
+mod support;
+
+mod delivery;
+mod failures;
+mod library;

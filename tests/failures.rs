@@ -1,0 +1,239 @@
+//! Wrong setups and refused events: each ends in a clear error that names the
+//! problem, a non-zero exit, and a slot left where it was.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::support::fixture::{Fixture, assert_exactly_once};
+use crate::support::postgres::{Settings, confirmed_flush};
+use crate::support::relay::binary;
+use crate::support::{Postgres, RelayBuilder, Tansu, free_port, unique};
+
+/// Creates the slot by hand, as an earlier relay would have, and moves the
+/// WAL past it with some events, so "left as it was" is observable.
+async fn existing_slot(f: &Fixture) -> String {
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(&f.slot)
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO outbox_relay_slot (slot_name, publication_name, backfilled_at) VALUES ($1, 'outbox_pub', now())")
+        .bind(&f.slot)
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    f.write_tx(&[("a".into(), 1), ("b".into(), 2)]).await;
+    confirmed_flush(&f.url, &f.slot).await.expect("slot exists")
+}
+
+async fn expect_failure(relay: RelayBuilder, needles: &[&str]) -> String {
+    let mut relay = relay.spawn();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert!(!status.success(), "the relay should have failed:\n{logs}");
+    for needle in needles {
+        assert!(logs.contains(needle), "expected {needle:?} in:\n{logs}");
+    }
+    logs
+}
+
+#[tokio::test]
+async fn a_missing_publication_is_named() {
+    let f = Fixture::new().await;
+    let before = existing_slot(&f).await;
+    sqlx::query("DROP PUBLICATION outbox_pub")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    expect_failure(
+        f.relay(),
+        &[
+            "publication `outbox_pub` does not exist",
+            "outbox-relay migrate",
+        ],
+    )
+    .await;
+    assert_eq!(confirmed_flush(&f.url, &f.slot).await, Some(before));
+}
+
+#[tokio::test]
+async fn wal_level_below_logical_is_explained() {
+    let pg = Postgres::start_with(Settings {
+        wal_level: "replica",
+        ..Settings::default()
+    });
+    let tansu = Tansu::start();
+    let url = pg.create_migrated_database(&unique("db")).await;
+    let slot = unique("slot");
+    expect_failure(
+        RelayBuilder::new(&url, &tansu.brokers(), &slot),
+        &["wal_level is `replica`", "wal_level = logical"],
+    )
+    .await;
+    assert_eq!(
+        confirmed_flush(&url, &slot).await,
+        None,
+        "no slot may be created"
+    );
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_reported_without_echoing_it() {
+    let f = Fixture::new().await;
+    let before = existing_slot(&f).await;
+    let wrong = f
+        .url
+        .replace(crate::support::postgres::PASSWORD, "not-the-Passw0rd");
+    let mut relay = f.relay();
+    relay.database_url = wrong;
+    let logs = expect_failure(
+        relay,
+        &[
+            "password authentication failed",
+            "check the user and password",
+        ],
+    )
+    .await;
+    assert!(
+        !logs.contains("not-the-Passw0rd"),
+        "the password leaked:\n{logs}"
+    );
+    assert_eq!(confirmed_flush(&f.url, &f.slot).await, Some(before));
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_reported() {
+    let f = Fixture::new().await;
+    let before = existing_slot(&f).await;
+    let mut relay = f.relay();
+    relay.brokers = format!("127.0.0.1:{}", free_port());
+    expect_failure(
+        relay,
+        &["cannot reach the kafka brokers", "--kafka-brokers"],
+    )
+    .await;
+    assert_eq!(confirmed_flush(&f.url, &f.slot).await, Some(before));
+}
+
+#[tokio::test]
+async fn a_missing_topic_stops_the_relay_without_skipping_the_event() {
+    let f = Fixture::new().await;
+    let relay = f.relay().without_create_topics().spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let written = f.write_tx(&[("t1".into(), 1)]).await;
+    let mut relay = relay;
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    assert!(!status.success());
+    let logs = relay.logs();
+    assert!(
+        logs.contains(&format!("kafka topic `{}` does not exist", f.topic())),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&written[0].id),
+        "the error names the event: {logs}"
+    );
+    assert!(logs.contains("--create-topics"), "{logs}");
+
+    // The slot did not move past the event: with topic creation allowed, the
+    // next run delivers it.
+    let mut relay = f.relay().spawn();
+    let records = f.read(1).await;
+    assert_exactly_once(&written, &records);
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn bad_flags_are_refused_before_connecting() {
+    // Nothing listens here; a config error must come first.
+    let url = format!("postgres://u:hunter2pw@127.0.0.1:{}/db", free_port());
+    for (args, needle) in [
+        (
+            vec!["--topic-template", "events.{aggregate}"],
+            "unknown placeholder `{aggregate}`",
+        ),
+        (
+            vec!["--slot", "Bad-Slot"],
+            "slot name `Bad-Slot` is not valid",
+        ),
+        (
+            vec!["--max-in-flight", "0"],
+            "--max-in-flight must be at least 1",
+        ),
+        (
+            vec!["--kafka-option", "linger.ms"],
+            "must be written as key=value",
+        ),
+    ] {
+        let out = std::process::Command::new(binary())
+            .arg("run")
+            .args(&args)
+            .env("OUTBOX_DATABASE_URL", &url)
+            .env("OUTBOX_KAFKA_BROKERS", "127.0.0.1:1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("hunter2pw"), "{stderr}");
+    }
+    let out = std::process::Command::new(binary())
+        .args(["run"])
+        .env("OUTBOX_DATABASE_URL", "mysql://u:hunter2pw@h/db")
+        .env("OUTBOX_KAFKA_BROKERS", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("must start with postgres://"), "{stderr}");
+    assert!(!stderr.contains("hunter2pw"), "{stderr}");
+}
+
+#[tokio::test]
+async fn help_documents_every_flag_and_hides_secrets() {
+    let out = std::process::Command::new(binary())
+        .args(["run", "--help"])
+        .env("OUTBOX_DATABASE_URL", "postgres://u:hunter2pw@h/db")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for flag in [
+        "OUTBOX_DATABASE_URL",
+        "OUTBOX_KAFKA_BROKERS",
+        "OUTBOX_SLOT",
+        "OUTBOX_PUBLICATION",
+        "OUTBOX_TOPIC_TEMPLATE",
+        "OUTBOX_KAFKA_OPTIONS",
+        "OUTBOX_CREATE_TOPICS",
+        "OUTBOX_MAX_IN_FLIGHT",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+    assert!(!help.contains("hunter2pw"), "{help}");
+}
+
+#[tokio::test]
+async fn migrate_applies_the_schema_once() {
+    let pg = Postgres::start();
+    let url = pg.create_database(&unique("db")).await;
+    for _ in 0..2 {
+        let out = std::process::Command::new(binary())
+            .args(["migrate"])
+            .env("OUTBOX_DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let pool = PgPool::connect(&url).await.unwrap();
+    let pubs: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_publication WHERE pubname = 'outbox_pub' AND pubinsert AND NOT pubdelete AND NOT pubupdate")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pubs, 1);
+}

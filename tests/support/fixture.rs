@@ -1,0 +1,190 @@
+//! A test's world: its own PostgreSQL cluster (migrated database), its own
+//! broker, and unique slot and aggregate-type (so topic) names; plus a writer
+//! that records what it committed, in commit order.
+
+use std::time::Duration;
+
+use outbox::Event;
+use serde_json::json;
+use sqlx::PgPool;
+
+use super::{Postgres, Record, RelayBuilder, Tansu, consume, unique};
+
+/// One event as written.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub seq: u64,
+    pub payload: serde_json::Value,
+    pub traceparent: Option<String>,
+}
+
+pub struct Fixture {
+    pub pg: Postgres,
+    pub tansu: Tansu,
+    pub url: String,
+    pub pool: PgPool,
+    pub slot: String,
+    /// Aggregate type used by `write`; its topic is `outbox.event.<this>`.
+    pub aggregate_type: String,
+}
+
+impl Fixture {
+    pub async fn new() -> Self {
+        super::init_logging();
+        let pg = Postgres::start();
+        let tansu = Tansu::start();
+        let url = pg.create_migrated_database(&unique("db")).await;
+        let pool = PgPool::connect(&url).await.expect("connect");
+        Self {
+            pg,
+            tansu,
+            url,
+            pool,
+            slot: unique("slot"),
+            aggregate_type: unique("agg"),
+        }
+    }
+
+    pub fn topic(&self) -> String {
+        format!("outbox.event.{}", self.aggregate_type)
+    }
+
+    pub fn relay(&self) -> RelayBuilder {
+        RelayBuilder::new(&self.url, &self.tansu.brokers(), &self.slot)
+    }
+
+    /// Writes one transaction of events for the given aggregates and sequence
+    /// numbers, and returns them.
+    pub async fn write_tx(&self, items: &[(String, u64)]) -> Vec<Written> {
+        let mut events = Vec::new();
+        let mut written = Vec::new();
+        for (aggregate_id, seq) in items {
+            let payload = json!({"aggregate": aggregate_id, "seq": seq, "pad": "x".repeat(64)});
+            let mut e = Event::new(&self.aggregate_type, aggregate_id, "Happened", &payload)
+                .unwrap()
+                .with_header("seq", seq.to_string())
+                .unwrap();
+            let traceparent =
+                (seq % 3 == 0).then(|| format!("00-{:032x}-{:016x}-01", seq + 1, seq + 1));
+            if let Some(tp) = &traceparent {
+                e = e.with_trace_context(tp).unwrap();
+            }
+            written.push(Written {
+                id: e.id().to_string(),
+                aggregate_type: self.aggregate_type.clone(),
+                aggregate_id: aggregate_id.clone(),
+                seq: *seq,
+                payload,
+                traceparent,
+            });
+            events.push(e);
+        }
+        let mut tx = self.pool.begin().await.unwrap();
+        outbox::write_all(&mut tx, &events).await.unwrap();
+        tx.commit().await.unwrap();
+        written
+    }
+
+    /// Writes `n` events in transactions of 1 to `max_tx` events over
+    /// `aggregates` aggregates; `seq` continues from `*next_seq`.
+    pub async fn write_many(
+        &self,
+        n: usize,
+        max_tx: usize,
+        aggregates: usize,
+        next_seq: &mut u64,
+    ) -> Vec<Written> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(*next_seq + n as u64);
+        let mut out = Vec::new();
+        while out.len() < n {
+            let size = rng.random_range(1..=max_tx).min(n - out.len());
+            let items: Vec<(String, u64)> = (0..size)
+                .map(|_| {
+                    let agg = format!("a{}", rng.random_range(0..aggregates));
+                    *next_seq += 1;
+                    (agg, *next_seq)
+                })
+                .collect();
+            out.extend(self.write_tx(&items).await);
+        }
+        out
+    }
+
+    /// Reads the topic until `expected` records (plus a settle time for duplicates).
+    pub async fn read(&self, expected: usize) -> Vec<Record> {
+        consume(
+            &self.tansu.brokers(),
+            &[&self.topic()],
+            expected,
+            Duration::from_secs(120),
+        )
+        .await
+    }
+}
+
+/// Asserts every written event arrived exactly once with the right topic,
+/// key, value and headers, and that each aggregate's events are in commit order.
+pub fn assert_exactly_once(written: &[Written], records: &[Record]) {
+    let missing: Vec<&Written> = written
+        .iter()
+        .filter(|w| !records.iter().any(|r| r.id() == w.id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events never arrived, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    assert_eq!(
+        records.len(),
+        written.len(),
+        "duplicates or unexpected records arrived"
+    );
+    assert_records_match(written, records);
+}
+
+/// Checks each record against what was written, and per-aggregate order
+/// (each aggregate's seq numbers increase along its partition), ignoring
+/// replayed duplicates.
+pub fn assert_records_match(written: &[Written], records: &[Record]) {
+    use std::collections::HashMap;
+    let by_id: HashMap<&str, &Written> = written.iter().map(|w| (w.id.as_str(), w)).collect();
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut sorted: Vec<&Record> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.topic.clone(), r.partition, r.offset));
+    for r in sorted {
+        let w = by_id
+            .get(r.id())
+            .unwrap_or_else(|| panic!("record {} was never written", r.id()));
+        assert_eq!(r.topic, format!("outbox.event.{}", w.aggregate_type));
+        assert_eq!(
+            r.key.as_deref(),
+            Some(w.aggregate_id.as_str()),
+            "key of {}",
+            w.id
+        );
+        assert_eq!(r.value_json(), w.payload, "value of {}", w.id);
+        assert_eq!(r.header("event_type"), Some("Happened"));
+        assert_eq!(r.header("aggregate_type"), Some(w.aggregate_type.as_str()));
+        assert_eq!(r.header("aggregate_id"), Some(w.aggregate_id.as_str()));
+        assert_eq!(r.header("seq"), Some(w.seq.to_string().as_str()));
+        assert_eq!(r.header("traceparent"), w.traceparent.as_deref());
+        if !seen.insert(w.id.clone()) {
+            continue; // a replayed duplicate; order is judged on first copies
+        }
+        let last = last_seq.entry(w.aggregate_id.clone()).or_insert(0);
+        assert!(
+            w.seq > *last,
+            "aggregate {} out of order: seq {} after {}",
+            w.aggregate_id,
+            w.seq,
+            last
+        );
+        *last = w.seq;
+    }
+}

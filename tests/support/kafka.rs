@@ -1,0 +1,139 @@
+//! Reading back what the relay published: every partition of the given
+//! topics from the beginning, with keys, values and headers.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::Offset;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+
+/// One record as a consumer sees it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Option<Vec<u8>>,
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    pub fn id(&self) -> &str {
+        self.header("id").expect("every record has an id header")
+    }
+
+    pub fn value_json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.value.as_deref().expect("a value")).expect("value is JSON")
+    }
+}
+
+/// Waits until the topics exist, then reads every partition from the start
+/// until at least `expected` records arrived (or `timeout` passed), and then
+/// keeps reading for `settle` to catch records beyond the expected ones
+/// (duplicates). Returns everything read, in per-partition order.
+pub async fn consume(
+    brokers: &str,
+    topics: &[&str],
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    consume_settle(
+        brokers,
+        topics,
+        expected,
+        timeout,
+        Duration::from_millis(1500),
+    )
+    .await
+}
+
+/// [`consume`] with an explicit settle time.
+pub async fn consume_settle(
+    brokers: &str,
+    topics: &[&str],
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Record> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", super::unique("test-reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let deadline = Instant::now() + timeout;
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let partitions = loop {
+            let md = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .expect("metadata");
+            let parts: Vec<i32> = md
+                .topics()
+                .iter()
+                .filter(|t| t.name() == *topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if !parts.is_empty() {
+                break parts;
+            }
+            assert!(Instant::now() < deadline, "topic {topic} never appeared");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        for p in partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("add partition");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut records = Vec::new();
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let until = match settle_until {
+            Some(s) => s,
+            None if records.len() >= expected => {
+                let s = now + settle;
+                settle_until = Some(s);
+                s
+            }
+            None => deadline,
+        };
+        if now >= until {
+            break;
+        }
+        match tokio::time::timeout(until - now, consumer.recv()).await {
+            Err(_) => continue,
+            Ok(Err(e)) => panic!("consumer error: {e}"),
+            Ok(Ok(m)) => {
+                let mut headers = BTreeMap::new();
+                if let Some(h) = m.headers() {
+                    for header in h.iter() {
+                        headers.insert(
+                            header.key.to_owned(),
+                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                records.push(Record {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+        }
+    }
+    records
+}

@@ -1,0 +1,187 @@
+//! The relay binary as a child process (so tests can SIGTERM and SIGKILL it),
+//! built on first use, with its output captured to a file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Path of the `outbox-relay` binary, built once per test run.
+pub fn binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("OUTBOX_RELAY_BIN") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "outbox-relay",
+                "--bin",
+                "outbox-relay",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building outbox-relay failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+        target.join("debug/outbox-relay")
+    })
+}
+
+/// Flags for one relay process.
+#[derive(Clone)]
+pub struct RelayBuilder {
+    pub database_url: String,
+    pub brokers: String,
+    pub slot: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl RelayBuilder {
+    pub fn new(database_url: &str, brokers: &str, slot: &str) -> Self {
+        Self {
+            database_url: database_url.to_owned(),
+            brokers: brokers.to_owned(),
+            slot: slot.to_owned(),
+            args: vec![
+                "--create-topics".into(),
+                "--status-interval".into(),
+                "1s".into(),
+                "--connect-timeout".into(),
+                "5s".into(),
+                "--max-backoff".into(),
+                "1s".into(),
+            ],
+            env: vec![("OUTBOX_LOG".into(), "info,outbox_relay=debug".into())],
+        }
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Replaces the default `--create-topics`.
+    pub fn without_create_topics(mut self) -> Self {
+        self.args.retain(|a| a != "--create-topics");
+        self
+    }
+
+    pub fn spawn(&self) -> Relay {
+        let log_path = std::env::temp_dir().join(format!("{}.log", super::unique("outbox-relay")));
+        let log = std::fs::File::create(&log_path).expect("relay log");
+        let child = Command::new(binary())
+            .arg("run")
+            .args(&self.args)
+            .env("OUTBOX_DATABASE_URL", &self.database_url)
+            .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
+            .env("OUTBOX_SLOT", &self.slot)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn outbox-relay");
+        Relay {
+            child,
+            log_path,
+            exit: None,
+        }
+    }
+}
+
+/// A running relay process.
+pub struct Relay {
+    child: Child,
+    log_path: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+impl Relay {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process printed so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the output contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "relay did not log {needle:?} within {timeout:?}; output:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.exit {
+                return s;
+            }
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                self.exit = Some(s);
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit within {timeout:?}; output:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub async fn stop(&mut self) -> ExitStatus {
+        self.signal("-TERM");
+        self.wait_exit(Duration::from_secs(60)).await
+    }
+
+    /// SIGKILL: no chance to flush or confirm anything.
+    pub async fn kill9(&mut self) {
+        self.signal("-KILL");
+        self.wait_exit(Duration::from_secs(10)).await;
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(sig)
+            .arg(self.child.id().to_string())
+            .status();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log_path);
+        } else {
+            eprintln!("--- relay output ---\n{}", self.logs());
+        }
+    }
+}

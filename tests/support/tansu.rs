@@ -1,0 +1,129 @@
+//! A Tansu broker process (a Kafka-protocol broker written in Rust) on a free
+//! port, with in-memory or SQLite storage; killed on drop. Installed by
+//! `scripts/install-tansu.sh`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let cached = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".cache/outbox-relay/tansu-0.6.0/bin/tansu");
+    if cached.exists() {
+        return cached;
+    }
+    PathBuf::from("tansu")
+}
+
+/// A running broker.
+pub struct Tansu {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+    storage: String,
+}
+
+impl Tansu {
+    /// A broker with in-memory storage.
+    pub fn start() -> Self {
+        Self::start_with_storage("memory://tansu/".to_owned(), None)
+    }
+
+    /// A broker that keeps its data in a SQLite file, surviving restarts.
+    pub fn start_durable() -> Self {
+        let dir = std::env::temp_dir().join(super::unique("outbox-tansu"));
+        std::fs::create_dir_all(&dir).expect("tansu dir");
+        Self::start_with_storage("sqlite://tansu.db".to_owned(), Some(dir))
+    }
+
+    fn start_with_storage(storage: String, dir: Option<PathBuf>) -> Self {
+        let dir = dir.unwrap_or_else(|| {
+            let d = std::env::temp_dir().join(super::unique("outbox-tansu"));
+            std::fs::create_dir_all(&d).expect("tansu dir");
+            d
+        });
+        let port = super::free_port();
+        let child = Self::spawn(&dir, port, &storage);
+        let t = Self {
+            child,
+            port,
+            dir,
+            storage,
+        };
+        t.wait_ready();
+        t
+    }
+
+    fn spawn(dir: &PathBuf, port: u16, storage: &str) -> Child {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.join("tansu.log")).expect("tansu log");
+        Command::new(binary())
+            .current_dir(dir)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", storage])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start the tansu broker ({}): {e}; run scripts/install-tansu.sh",
+                    binary().display()
+                )
+            })
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {} within 30s; log:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Bootstrap servers for clients.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker (SIGKILL).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(&self.dir, self.port, &self.storage);
+        self.wait_ready();
+    }
+
+    /// The broker's output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("tansu.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
