@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the integration tests need, idempotently:
+#  - PostgreSQL server binaries (initdb, pg_ctl, postgres), from Debian's packages;
+#  - the Tansu Kafka-protocol broker (scripts/install-tansu.sh, cached).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_pg=""
+for v in 17 16 15; do
+  if [[ -x "/usr/lib/postgresql/${v}/bin/initdb" ]]; then have_pg="${v}"; break; fi
+done
+if [[ -z "${have_pg}" ]] && ! command -v initdb >/dev/null 2>&1; then
+  echo "installing PostgreSQL server binaries"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq postgresql-15 || apt-get install -y -qq postgresql
+else
+  echo "postgresql server binaries present (${have_pg:-on PATH})"
+fi
+if ! id postgres >/dev/null 2>&1 && [[ "$(id -u)" == "0" ]]; then
+  # The tests run server programs as this user when started as root.
+  useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
+fi
+
+scripts/install-tansu.sh
