@@ -31,15 +31,24 @@ pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
         cfg.connect_timeout,
     )?;
     let mut backoff = Backoff::new(cfg.max_backoff);
-    let mut first = true;
+    // The brokers are checked once, at the first session that reaches that
+    // point: an unreachable broker at start is a configuration problem, later
+    // outages are waited out.
+    let mut brokers_checked = false;
     let result = loop {
         let span = tracing::info_span!("session", slot = %cfg.slot);
-        let outcome = session(&cfg, &mut publisher, &token, first)
+        let outcome = session(&cfg, &mut publisher, &token, &mut brokers_checked)
             .instrument(span)
             .await;
         match outcome {
             Ok(()) => break Ok(()),
-            Err(err) if err.is_retryable() && !token.is_cancelled() => {
+            // Interrupted by the shutdown itself (for example mid-backfill):
+            // nothing was confirmed past what Kafka acknowledged.
+            Err(err) if err.is_retryable() && token.is_cancelled() => {
+                tracing::info!(error = %err, "stopped during start-up");
+                break Ok(());
+            }
+            Err(err) if err.is_retryable() => {
                 let wait = backoff.next();
                 tracing::warn!(error = %err, retry_in = ?wait, "relay interrupted; resuming from the slot");
                 tokio::select! {
@@ -50,8 +59,6 @@ pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
             }
             Err(err) => break Err(err),
         }
-        // Once Postgres and Kafka were both reached, later outages are waited out.
-        first = false;
     };
     // Dropping a producer purges what it still holds: flush first.
     if let Err(err) = publisher.flush(cfg.shutdown_timeout).await {
@@ -64,13 +71,14 @@ async fn session(
     cfg: &RelayConfig,
     publisher: &mut Publisher,
     token: &CancellationToken,
-    first: bool,
+    brokers_checked: &mut bool,
 ) -> Result<()> {
     let mut conn = Connection::connect(&cfg.pg, Mode::Replication).await?;
     slot::check_wal_level(&mut conn).await?;
     slot::check_publication(&mut conn, &cfg.publication, &cfg.pg.dbname).await?;
-    if first {
+    if !*brokers_checked {
         publisher.check_brokers().await?;
+        *brokers_checked = true;
     }
     let start = slot::prepare(&mut conn, cfg, publisher, token).await?;
     stream::run(conn, start, cfg, publisher, token).await
