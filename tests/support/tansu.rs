@@ -22,7 +22,11 @@ fn binary() -> PathBuf {
 
 /// A running broker.
 pub struct Tansu {
-    child: Child,
+    child: Option<Child>,
+    /// Set when `OUTBOX_TEST_BROKER=mock`: librdkafka's in-process mock
+    /// cluster instead of Tansu, for a quick local run without the Tansu
+    /// install. CI always uses Tansu.
+    mock: Option<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
     pub port: u16,
     dir: PathBuf,
     storage: String,
@@ -42,6 +46,22 @@ impl Tansu {
     }
 
     fn start_with_storage(storage: String, dir: Option<PathBuf>) -> Self {
+        if std::env::var("OUTBOX_TEST_BROKER").as_deref() == Ok("mock") {
+            let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+            let port = mock
+                .bootstrap_servers()
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("mock cluster port");
+            return Self {
+                child: None,
+                mock: Some(mock),
+                port,
+                dir: std::env::temp_dir(),
+                storage,
+            };
+        }
         let dir = dir.unwrap_or_else(|| {
             let d = std::env::temp_dir().join(super::unique("outbox-tansu"));
             std::fs::create_dir_all(&d).expect("tansu dir");
@@ -50,7 +70,8 @@ impl Tansu {
         let port = super::free_port();
         let child = Self::spawn(&dir, port, &storage);
         let t = Self {
-            child,
+            child: Some(child),
+            mock: None,
             port,
             dir,
             storage,
@@ -104,14 +125,17 @@ impl Tansu {
 
     /// Stops the broker (SIGKILL).
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Starts it again on the same port and storage.
     pub fn restart(&mut self) {
+        assert!(self.mock.is_none(), "the mock cluster cannot be restarted");
         self.stop();
-        self.child = Self::spawn(&self.dir, self.port, &self.storage);
+        self.child = Some(Self::spawn(&self.dir, self.port, &self.storage));
         self.wait_ready();
     }
 
@@ -124,6 +148,8 @@ impl Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.mock.is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
