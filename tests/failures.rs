@@ -237,3 +237,47 @@ async fn migrate_applies_the_schema_once() {
         .unwrap();
     assert_eq!(pubs, 1);
 }
+
+#[tokio::test]
+async fn an_event_kafka_refuses_stops_the_relay_naming_it() {
+    let f = Fixture::new().await;
+    // The producer's own size limit stands in for a broker's message.max.bytes.
+    let relay = f
+        .relay()
+        .arg("--kafka-option")
+        .arg("message.max.bytes=1500")
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let small = f.write_tx(&[("s1".into(), 1)]).await;
+    crate::support::consume(
+        &f.tansu.brokers(),
+        &[&f.topic()],
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let before = confirmed_flush(&f.url, &f.slot).await.unwrap();
+
+    let big = outbox::Event::new(&f.aggregate_type, "b1", "Happened", &"z".repeat(4000)).unwrap();
+    let mut tx = f.pool.begin().await.unwrap();
+    outbox::write(&mut tx, &big).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let mut relay = relay;
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert!(!status.success(), "{logs}");
+    assert!(
+        logs.contains(&format!("kafka did not accept event {}", big.id())),
+        "{logs}"
+    );
+    assert!(logs.contains("too large"), "{logs}");
+    // Not confirmed past the refused event: the slot is where it was after
+    // the small event (or earlier), never beyond the big one's commit.
+    let after = confirmed_flush(&f.url, &f.slot).await.unwrap();
+    assert!(
+        !crate::support::postgres::lsn_after(&f.url, &after, &before).await,
+        "slot moved from {before} to {after} past a refused event"
+    );
+    drop(small);
+}

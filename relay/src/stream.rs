@@ -109,10 +109,26 @@ impl Session<'_> {
         let mut tick = tokio::time::interval(self.cfg.status_interval.min(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut permit: Option<Permit<'_, Pending>> = None;
+        // On shutdown inside a transaction, read on to its Commit (for at most
+        // half the shutdown timeout): stopping mid-transaction would leave its
+        // delivered events unconfirmed, and they would be sent again.
+        let mut draining = false;
+        let drain_deadline = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(drain_deadline);
         loop {
             tokio::select! {
                 biased;
-                _ = token.cancelled() => return Ok(Ended::Shutdown),
+                _ = token.cancelled(), if !draining => {
+                    if !self.in_transaction {
+                        return Ok(Ended::Shutdown);
+                    }
+                    tracing::info!("stop requested inside a transaction; reading on to its commit");
+                    draining = true;
+                    drain_deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.cfg.shutdown_timeout / 2);
+                }
+                _ = &mut drain_deadline, if draining => return Ok(Ended::Shutdown),
                 joined = &mut *task => return Ok(Ended::Deliveries(joined_result(joined))),
                 _ = tick.tick() => {
                     let lsn = *confirmed.borrow_and_update();
@@ -129,6 +145,9 @@ impl Session<'_> {
                 }
                 msg = self.conn.recv(), if permit.is_some() => {
                     self.handle(msg?, &mut permit, &confirmed, publisher).await?;
+                    if draining && !self.in_transaction {
+                        return Ok(Ended::Shutdown);
+                    }
                 }
             }
         }
@@ -149,12 +168,15 @@ impl Session<'_> {
                     source: Box::new(source),
                 });
             }
-            Backend::CopyDone => {
+            // A walsender that is shutting down ends the stream with
+            // CommandComplete (no CopyDone) once we confirmed everything it
+            // sent; either way we reconnect and resume from the slot.
+            Backend::CopyDone | Backend::CommandComplete | Backend::ReadyForQuery => {
                 return Err(Error::Io {
                     context: format!("streaming from slot `{}`", self.cfg.slot),
                     source: std::io::Error::new(
                         std::io::ErrorKind::ConnectionAborted,
-                        "the server ended the replication stream",
+                        "the server ended the replication stream (shutting down or restarting?)",
                     ),
                 });
             }
