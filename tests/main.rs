@@ -6,3 +6,4 @@ mod support;
 mod delivery;
 mod failures;
 mod library;
+mod tls;

@@ -1,0 +1,162 @@
+//! TLS to PostgreSQL with a self-signed CA: verify-full succeeds with the CA
+//! and fails clearly without it; require encrypts without verifying.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::postgres::Settings;
+use crate::support::{Postgres, RelayBuilder, Tansu, unique};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for localhost / 127.0.0.1, readable by the
+/// server (key mode 0600, owned by `postgres` when we are root).
+fn certificates(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=outbox test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+    let _ = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir)
+        .status();
+    let _ = Command::new("chmod")
+        .arg("0600")
+        .arg(dir.join("server.key"))
+        .status();
+    let _ = Command::new("chmod").arg("0755").arg(dir).status();
+}
+
+#[tokio::test]
+async fn verify_full_needs_the_ca_and_require_does_not() {
+    crate::support::init_logging();
+    let dir = std::env::temp_dir().join(unique("outbox-tls"));
+    certificates(&dir);
+    let pg = Postgres::start_with(Settings {
+        extra: vec![
+            ("ssl".into(), "on".into()),
+            (
+                "ssl_cert_file".into(),
+                dir.join("server.pem").display().to_string(),
+            ),
+            (
+                "ssl_key_file".into(),
+                dir.join("server.key").display().to_string(),
+            ),
+        ],
+        ..Settings::default()
+    });
+    let tansu = Tansu::start();
+    let plain = pg.create_migrated_database(&unique("db")).await;
+    let base = plain
+        .replace("127.0.0.1", "localhost")
+        .replace("?sslmode=disable", "");
+    let ca = dir.join("ca.pem");
+
+    // verify-full with the CA: the relay streams.
+    let url = format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot")).spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    assert!(relay.stop().await.success());
+
+    // verify-full without the CA: a clear TLS error, non-zero exit.
+    let url = format!("{base}?sslmode=verify-full");
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot"))
+        .env("HOME", dir.to_str().unwrap())
+        .spawn();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert!(!status.success(), "{logs}");
+    assert!(logs.contains("tls: handshake with localhost"), "{logs}");
+    assert!(logs.contains("sslrootcert"), "{logs}");
+
+    // require: encrypted, not verified.
+    let url = format!("{base}?sslmode=require");
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot")).spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    assert!(relay.stop().await.success());
+
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn require_against_a_server_without_tls_is_refused() {
+    let pg = Postgres::start();
+    let tansu = Tansu::start();
+    let url = pg
+        .create_migrated_database(&unique("db"))
+        .await
+        .replace("sslmode=disable", "sslmode=require");
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot")).spawn();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert!(!status.success(), "{logs}");
+    assert!(logs.contains("does not accept TLS"), "{logs}");
+}
