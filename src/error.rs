@@ -71,12 +71,21 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A text is not an event id (a UUID).
+    #[error(
+        "`{value}` is not an event id; expected a UUID such as 0190c2f0-7b4a-7cc1-9b1e-5f7a2f0b9d11"
+    )]
+    InvalidEventId {
+        /// The refused text (at most 64 characters of it).
+        value: String,
+    },
+
     /// The database refused the write (sqlx).
-    #[error("writing to the outbox table failed: {0}")]
+    #[error("the outbox or inbox statement failed in the database: {0}")]
     Database(#[from] sqlx::Error),
 
     /// The database refused the write (tokio-postgres).
     #[cfg(feature = "tokio-postgres")]
-    #[error("writing to the outbox table failed: {0}")]
+    #[error("the outbox or inbox statement failed in the database: {0}")]
     TokioPostgres(#[from] ::tokio_postgres::Error),
 }

@@ -33,6 +33,15 @@ impl EventId {
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
+
+    /// Parses the text form, as carried in the Kafka header `id`.
+    pub fn parse(text: &str) -> Result<Self> {
+        Uuid::parse_str(text.trim())
+            .map(Self)
+            .map_err(|_| Error::InvalidEventId {
+                value: text.chars().take(64).collect(),
+            })
+    }
 }
 
 impl Default for EventId {
@@ -335,6 +344,17 @@ mod tests {
             let err = event().with_trace_context(bad).unwrap_err();
             assert!(matches!(err, Error::InvalidTraceContext { .. }), "{bad}");
         }
+    }
+
+    #[test]
+    fn parses_event_ids() {
+        let id = EventId::new();
+        assert_eq!(EventId::parse(&id.to_string()).unwrap(), id);
+        let err = EventId::parse("not-a-uuid").unwrap_err();
+        assert!(
+            err.to_string().contains("`not-a-uuid` is not an event id"),
+            "{err}"
+        );
     }
 
     #[test]

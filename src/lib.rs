@@ -20,9 +20,31 @@
 //! println!("wrote event {id}");
 //! # Ok(()) }
 //! ```
+//!
+//! On the consuming side, [`Inbox`] turns at-least-once delivery into
+//! exactly-once effects: record the event id in the transaction that applies
+//! the event, and skip the event when it was already recorded.
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool, id_header: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox::{EventId, Inbox};
+//!
+//! let inbox = Inbox::new("billing")?;
+//! let event_id = EventId::parse(id_header)?; // the record's `id` header
+//! let mut tx = pool.begin().await?;
+//! if inbox.record(&mut tx, event_id).await? {
+//!     sqlx::query("UPDATE accounts SET balance = balance - 10 WHERE id = 7")
+//!         .execute(&mut *tx)
+//!         .await?;
+//! } // else: a redelivery, already applied
+//! tx.commit().await?; // effect and inbox row together, or neither
+//! // only now store the Kafka offset
+//! # Ok(()) }
+//! ```
 
 mod error;
 mod event;
+mod inbox;
 pub mod topic;
 mod write;
 
@@ -31,9 +53,10 @@ pub mod tokio_postgres;
 
 pub use error::{Error, Result};
 pub use event::{Event, EventId, RESERVED_HEADERS};
+pub use inbox::Inbox;
 pub use write::{DEFAULT_MAX_PAYLOAD_BYTES, Outbox, write, write_all};
 
-/// The SQL migrations that create the outbox table, its publication and the
-/// relay's bookkeeping table, embedded so `MIGRATOR.run(&pool)` applies them.
+/// The SQL migrations that create the outbox table, its publication, the
+/// relay's bookkeeping table and the consumers' inbox table, embedded so `MIGRATOR.run(&pool)` applies them.
 /// The same files work with `sqlx migrate run --source migrations`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -229,3 +229,59 @@ async fn tokio_postgres_helpers_write_and_roll_back() {
         .unwrap_err();
     assert!(matches!(err, Error::PayloadTooLarge { .. }));
 }
+
+#[tokio::test]
+async fn the_inbox_admits_each_event_once_per_consumer() {
+    let pg = Postgres::start();
+    let url = pg.create_migrated_database(&unique("inbox")).await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    let billing = outbox::Inbox::new("billing").unwrap();
+    let shipping = outbox::Inbox::new("shipping").unwrap();
+    let id = outbox::EventId::new();
+
+    // A rolled-back transaction takes its inbox row with it.
+    let mut tx = pool.begin().await.unwrap();
+    assert!(billing.record(&mut tx, id).await.unwrap());
+    tx.rollback().await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        billing.record(&mut tx, id).await.unwrap(),
+        "new after the rollback"
+    );
+    assert!(
+        !billing.record(&mut tx, id).await.unwrap(),
+        "second record in the same tx"
+    );
+    assert!(
+        shipping.record(&mut tx, id).await.unwrap(),
+        "other consumers are independent"
+    );
+    tx.commit().await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    assert!(
+        !billing.record(&mut tx, id).await.unwrap(),
+        "a redelivery is recognised"
+    );
+    tx.commit().await.unwrap();
+
+    let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let tx = client.transaction().await.unwrap();
+    assert!(!billing.record_pg(&tx, id).await.unwrap());
+    assert!(
+        billing
+            .record_pg(&tx, outbox::EventId::new())
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 3);
+}
