@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole system on one machine, in one command: a private PostgreSQL, an
-# embedded Kafka-protocol broker (librdkafka's mock cluster), the relay, and a
-# writer whose events are printed as they arrive in Kafka.
+# embedded Kafka-protocol broker (librdkafka's mock cluster), the relay, the
+# burger stand's kitchen writing events and its stock consumer applying them.
+# Every event is printed as it moves (written, published, applied), then a
+# reconciliation; exits non-zero if it does not add up. Cleans up on Ctrl-C.
 #
 #   scripts/demo.sh [--seconds N] [--rate N] [--kafka-brokers HOST:PORT]
 set -euo pipefail
@@ -9,7 +11,7 @@ cd "$(dirname "$0")/.."
 source scripts/pg.sh
 
 echo "demo: building (the first build compiles librdkafka, a few minutes)"
-cargo build --quiet -p outbox-relay --bin outbox-relay --example demo
+cargo build --quiet -p outbox-relay --bin outbox-relay && cargo build --quiet -p outbox-consumer-example --example demo
 
 dir="$(mktemp -d /tmp/outbox-demo.XXXXXX)"
 chmod 755 "${dir}"

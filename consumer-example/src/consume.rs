@@ -1,0 +1,230 @@
+//! The stock consumer: reads the kitchen's events from Kafka in a consumer
+//! group and applies each one in a database transaction that also records it
+//! in the inbox. A record's offset is stored for commit only after that
+//! transaction committed, so a crash at any point means redelivery, and the
+//! inbox turns redelivery into a no-op. Unusable records go to `dead_letter`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use outbox::{EventId, Inbox};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use sqlx::PgPool;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use crate::projection::{self, KitchenEvent};
+
+/// Consumer settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Consumer group.
+    pub group: String,
+    /// Topics to subscribe to; an entry starting with `^` is a regex.
+    pub topics: Vec<String>,
+    /// Inbox consumer name.
+    pub inbox: String,
+    /// Fault injection for tests: abort the process right after this many
+    /// database commits, before their offsets are stored.
+    pub crash_after_commits: Option<u64>,
+}
+
+/// What happened to one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// New event: effects applied.
+    Applied { stock: i32, low_stock: bool },
+    /// Already applied before (a redelivery).
+    Deduplicated,
+    /// Unusable: parked in `dead_letter` with this reason.
+    DeadLettered(String),
+}
+
+/// One record and its outcome, for whoever watches (the demo prints them).
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub event_id: Option<String>,
+    pub event_type: Option<String>,
+    pub key: Option<String>,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub outcome: Outcome,
+}
+
+/// Consumes until `token` is cancelled, then commits the stored offsets.
+pub async fn run(
+    cfg: &ConsumerConfig,
+    pool: &PgPool,
+    token: &CancellationToken,
+    observer: Option<UnboundedSender<Observed>>,
+) -> anyhow::Result<()> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group)
+        .set("auto.offset.reset", "earliest")
+        // Offsets are committed in the background, but only those stored
+        // explicitly, after the database transaction committed.
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .context("creating the kafka consumer")?;
+    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).context("subscribing")?;
+    let inbox = Inbox::new(cfg.inbox.clone())?;
+    let mut commits = 0u64;
+    tracing::info!(group = %cfg.group, topics = ?cfg.topics, "consuming");
+
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            msg = consumer.recv() => msg,
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::warn!(error = %err, "kafka consumer error");
+                continue;
+            }
+        };
+        // A database outage is not the record's fault: retry the same record
+        // until it goes through (or we are stopped), never skip it.
+        let mut wait = Duration::from_millis(100);
+        let outcome = loop {
+            match handle(pool, &inbox, &msg).await {
+                Ok(outcome) => break Some(outcome),
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in = ?wait, "applying a record failed; retrying");
+                    tokio::select! {
+                        biased;
+                        _ = token.cancelled() => break None,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let Some(outcome) = outcome else { break };
+        commits += 1;
+        if cfg.crash_after_commits == Some(commits) {
+            eprintln!(
+                "fault injection: aborting after {commits} database commits, before storing the offset"
+            );
+            std::process::abort();
+        }
+        consumer
+            .store_offset_from_message(&msg)
+            .context("storing the offset")?;
+        let observed = observe(&msg, outcome);
+        if let Some(tx) = &observer {
+            let _ = tx.send(observed);
+        } else {
+            print_line(&observed);
+        }
+    }
+    // Stored offsets not yet auto-committed would otherwise be redelivered
+    // (harmlessly, thanks to the inbox).
+    if let Err(err) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::warn!(error = %err, "committing offsets at exit failed");
+    }
+    Ok(())
+}
+
+fn header<'a>(msg: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a [u8]> {
+    msg.headers()?.iter().find(|h| h.key == name)?.value
+}
+
+fn header_text(msg: &BorrowedMessage<'_>, name: &str) -> Option<String> {
+    header(msg, name).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Applies one record: checks it, records it in the inbox, applies it, all in
+/// one transaction; or parks it in `dead_letter`.
+async fn handle(
+    pool: &PgPool,
+    inbox: &Inbox,
+    msg: &BorrowedMessage<'_>,
+) -> anyhow::Result<Outcome> {
+    let checked = check(msg);
+    let mut tx = pool.begin().await?;
+    let outcome = match checked {
+        Err(reason) => {
+            sqlx::query(
+                "INSERT INTO dead_letter (consumer, topic, partition, \"offset\", event_id, event_type, reason, payload) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            )
+            .bind(inbox.consumer())
+            .bind(msg.topic())
+            .bind(msg.partition())
+            .bind(msg.offset())
+            .bind(header_text(msg, "id"))
+            .bind(header_text(msg, "event_type"))
+            .bind(&reason)
+            .bind(msg.payload().map(|p| String::from_utf8_lossy(p).into_owned()))
+            .execute(&mut *tx)
+            .await?;
+            tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %reason, "dead-lettered");
+            Outcome::DeadLettered(reason)
+        }
+        Ok((id, event)) => {
+            if inbox.record(&mut tx, id).await? {
+                let applied = projection::apply(&mut tx, &event, id.as_uuid()).await?;
+                Outcome::Applied {
+                    stock: applied.stock,
+                    low_stock: applied.low_stock,
+                }
+            } else {
+                Outcome::Deduplicated
+            }
+        }
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// The record's id and event, or why it cannot be used.
+fn check(msg: &BorrowedMessage<'_>) -> Result<(EventId, KitchenEvent), String> {
+    let id = header(msg, "id").ok_or("missing `id` header")?;
+    let id = std::str::from_utf8(id).map_err(|_| "`id` header is not UTF-8".to_owned())?;
+    let id = EventId::parse(id).map_err(|e| e.to_string())?;
+    let event_type = header(msg, "event_type").ok_or("missing `event_type` header")?;
+    let event_type = std::str::from_utf8(event_type)
+        .map_err(|_| "`event_type` header is not UTF-8".to_owned())?;
+    let payload = msg.payload().ok_or("record has no value")?;
+    let event = KitchenEvent::decode(event_type, payload)?;
+    Ok((id, event))
+}
+
+fn observe(msg: &BorrowedMessage<'_>, outcome: Outcome) -> Observed {
+    Observed {
+        event_id: header_text(msg, "id"),
+        event_type: header_text(msg, "event_type"),
+        key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        topic: msg.topic().to_owned(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+        outcome,
+    }
+}
+
+/// One line per record, as the binary prints them.
+pub fn print_line(o: &Observed) {
+    let id = o.event_id.as_deref().unwrap_or("-");
+    let kind = o.event_type.as_deref().unwrap_or("-");
+    let at = format!("{}/{}/{}", o.topic, o.partition, o.offset);
+    match &o.outcome {
+        Outcome::Applied { stock, low_stock } => println!(
+            "applied      {id} {kind:<20} {:<13} stock={stock}{} at {at}",
+            o.key.as_deref().unwrap_or("-"),
+            if *low_stock { " LOW STOCK" } else { "" }
+        ),
+        Outcome::Deduplicated => println!("deduplicated {id} {kind:<20} at {at}"),
+        Outcome::DeadLettered(reason) => println!("dead-letter  {id} {kind:<20} at {at}: {reason}"),
+    }
+}

@@ -1,0 +1,132 @@
+//! `outbox-consumer-example`: the burger stand's stock consumer (`consume`),
+//! its kitchen (`kitchen`), and their schema (`setup`).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outbox_consumer_example::consume::{self, ConsumerConfig};
+use outbox_consumer_example::kitchen;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "outbox-consumer-example", version, about)]
+struct Cli {
+    /// PostgreSQL URL.
+    #[arg(
+        long,
+        env = "OUTBOX_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the outbox migrations and the example's tables.
+    Setup,
+    /// Consume kitchen events into the stock projection until SIGTERM/SIGINT.
+    Consume {
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "OUTBOX_KAFKA_BROKERS")]
+        kafka_brokers: String,
+        /// Consumer group.
+        #[arg(
+            long,
+            env = "OUTBOX_CONSUMER_GROUP",
+            default_value = "stock-projection"
+        )]
+        group: String,
+        /// Topics (comma-separated); an entry starting with `^` is a regex, e.g. ^outbox\.event\..*
+        #[arg(
+            long,
+            env = "OUTBOX_CONSUMER_TOPICS",
+            value_delimiter = ',',
+            default_value = "outbox.event.ingredient"
+        )]
+        topics: Vec<String>,
+        /// Name under which applied events are recorded in the inbox.
+        #[arg(
+            long,
+            env = "OUTBOX_CONSUMER_INBOX",
+            default_value = "stock-projection"
+        )]
+        inbox: String,
+        /// Fault injection for tests: abort after N database commits, before storing offsets.
+        #[arg(long, env = "OUTBOX_CONSUMER_CRASH_AFTER_COMMITS", hide = true)]
+        crash_after_commits: Option<u64>,
+    },
+    /// Run the kitchen: seed the ingredients, then change them at a steady rate.
+    Kitchen {
+        /// Changes per second.
+        #[arg(long, env = "KITCHEN_RATE", default_value_t = 10)]
+        rate: u32,
+        /// How long, in seconds.
+        #[arg(long, env = "KITCHEN_SECONDS", default_value_t = 20)]
+        seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OUTBOX_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let url = cli
+        .database_url
+        .context("--database-url (OUTBOX_DATABASE_URL) is required")?;
+    let pool = sqlx::PgPool::connect(&url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let token = CancellationToken::new();
+    tokio::spawn({
+        let token = token.clone();
+        async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            token.cancel();
+        }
+    });
+    match cli.command {
+        Command::Setup => outbox_consumer_example::setup(&pool).await,
+        Command::Consume {
+            kafka_brokers,
+            group,
+            topics,
+            inbox,
+            crash_after_commits,
+        } => {
+            let cfg = ConsumerConfig {
+                brokers: kafka_brokers,
+                group,
+                topics,
+                inbox,
+                crash_after_commits,
+            };
+            consume::run(&cfg, &pool, &token, None).await
+        }
+        Command::Kitchen { rate, seconds } => {
+            for w in kitchen::seed(&pool).await? {
+                println!("written      {} {:<20} {}", w.id, w.event_type, w.name);
+            }
+            kitchen::run(&pool, rate, Duration::from_secs(seconds), &token, |w| {
+                println!("written      {} {:<20} {}", w.id, w.event_type, w.name);
+            })
+            .await
+            .map(|_| ())
+        }
+    }
+}
