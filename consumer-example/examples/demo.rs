@@ -265,6 +265,9 @@ async fn print_published(
     }
 }
 
+/// An ingredient whose projection differs: name, stock and price on each side.
+type Mismatch = (String, Option<i32>, Option<i32>, Option<i32>, Option<i32>);
+
 async fn reconcile(
     pool: &sqlx::PgPool,
     written: &BTreeSet<String>,
@@ -275,7 +278,7 @@ async fn reconcile(
         .bind(INBOX)
         .fetch_one(pool)
         .await?;
-    let mismatched: Vec<(String, Option<i32>, Option<i32>, Option<i32>, Option<i32>)> = sqlx::query_as(
+    let mismatched: Vec<Mismatch> = sqlx::query_as(
         "SELECT coalesce(i.name, v.name), i.stock, v.stock, i.unit_price_cents, v.unit_price_cents \
          FROM ingredients i FULL JOIN stock_view v ON v.name = i.name \
          WHERE i.stock IS DISTINCT FROM v.stock OR i.unit_price_cents IS DISTINCT FROM v.unit_price_cents",
