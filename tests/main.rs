@@ -3,6 +3,7 @@
 
 mod support;
 
+mod consumer;
 mod delivery;
 mod failures;
 mod library;

@@ -9,29 +9,37 @@ use std::time::{Duration, Instant};
 /// Path of the `outbox-relay` binary, built once per test run.
 pub fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build("OUTBOX_RELAY_BIN", "outbox-relay", "outbox-relay"))
+}
+
+/// Path of the `outbox-consumer-example` binary, built once per test run.
+pub fn consumer_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("OUTBOX_RELAY_BIN") {
-            return PathBuf::from(p);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "outbox-relay",
-                "--bin",
-                "outbox-relay",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building outbox-relay failed");
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-        target.join("debug/outbox-relay")
+        build(
+            "OUTBOX_CONSUMER_BIN",
+            "outbox-consumer-example",
+            "outbox-consumer-example",
+        )
     })
+}
+
+/// Builds a workspace binary (a no-op when up to date), unless `env_override` names one.
+fn build(env_override: &str, package: &str, bin: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env_override) {
+        return PathBuf::from(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building {bin} failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("debug").join(bin)
 }
 
 /// Flags for one relay process.
@@ -80,29 +88,19 @@ impl RelayBuilder {
     }
 
     pub fn spawn(&self) -> Relay {
-        let log_path = std::env::temp_dir().join(format!("{}.log", super::unique("outbox-relay")));
-        let log = std::fs::File::create(&log_path).expect("relay log");
-        let child = Command::new(binary())
-            .arg("run")
+        let mut cmd = Command::new(binary());
+        cmd.arg("run")
             .args(&self.args)
             .env("OUTBOX_DATABASE_URL", &self.database_url)
             .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
             .env("OUTBOX_SLOT", &self.slot)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn outbox-relay");
-        Relay {
-            child,
-            log_path,
-            exit: None,
-        }
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        Relay::spawn(cmd)
     }
 }
 
-/// A running relay process.
+/// A running child process (the relay, or the example consumer) whose
+/// stdout and stderr go to one log file.
 pub struct Relay {
     child: Child,
     log_path: PathBuf,
@@ -110,6 +108,24 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// Starts `cmd` with its output captured.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let log_path =
+            std::env::temp_dir().join(format!("{}.log", super::unique("outbox-process")));
+        let log = std::fs::File::create(&log_path).expect("process log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Relay {
+            child,
+            log_path,
+            exit: None,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -181,7 +197,7 @@ impl Drop for Relay {
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log_path);
         } else {
-            eprintln!("--- relay output ---\n{}", self.logs());
+            eprintln!("--- process output ---\n{}", self.logs());
         }
     }
 }
