@@ -203,6 +203,9 @@ async fn two_consumers_in_a_group_apply_each_event_once_across_a_relay_crash() {
     );
 }
 
+/// Headers, payload, and the dead-letter reason expected.
+type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+
 #[tokio::test]
 async fn poison_records_are_dead_lettered_and_the_consumer_moves_on() {
     let s = Stand::new().await;
@@ -225,7 +228,8 @@ async fn poison_records_are_dead_lettered_and_the_consumer_moves_on() {
     let good_id = uuid::Uuid::now_v7().to_string();
     let id1 = uuid::Uuid::now_v7().to_string();
     let id2 = uuid::Uuid::now_v7().to_string();
-    let cases: Vec<(Vec<(&str, &str)>, &str, &str)> = vec![
+    // (headers, payload, expected dead-letter reason; empty for the good record)
+    let cases: Vec<Case> = vec![
         (
             vec![("id", &id1), ("event_type", "IngredientUsed")],
             "{not json",
