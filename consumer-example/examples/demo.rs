@@ -148,6 +148,7 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
             group: "stock-projection".into(),
             topics: vec![TOPIC.into()],
             inbox: INBOX.into(),
+            options: Vec::new(),
             crash_after_commits: None,
         };
         let pool = pool.clone();

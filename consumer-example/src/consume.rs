@@ -28,6 +28,8 @@ pub struct ConsumerConfig {
     pub topics: Vec<String>,
     /// Inbox consumer name.
     pub inbox: String,
+    /// Extra librdkafka settings, applied after the defaults.
+    pub options: Vec<(String, String)>,
     /// Fault injection for tests: abort the process right after this many
     /// database commits, before their offsets are stored.
     pub crash_after_commits: Option<u64>,
@@ -63,7 +65,8 @@ pub async fn run(
     token: &CancellationToken,
     observer: Option<UnboundedSender<Observed>>,
 ) -> anyhow::Result<()> {
-    let consumer: StreamConsumer = ClientConfig::new()
+    let mut client = ClientConfig::new();
+    client
         .set("bootstrap.servers", &cfg.brokers)
         .set("group.id", &cfg.group)
         .set("auto.offset.reset", "earliest")
@@ -71,9 +74,11 @@ pub async fn run(
         // explicitly, after the database transaction committed.
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .create()
-        .context("creating the kafka consumer")?;
+        .set("enable.auto.offset.store", "false");
+    for (k, v) in &cfg.options {
+        client.set(k, v);
+    }
+    let consumer: StreamConsumer = client.create().context("creating the kafka consumer")?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).context("subscribing")?;
     let inbox = Inbox::new(cfg.inbox.clone())?;

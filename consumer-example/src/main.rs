@@ -55,6 +55,9 @@ enum Command {
             default_value = "stock-projection"
         )]
         inbox: String,
+        /// A librdkafka consumer setting as key=value (repeatable), e.g. session.timeout.ms=10000.
+        #[arg(long = "kafka-option", env = "OUTBOX_KAFKA_OPTIONS", value_delimiter = ',', hide_env_values = true)]
+        kafka_options: Vec<String>,
         /// Fault injection for tests: abort after N database commits, before storing offsets.
         #[arg(long, env = "OUTBOX_CONSUMER_CRASH_AFTER_COMMITS", hide = true)]
         crash_after_commits: Option<u64>,
@@ -107,9 +110,19 @@ async fn main() -> anyhow::Result<()> {
             group,
             topics,
             inbox,
+            kafka_options,
             crash_after_commits,
         } => {
+            let options = kafka_options
+                .iter()
+                .map(|o| {
+                    o.split_once('=')
+                        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+                        .with_context(|| format!("--kafka-option `{}` must be key=value", o.split('=').next().unwrap_or_default()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let cfg = ConsumerConfig {
+                options,
                 brokers: kafka_brokers,
                 group,
                 topics,

@@ -6,40 +6,39 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Path of the `outbox-relay` binary, built once per test run.
-pub fn binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| build("OUTBOX_RELAY_BIN", "outbox-relay", "outbox-relay"))
+/// Path of the `outbox-relay` binary.
+pub fn binary() -> PathBuf {
+    bin_path("OUTBOX_RELAY_BIN", "outbox-relay")
 }
 
-/// Path of the `outbox-consumer-example` binary, built once per test run.
-pub fn consumer_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        build(
-            "OUTBOX_CONSUMER_BIN",
-            "outbox-consumer-example",
-            "outbox-consumer-example",
-        )
-    })
+/// Path of the `outbox-consumer-example` binary.
+pub fn consumer_binary() -> PathBuf {
+    bin_path("OUTBOX_CONSUMER_BIN", "outbox-consumer-example")
 }
 
-/// Builds a workspace binary (a no-op when up to date), unless `env_override` names one.
-fn build(env_override: &str, package: &str, bin: &str) -> PathBuf {
+/// A workspace binary, unless `env_override` names one. The first call per
+/// test run builds every workspace binary the way `scripts/test.sh` does
+/// (`--workspace --bins`), so features unify identically and a warm build
+/// is a no-op instead of a relink with a different feature set.
+fn bin_path(env_override: &str, bin: &str) -> PathBuf {
     if let Ok(p) = std::env::var(env_override) {
         return PathBuf::from(p);
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", package, "--bin", bin])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building {bin} failed");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("debug").join(bin)
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--workspace", "--bins"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the workspace binaries failed");
+        std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+            .join("debug")
+    });
+    dir.join(bin)
 }
 
 /// Flags for one relay process.
