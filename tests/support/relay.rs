@@ -27,7 +27,17 @@ fn bin_path(env_override: &str, bin: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let mut cmd = Command::new(cargo);
+        // The variables cargo sets for this test process (CARGO_PKG_*,
+        // CARGO_MANIFEST_DIR, ...) would otherwise reach build scripts and
+        // proc macros and make the nested build recompile everything.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().into_owned();
+            if key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR" {
+                cmd.env_remove(&key);
+            }
+        }
+        let status = cmd
             .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
