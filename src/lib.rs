@@ -56,6 +56,11 @@ pub use event::{Event, EventId, RESERVED_HEADERS};
 pub use inbox::Inbox;
 pub use write::{DEFAULT_MAX_PAYLOAD_BYTES, Outbox, write, write_all};
 
+/// The README's code examples, compiled as doc tests so they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// The SQL migrations that create the outbox table, its publication, the
 /// relay's bookkeeping table and the consumers' inbox table, embedded so `MIGRATOR.run(&pool)` applies them.
 /// The same files work with `sqlx migrate run --source migrations`.
