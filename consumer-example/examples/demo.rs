@@ -77,11 +77,14 @@ async fn main() -> anyhow::Result<()> {
             token.cancel();
         }
     });
-    tokio::select! {
-        biased;
-        _ = token.cancelled() => bail!("interrupted"),
-        result = demo(&args, &token) => result,
+    // The demo watches the token itself, so an interrupt still stops the
+    // relay and the consumer in order (while the embedded broker is alive).
+    let result = demo(&args, &token).await;
+    if token.is_cancelled() {
+        eprintln!("demo: stopped");
+        std::process::exit(130);
     }
+    result
 }
 
 async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
@@ -207,6 +210,7 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = token.cancelled() => break,
         }
         if kitchen_done
             && applied_ids.len() >= written_ids.len()
@@ -227,6 +231,9 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
     consumer.await??;
     printer.await??;
 
+    if token.is_cancelled() {
+        return Ok(());
+    }
     reconcile(&pool, &written_ids, &published_ids, &applied_ids).await
 }
 

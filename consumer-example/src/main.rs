@@ -56,7 +56,12 @@ enum Command {
         )]
         inbox: String,
         /// A librdkafka consumer setting as key=value (repeatable), e.g. session.timeout.ms=10000.
-        #[arg(long = "kafka-option", env = "OUTBOX_KAFKA_OPTIONS", value_delimiter = ',', hide_env_values = true)]
+        #[arg(
+            long = "kafka-option",
+            env = "OUTBOX_KAFKA_OPTIONS",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
         kafka_options: Vec<String>,
         /// Fault injection for tests: abort after N database commits, before storing offsets.
         #[arg(long, env = "OUTBOX_CONSUMER_CRASH_AFTER_COMMITS", hide = true)]
@@ -118,7 +123,12 @@ async fn main() -> anyhow::Result<()> {
                 .map(|o| {
                     o.split_once('=')
                         .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
-                        .with_context(|| format!("--kafka-option `{}` must be key=value", o.split('=').next().unwrap_or_default()))
+                        .with_context(|| {
+                            format!(
+                                "--kafka-option `{}` must be key=value",
+                                o.split('=').next().unwrap_or_default()
+                            )
+                        })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let cfg = ConsumerConfig {
