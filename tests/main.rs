@@ -7,4 +7,5 @@ mod consumer;
 mod delivery;
 mod failures;
 mod library;
+mod reliability;
 mod tls;

@@ -119,9 +119,33 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
     pub max_backoff: Duration,
 
+    /// What to do with an event Kafka refuses for good (too large, invalid topic,
+    /// not authorized) or a row that is not a valid event: `stop` names it and
+    /// stops without confirming past it; `dead-letter` publishes it to
+    /// --dead-letter-topic with the error in the `outbox.error` header and goes on.
+    #[arg(long, env = "OUTBOX_ON_UNDELIVERABLE", value_enum, default_value_t = Undeliverable::Stop)]
+    pub on_undeliverable: Undeliverable,
+
+    /// Topic for undeliverable events under `--on-undeliverable dead-letter`.
+    #[arg(
+        long,
+        env = "OUTBOX_DEAD_LETTER_TOPIC",
+        default_value = "outbox.dead-letter"
+    )]
+    pub dead_letter_topic: String,
+
     /// Time allowed on SIGTERM/SIGINT for Kafka to acknowledge what was sent.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+/// The policy for events Kafka will not take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Undeliverable {
+    /// Stop, name the event, keep the slot where it was.
+    Stop,
+    /// Publish it to the dead-letter topic and go on.
+    DeadLetter,
 }
 
 /// How to use TLS with PostgreSQL, as libpq's `sslmode`.
@@ -470,6 +494,8 @@ pub struct RelayConfig {
     pub max_backoff: Duration,
     /// Shutdown grace.
     pub shutdown_timeout: Duration,
+    /// The dead-letter topic, when undeliverable events are parked rather than fatal.
+    pub dead_letter_topic: Option<String>,
 }
 
 impl RelayConfig {
@@ -505,6 +531,18 @@ impl RelayConfig {
         if args.max_in_flight == 0 {
             return Err(Error::Config("--max-in-flight must be at least 1".into()));
         }
+        let dead_letter_topic = match args.on_undeliverable {
+            Undeliverable::Stop => None,
+            Undeliverable::DeadLetter => {
+                outbox::topic::validate(&args.dead_letter_topic).map_err(|why| {
+                    Error::Config(format!(
+                        "--dead-letter-topic `{}` is not a legal Kafka topic: {why}",
+                        args.dead_letter_topic
+                    ))
+                })?;
+                Some(args.dead_letter_topic.clone())
+            }
+        };
         if args.status_interval.is_zero() {
             return Err(Error::Config(
                 "--status-interval must be longer than zero".into(),
@@ -527,6 +565,7 @@ impl RelayConfig {
             connect_timeout: args.connect_timeout,
             max_backoff: args.max_backoff.max(Duration::from_millis(100)),
             shutdown_timeout: args.shutdown_timeout,
+            dead_letter_topic,
         })
     }
 }

@@ -172,6 +172,19 @@ pub enum Error {
         source: Box<KafkaError>,
     },
 
+    /// An undeliverable event could not be parked in the dead-letter topic either.
+    #[error(
+        "event {event_id} is undeliverable ({reason}) and the dead-letter topic did not take it either: {source}"
+    )]
+    DeadLetterFailed {
+        /// The event.
+        event_id: String,
+        /// Why it was undeliverable.
+        reason: String,
+        /// Why the dead letter failed.
+        source: Box<Error>,
+    },
+
     /// Any other Kafka client failure.
     #[error("{context}: {source}")]
     Kafka {
@@ -207,6 +220,7 @@ impl Error {
             Error::Delivery { source, .. } | Error::Kafka { source, .. } => {
                 kafka_is_retryable(source)
             }
+            Error::DeadLetterFailed { source, .. } => source.is_retryable(),
             Error::Database { source, .. } => matches!(
                 **source,
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
@@ -270,6 +284,19 @@ pub fn kafka_is_retryable(err: &KafkaError) -> bool {
             | C::UnsupportedVersion
             | C::Fatal
     )
+}
+
+impl Error {
+    /// Whether the error is about one event that Kafka will never take (or a
+    /// row that is not a valid event), as opposed to the relay's setup or a
+    /// passing outage: what `--on-undeliverable dead-letter` parks.
+    pub fn is_undeliverable(&self) -> bool {
+        match self {
+            Error::BadEvent { .. } => true,
+            Error::Delivery { .. } => !self.is_retryable(),
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]

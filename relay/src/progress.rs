@@ -7,9 +7,9 @@
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::Result;
 use crate::lsn::Lsn;
-use crate::publish::InFlight;
+use crate::publish::{DeadLetter, DeadLetters, InFlight};
+use crate::{Error, Result};
 
 /// One entry of the FIFO.
 pub enum Pending {
@@ -25,6 +25,8 @@ pub enum Pending {
 pub struct Totals {
     /// Records acknowledged by Kafka.
     pub delivered: u64,
+    /// Events sent to the dead-letter topic instead.
+    pub dead_lettered: u64,
 }
 
 /// The sending side of the FIFO, and what the stream needs to read back.
@@ -38,12 +40,15 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Starts tracking from `start` with room for `window` unacknowledged entries.
-    pub fn start(start: Lsn, window: usize) -> Self {
+    /// Starts tracking from `start` with room for `window` unacknowledged
+    /// entries. With `dead_letters`, a record Kafka refuses for good goes to
+    /// the dead-letter topic and tracking goes on; without, it stops tracking.
+    pub fn start(start: Lsn, window: usize, dead_letters: Option<DeadLetters>) -> Self {
         let (tx, rx) = mpsc::channel(window);
         let (confirmed_tx, confirmed) = watch::channel(start);
         let task = tokio::spawn(
-            await_deliveries(rx, confirmed_tx).instrument(tracing::info_span!("deliveries")),
+            await_deliveries(rx, confirmed_tx, dead_letters)
+                .instrument(tracing::info_span!("deliveries")),
         );
         Tracker {
             tx,
@@ -56,15 +61,37 @@ impl Tracker {
 async fn await_deliveries(
     mut rx: mpsc::Receiver<Pending>,
     confirmed: watch::Sender<Lsn>,
+    dead_letters: Option<DeadLetters>,
 ) -> Result<Totals> {
     let mut totals = Totals::default();
     while let Some(entry) = rx.recv().await {
         match entry {
             Pending::Record(in_flight) => {
                 let event_id = in_flight.event_id.clone();
-                let acked = in_flight.acked().await?;
-                totals.delivered += 1;
-                tracing::trace!(event_id = %event_id, partition = acked.partition, offset = acked.offset, "delivered");
+                match in_flight.outcome().await {
+                    Ok(acked) => {
+                        totals.delivered += 1;
+                        tracing::trace!(event_id = %event_id, partition = acked.partition, offset = acked.offset, "delivered");
+                    }
+                    // Refused for good, and the policy is to park it: the dead
+                    // letter takes the record's place in the FIFO, so nothing
+                    // after it is confirmed before the dead letter is acknowledged.
+                    Err((err, Some(message)))
+                        if err.is_undeliverable() && dead_letters.is_some() =>
+                    {
+                        let letters = dead_letters.as_ref().expect("checked above");
+                        let letter = DeadLetter::from_message(&message, &err);
+                        letters
+                            .send(&letter)
+                            .await
+                            .map_err(|e| dead_letter_failed(&letter, e))?
+                            .acked()
+                            .await
+                            .map_err(|e| dead_letter_failed(&letter, e))?;
+                        totals.dead_lettered += 1;
+                    }
+                    Err((err, _)) => return Err(err),
+                }
             }
             Pending::Position(lsn) => {
                 confirmed.send_if_modified(|current| {
@@ -81,13 +108,21 @@ async fn await_deliveries(
     Ok(totals)
 }
 
+fn dead_letter_failed(letter: &DeadLetter, err: Error) -> Error {
+    Error::DeadLetterFailed {
+        event_id: letter.event_id.clone(),
+        reason: letter.reason.clone(),
+        source: Box::new(err),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn positions_advance_in_order_and_never_back() {
-        let tracker = Tracker::start(Lsn(10), 8);
+        let tracker = Tracker::start(Lsn(10), 8, None);
         tracker.tx.send(Pending::Position(Lsn(20))).await.unwrap();
         tracker.tx.send(Pending::Position(Lsn(15))).await.unwrap();
         tracker.tx.send(Pending::Position(Lsn(30))).await.unwrap();

@@ -9,7 +9,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::config::{KafkaConfig, TopicTemplate};
@@ -38,20 +38,207 @@ pub struct Acked {
 impl InFlight {
     /// Waits for the delivery report.
     pub async fn acked(self) -> Result<Acked> {
+        self.outcome().await.map_err(|(err, _)| err)
+    }
+
+    /// Waits for the delivery report; a refused record comes back with the
+    /// error, so it can be sent to the dead-letter topic instead.
+    pub async fn outcome(self) -> std::result::Result<Acked, (Error, Option<OwnedMessage>)> {
         match self.delivery.await {
             Ok(Ok(d)) => Ok(Acked {
                 partition: d.partition,
                 offset: d.offset,
             }),
-            Ok(Err((source, _))) => Err(Error::Delivery {
-                event_id: self.event_id,
-                topic: self.topic,
-                source: Box::new(source),
-            }),
-            Err(_) => Err(Error::Kafka {
-                context: format!("waiting for the delivery of event {}", self.event_id),
-                source: Box::new(KafkaError::Canceled),
-            }),
+            Ok(Err((source, message))) => Err((
+                Error::Delivery {
+                    event_id: self.event_id,
+                    topic: self.topic,
+                    source: Box::new(source),
+                },
+                Some(message),
+            )),
+            Err(_) => Err((
+                Error::Kafka {
+                    context: format!("waiting for the delivery of event {}", self.event_id),
+                    source: Box::new(KafkaError::Canceled),
+                },
+                None,
+            )),
+        }
+    }
+}
+
+/// An event Kafka will not take (or a row that is not a valid event), to be
+/// parked in the dead-letter topic under `--on-undeliverable dead-letter`.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetter {
+    /// The event id, when known.
+    pub event_id: String,
+    /// The original record key (aggregate id), when known.
+    pub key: Option<Vec<u8>>,
+    /// The original value, unless it is the reason (too large).
+    pub value: Option<Vec<u8>>,
+    /// The original headers, when known.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Where the event was meant to go, when known.
+    pub original_topic: Option<String>,
+    /// Why it is here.
+    pub reason: String,
+}
+
+impl DeadLetter {
+    /// From an event the relay could not send, and why.
+    pub fn from_event(event: &OutboxEvent, original_topic: Option<String>, err: &Error) -> Self {
+        let mut headers = vec![
+            ("id".to_owned(), event.id.as_bytes().to_vec()),
+            (
+                "event_type".to_owned(),
+                event.event_type.as_bytes().to_vec(),
+            ),
+            (
+                "aggregate_type".to_owned(),
+                event.aggregate_type.as_bytes().to_vec(),
+            ),
+            (
+                "aggregate_id".to_owned(),
+                event.aggregate_id.as_bytes().to_vec(),
+            ),
+        ];
+        if let Some(tp) = &event.trace_context {
+            headers.push(("traceparent".to_owned(), tp.as_bytes().to_vec()));
+        }
+        for (k, v) in &event.headers {
+            headers.push((k.clone(), v.as_bytes().to_vec()));
+        }
+        Self {
+            event_id: event.id.clone(),
+            key: Some(event.aggregate_id.as_bytes().to_vec()),
+            value: (!is_too_large(err)).then(|| event.payload.to_vec()),
+            headers,
+            original_topic,
+            reason: err.to_string(),
+        }
+    }
+
+    /// From a record Kafka refused, as returned in its delivery report.
+    pub fn from_message(message: &OwnedMessage, err: &Error) -> Self {
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| (x.key.to_owned(), x.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let event_id = match err {
+            Error::Delivery { event_id, .. } => event_id.clone(),
+            _ => String::new(),
+        };
+        Self {
+            event_id,
+            key: message.key().map(<[u8]>::to_vec),
+            value: if is_too_large(err) {
+                None
+            } else {
+                message.payload().map(<[u8]>::to_vec)
+            },
+            headers,
+            original_topic: Some(message.topic().to_owned()),
+            reason: err.to_string(),
+        }
+    }
+}
+
+fn is_too_large(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Delivery { source, .. } if matches!(
+            **source,
+            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
+                | KafkaError::MessageProduction(RDKafkaErrorCode::InvalidMessageSize)
+        )
+    )
+}
+
+/// Sends dead letters; cheap to clone into the delivery task.
+#[derive(Clone)]
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl DeadLetters {
+    /// The dead-letter topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Hands a dead letter to the producer: the original key, value and
+    /// headers, plus `outbox.error` (the reason) and `outbox.original_topic`.
+    pub async fn send(&self, letter: &DeadLetter) -> Result<InFlight> {
+        tracing::warn!(
+            event_id = %letter.event_id,
+            topic = %self.topic,
+            reason = %letter.reason,
+            "event is undeliverable; sending it to the dead-letter topic"
+        );
+        let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len() + 2);
+        for (k, v) in &letter.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
+        }
+        headers = headers.insert(Header {
+            key: "outbox.error",
+            value: Some(letter.reason.as_bytes()),
+        });
+        if let Some(t) = &letter.original_topic {
+            headers = headers.insert(Header {
+                key: "outbox.original_topic",
+                value: Some(t.as_bytes()),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.topic).headers(headers);
+        if let Some(k) = &letter.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &letter.value {
+            record = record.payload(v.as_slice());
+        }
+        send_with_backpressure(&self.producer, record, &letter.event_id, &self.topic).await
+    }
+}
+
+/// `send_result`, waiting while librdkafka's buffer is full.
+async fn send_with_backpressure<'a>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'a, [u8], [u8]>,
+    event_id: &str,
+    topic: &str,
+) -> Result<InFlight> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => {
+                return Ok(InFlight {
+                    event_id: event_id.to_owned(),
+                    topic: topic.to_owned(),
+                    delivery,
+                });
+            }
+            // librdkafka's buffer is full: wait for deliveries to free it.
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((source, _)) => {
+                return Err(Error::Delivery {
+                    event_id: event_id.to_owned(),
+                    topic: topic.to_owned(),
+                    source: Box::new(source),
+                });
+            }
         }
     }
 }
@@ -266,32 +453,18 @@ impl Publisher {
                 value: Some(v.as_bytes()),
             });
         }
-        let mut record = FutureRecord::to(&topic)
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
             .key(event.aggregate_id.as_bytes())
             .payload(&event.payload[..])
             .headers(headers);
-        loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => {
-                    return Ok(InFlight {
-                        event_id: event.id.clone(),
-                        topic,
-                        delivery,
-                    });
-                }
-                // librdkafka's buffer is full: wait for deliveries to free it.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((source, _)) => {
-                    return Err(Error::Delivery {
-                        event_id: event.id.clone(),
-                        topic,
-                        source: Box::new(source),
-                    });
-                }
-            }
+        send_with_backpressure(&self.producer, record, &event.id, &topic).await
+    }
+
+    /// A sender for the dead-letter topic `topic`.
+    pub fn dead_letters(&self, topic: &str) -> DeadLetters {
+        DeadLetters {
+            producer: self.producer.clone(),
+            topic: topic.to_owned(),
         }
     }
 

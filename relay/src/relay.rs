@@ -22,6 +22,7 @@ pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
         publication = %cfg.publication,
         brokers = %cfg.kafka.brokers,
         max_in_flight = cfg.max_in_flight,
+        dead_letter_topic = cfg.dead_letter_topic.as_deref().unwrap_or("none: stop on undeliverable events"),
         "starting outbox relay"
     );
     let mut publisher = Publisher::new(
@@ -78,6 +79,9 @@ async fn session(
     slot::check_publication(&mut conn, &cfg.publication, &cfg.pg.dbname).await?;
     if !*brokers_checked {
         publisher.check_brokers().await?;
+        if let Some(topic) = &cfg.dead_letter_topic {
+            publisher.ensure_topic(topic, "(dead-letter topic)").await?;
+        }
         *brokers_checked = true;
     }
     let start = slot::prepare(&mut conn, cfg, publisher, token).await?;

@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use crate::connection::Row;
 use crate::decode::{Cell, Relation};
+use crate::publish::DeadLetter;
 use crate::{Error, Result};
 
 /// One event read from the outbox, ready to publish.
@@ -106,6 +107,35 @@ impl Layout {
         let names: Vec<&str> = columns.iter().map(String::as_str).collect();
         let layout = Self::from_names(table.to_owned(), &names)?;
         layout.build(|i| row.get_bytes(&columns[i]).cloned())
+    }
+
+    /// What can be salvaged of a row that is not a valid event, for the
+    /// dead-letter topic: the id, the aggregate id as key, the payload as
+    /// value, the other text columns as headers.
+    pub fn dead_letter(&self, tuple: &[Cell], err: &Error) -> DeadLetter {
+        let text = |i: usize| match tuple.get(i) {
+            Some(Cell::Text(b)) => Some(b.clone()),
+            _ => None,
+        };
+        let names = ["id", "aggregate_type", "aggregate_id", "event_type"];
+        let headers = names
+            .iter()
+            .zip(self.required)
+            .filter_map(|(name, i)| text(i).map(|v| ((*name).to_owned(), v.to_vec())))
+            .collect();
+        DeadLetter {
+            event_id: text(self.required[0])
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_else(|| "unknown".to_owned()),
+            key: text(self.required[2]).map(|b| b.to_vec()),
+            value: text(self.required[4]).map(|b| b.to_vec()),
+            headers,
+            original_topic: self
+                .topic
+                .and_then(text)
+                .map(|b| String::from_utf8_lossy(&b).into_owned()),
+            reason: err.to_string(),
+        }
     }
 
     fn max_index(&self) -> usize {

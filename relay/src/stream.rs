@@ -17,7 +17,7 @@ use crate::connection::{Backend, Connection, quote_ident, quote_literal};
 use crate::decode::{self, LogicalMessage, ReplicationMessage};
 use crate::lsn::Lsn;
 use crate::progress::{Pending, Totals, Tracker};
-use crate::publish::Publisher;
+use crate::publish::{DeadLetter, Publisher};
 use crate::row::Layout;
 use crate::{Error, Result};
 
@@ -61,7 +61,13 @@ pub async fn run(
         tx,
         confirmed,
         mut task,
-    } = Tracker::start(start_lsn, cfg.max_in_flight);
+    } = Tracker::start(
+        start_lsn,
+        cfg.max_in_flight,
+        cfg.dead_letter_topic
+            .as_deref()
+            .map(|t| publisher.dead_letters(t)),
+    );
     let mut session = Session {
         conn,
         cfg,
@@ -245,9 +251,30 @@ impl Session<'_> {
                         "insert into relation {rel_oid} before its Relation message"
                     ))
                 })?;
-                let event = layout.event(&tuple)?;
-                let in_flight = publisher.send(&event).await?;
-                tracing::debug!(event_id = %event.id, topic = %in_flight.topic, lsn = %wal_start, "published");
+                let dead_letters = self
+                    .cfg
+                    .dead_letter_topic
+                    .as_deref()
+                    .map(|t| publisher.dead_letters(t));
+                let in_flight = match layout.event(&tuple) {
+                    Ok(event) => match publisher.send(&event).await {
+                        Ok(f) => f,
+                        // Refused at once (for example larger than message.max.bytes).
+                        Err(err) if err.is_undeliverable() && dead_letters.is_some() => {
+                            let topic = publisher.topic_for(&event).ok();
+                            let letter = DeadLetter::from_event(&event, topic, &err);
+                            dead_letters.expect("checked above").send(&letter).await?
+                        }
+                        Err(err) => return Err(err),
+                    },
+                    // A row that is not a valid event: park what we have of it.
+                    Err(err) if err.is_undeliverable() && dead_letters.is_some() => {
+                        let letter = layout.dead_letter(&tuple, &err);
+                        dead_letters.expect("checked above").send(&letter).await?
+                    }
+                    Err(err) => return Err(err),
+                };
+                tracing::debug!(event_id = %in_flight.event_id, topic = %in_flight.topic, lsn = %wal_start, "published");
                 self.push(permit, Pending::Record(in_flight));
             }
             LogicalMessage::Commit { end_lsn, .. } => {
