@@ -165,6 +165,23 @@ async fn bad_flags_are_refused_before_connecting() {
             vec!["--kafka-option", "linger.ms"],
             "must be written as key=value",
         ),
+        (
+            vec!["--on-undeliverable", "shrug"],
+            "invalid value 'shrug' for '--on-undeliverable",
+        ),
+        (
+            vec!["--status-interval", "soon"],
+            "`soon` is not a duration",
+        ),
+        (
+            vec![
+                "--on-undeliverable",
+                "dead-letter",
+                "--dead-letter-topic",
+                "dead letters",
+            ],
+            "--dead-letter-topic `dead letters` is not a legal Kafka topic",
+        ),
     ] {
         let out = std::process::Command::new(binary())
             .arg("run")
@@ -176,6 +193,22 @@ async fn bad_flags_are_refused_before_connecting() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("hunter2pw"), "{stderr}");
+    }
+    for bad_url in [
+        "postgres://u:hunter2pw@h:port/db",
+        "postgres://u:hunter2pw@h/db?sslmode=sometimes",
+        "postgres://u:hunter2pw@h/db?sslmod=require",
+    ] {
+        let out = std::process::Command::new(binary())
+            .args(["run"])
+            .env("OUTBOX_DATABASE_URL", bad_url)
+            .env("OUTBOX_KAFKA_BROKERS", "127.0.0.1:1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("database URL"), "{stderr}");
         assert!(!stderr.contains("hunter2pw"), "{stderr}");
     }
     let out = std::process::Command::new(binary())

@@ -6,6 +6,7 @@ mod support;
 mod consumer;
 mod delivery;
 mod failures;
+mod faults;
 mod library;
 mod reliability;
 mod tls;

@@ -112,7 +112,10 @@ impl Session<'_> {
         publisher: &mut Publisher,
         token: &CancellationToken,
     ) -> Result<Ended> {
-        let mut tick = tokio::time::interval(self.cfg.status_interval.min(Duration::from_secs(1)));
+        // Confirmations go out within 100 ms of changing (bounding what a crash
+        // replays); an unchanged position is repeated every status interval.
+        let mut tick =
+            tokio::time::interval(self.cfg.status_interval.min(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut permit: Option<Permit<'_, Pending>> = None;
         // On shutdown inside a transaction, read on to its Commit (for at most

@@ -7,6 +7,7 @@
 pub mod fixture;
 pub mod kafka;
 pub mod postgres;
+pub mod proxy;
 pub mod relay;
 pub mod tansu;
 

@@ -45,6 +45,25 @@ impl Tansu {
         Self::start_with_storage("sqlite://tansu.db".to_owned(), Some(dir))
     }
 
+    /// A broker on its own port that tells clients to connect to
+    /// `advertised_port` instead (where a test proxy forwards to it).
+    pub fn start_advertising(advertised_port: u16) -> Self {
+        let dir = std::env::temp_dir().join(super::unique("outbox-tansu"));
+        std::fs::create_dir_all(&dir).expect("tansu dir");
+        let port = super::free_port();
+        let storage = "memory://tansu/".to_owned();
+        let child = Self::spawn_with(&dir, port, advertised_port, &storage);
+        let t = Self {
+            child: Some(child),
+            mock: None,
+            port,
+            dir,
+            storage,
+        };
+        t.wait_ready();
+        t
+    }
+
     fn start_with_storage(storage: String, dir: Option<PathBuf>) -> Self {
         if std::env::var("OUTBOX_TEST_BROKER").as_deref() == Ok("mock") {
             let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
@@ -81,7 +100,12 @@ impl Tansu {
     }
 
     fn spawn(dir: &PathBuf, port: u16, storage: &str) -> Child {
+        Self::spawn_with(dir, port, port, storage)
+    }
+
+    fn spawn_with(dir: &PathBuf, port: u16, advertised_port: u16, storage: &str) -> Child {
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised_port}");
         let log = std::fs::File::create(dir.join("tansu.log")).expect("tansu log");
         Command::new(binary())
             .current_dir(dir)
@@ -90,7 +114,7 @@ impl Tansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", storage])
             .stdin(Stdio::null())

@@ -1,0 +1,324 @@
+//! Faults users hit in production: crashes at random points, broker outages,
+//! connections cut. After each, the set of event ids in Kafka equals the set
+//! committed, and each aggregate's events are in commit order.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use sqlx::PgPool;
+
+use crate::support::fixture::{Fixture, Written, assert_records_match};
+use crate::support::kafka::consume_settle;
+use crate::support::postgres::{confirmed_flush, lsn_after};
+use crate::support::proxy::Proxy;
+use crate::support::{Postgres, RelayBuilder, Tansu, unique, wait_for};
+
+/// Writes `n` events in transactions of 1-20 over this writer's own five
+/// aggregates, so commit order per aggregate is this writer's order.
+async fn writer(f: &Fixture, id: usize, n: usize) -> Vec<Written> {
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let mut out = Vec::new();
+    let mut seq = (id as u64) * 1_000_000;
+    while out.len() < n {
+        let size = rng.random_range(1..=20usize).min(n - out.len());
+        let items: Vec<(String, u64)> = (0..size)
+            .map(|_| {
+                seq += 1;
+                (format!("w{id}-{}", rng.random_range(0..5)), seq)
+            })
+            .collect();
+        out.extend(f.write_tx(&items).await);
+    }
+    out
+}
+
+fn count_published(logs: &str) -> usize {
+    logs.matches(" published ").count()
+}
+
+fn duplicates(records: &[crate::support::Record]) -> usize {
+    let unique: HashSet<&str> = records.iter().map(|r| r.id()).collect();
+    records.len() - unique.len()
+}
+
+fn assert_all_arrived(written: &[Written], records: &[crate::support::Record]) {
+    let got: HashSet<&str> = records.iter().map(|r| r.id()).collect();
+    let want: HashSet<&str> = written.iter().map(|w| w.id.as_str()).collect();
+    let lost: Vec<&&str> = want.difference(&got).collect();
+    assert!(
+        lost.is_empty(),
+        "{} events lost, e.g. {:?}",
+        lost.len(),
+        lost.first()
+    );
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "records that were never written arrived"
+    );
+    assert_records_match(written, records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_kills_during_concurrent_writes_lose_nothing() {
+    const WINDOW: usize = 1000;
+    let f = Fixture::new().await;
+    let relay = |f: &Fixture| {
+        f.relay()
+            .arg("--max-in-flight")
+            .arg(WINDOW.to_string())
+            .spawn()
+    };
+    let mut current = relay(&f);
+    current.wait_log("streaming", Duration::from_secs(60)).await;
+
+    let writers = async {
+        let (a, b, c, d) = tokio::join!(
+            writer(&f, 1, 5000),
+            writer(&f, 2, 5000),
+            writer(&f, 3, 5000),
+            writer(&f, 4, 5000)
+        );
+        [a, b, c, d].concat()
+    };
+    let killer = async {
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        for kill in 0..20 {
+            // Kill after a random number of events published by this run (or
+            // after a while when the writers are done and the stream is idle).
+            let target = rng.random_range(20..600);
+            let deadline =
+                std::time::Instant::now() + Duration::from_secs(if kill < 15 { 30 } else { 3 });
+            while count_published(&current.logs()) < target && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            current.kill9().await;
+            current = relay(&f);
+        }
+        current
+    };
+    let (written, mut last) = tokio::join!(writers, killer);
+    assert_eq!(written.len(), 20_000);
+
+    let records = consume_settle(
+        &f.tansu.brokers(),
+        &[&f.topic()],
+        20_000,
+        Duration::from_secs(300),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(last.stop().await.success(), "{}", last.logs());
+    assert_all_arrived(&written, &records);
+    let dups = duplicates(&records);
+    eprintln!(
+        "20 kills: 20000 events, {} records, {dups} duplicates (window {WINDOW})",
+        records.len()
+    );
+    // Each crash replays at most what was sent but not yet confirmed: the
+    // window, plus what was acknowledged in the last 100 ms of feedback.
+    assert!(
+        dups <= 20 * 2 * WINDOW,
+        "{dups} duplicates exceed 20 kills x 2 windows"
+    );
+}
+
+/// PostgreSQL with a migrated database, for tests that bring their own broker.
+async fn database() -> (Postgres, String, PgPool) {
+    crate::support::init_logging();
+    let pg = Postgres::start();
+    let url = pg.create_migrated_database(&unique("db")).await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    (pg, url, pool)
+}
+
+async fn insert(pool: &PgPool, aggregate_type: &str, from: i64, to: i64) {
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         SELECT $1, 'k' || (g % 7), 'Happened', jsonb_build_object('seq', g) FROM generate_series($2::bigint, $3::bigint) g",
+    )
+    .bind(aggregate_type)
+    .bind(from)
+    .bind(to)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn current_lsn(pool: &PgPool) -> String {
+    sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Every seq from 1 to `n` arrived, and per key they are in order.
+fn assert_seqs(records: &[crate::support::Record], n: i64) {
+    let seqs: HashSet<i64> = records
+        .iter()
+        .map(|r| r.value_json()["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs.len() as i64, n, "missing events");
+    let mut last: HashMap<(String, i32), i64> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut sorted: Vec<_> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    for r in sorted {
+        let seq = r.value_json()["seq"].as_i64().unwrap();
+        if !seen.insert(seq) {
+            continue;
+        }
+        let prev = last
+            .insert((r.key.clone().unwrap(), r.partition), seq)
+            .unwrap_or(0);
+        assert!(seq > prev, "key {:?}: {seq} after {prev}", r.key);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
+    let (_pg, url, pool) = database().await;
+    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    mock.create_topic(&topic, 3, 1).unwrap();
+    let slot = unique("slot");
+    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot).spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+
+    insert(&pool, &agg, 1, 500).await;
+    consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        500,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    // Wait until the slot confirmed everything so far, then take the broker down.
+    let caught_up = current_lsn(&pool).await;
+    wait_for("the slot to catch up", Duration::from_secs(30), || async {
+        let c = confirmed_flush(&url, &slot).await?;
+        (!lsn_after(&url, &caught_up, &c).await).then_some(())
+    })
+    .await;
+    mock.broker_down(1).unwrap();
+    let down_at = current_lsn(&pool).await;
+    // Writes go on during 30 s of outage.
+    for i in 0..6 {
+        insert(&pool, &agg, 501 + i * 100, 600 + i * 100).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let confirmed = confirmed_flush(&url, &slot).await.unwrap();
+    assert!(
+        !lsn_after(&url, &confirmed, &down_at).await,
+        "confirmed {confirmed} past {down_at} while the broker was down"
+    );
+    mock.broker_up(1).unwrap();
+    let records = consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        1100,
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_seqs(&records, 1100);
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_with_durable_storage_loses_nothing() {
+    let (_pg, url, pool) = database().await;
+    let mut tansu = Tansu::start_durable();
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    let slot = unique("slot");
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &slot).spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    insert(&pool, &agg, 1, 300).await;
+    consume_settle(
+        &tansu.brokers(),
+        &[&topic],
+        300,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+
+    tansu.stop();
+    let down_at = current_lsn(&pool).await;
+    for i in 0..6 {
+        insert(&pool, &agg, 301 + i * 100, 400 + i * 100).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let confirmed = confirmed_flush(&url, &slot).await.unwrap();
+    assert!(
+        !lsn_after(&url, &confirmed, &down_at).await,
+        "confirmed past the outage"
+    );
+    tansu.restart();
+    let records = consume_settle(
+        &tansu.brokers(),
+        &[&topic],
+        900,
+        Duration::from_secs(180),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_seqs(&records, 900);
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_to_postgres_and_kafka_lose_nothing() {
+    let pg = Postgres::start();
+    let url = pg.create_migrated_database(&unique("db")).await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    let pg_proxy = Proxy::start(None, pg.port).await;
+    let kafka_port = crate::support::free_port();
+    let tansu = Tansu::start_advertising(kafka_port);
+    let kafka_proxy = Proxy::start(Some(kafka_port), tansu.port).await;
+    let brokers = format!("127.0.0.1:{kafka_port}");
+
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    let proxied_url = url.replace(&format!(":{}/", pg.port), &format!(":{}/", pg_proxy.port));
+    let mut relay = RelayBuilder::new(&proxied_url, &brokers, &unique("slot")).spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+
+    let mut next = 1;
+    for round in 0..6 {
+        insert(&pool, &agg, next, next + 199).await;
+        next += 200;
+        let before = count_published(&relay.logs());
+        wait_for("the relay to publish", Duration::from_secs(60), || async {
+            (count_published(&relay.logs()) > before).then_some(())
+        })
+        .await;
+        let cut = if round % 2 == 0 {
+            pg_proxy.cut()
+        } else {
+            kafka_proxy.cut()
+        };
+        assert!(cut > 0, "round {round}: no connection to cut");
+    }
+    let records = consume_settle(
+        &brokers,
+        &[&topic],
+        (next - 1) as usize,
+        Duration::from_secs(180),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_seqs(&records, next - 1);
+    assert!(
+        relay.logs().contains("resuming from the slot"),
+        "the postgres cuts were noticed"
+    );
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}
