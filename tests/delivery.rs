@@ -241,3 +241,66 @@ async fn a_postgres_restart_mid_stream_is_survived() {
     }
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
+
+/// `GET /metrics` on the relay's metrics address.
+async fn scrape(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_deliveries_and_latency() {
+    let f = Fixture::new().await;
+    let port = crate::support::free_port();
+    let mut relay = f
+        .relay()
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut seq = 0;
+    let written = f.write_many(50, 5, 3, &mut seq).await;
+    f.read(50).await;
+    let text = wait_for(
+        "50 deliveries in the metrics",
+        Duration::from_secs(30),
+        || async {
+            let text = scrape(port).await?;
+            (metric(&text, "outbox_relay_events_delivered_total")? >= 50.0).then_some(text)
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&text, "outbox_relay_events_delivered_total"),
+        Some(written.len() as f64)
+    );
+    assert_eq!(
+        metric(&text, "outbox_relay_commit_to_ack_seconds_count"),
+        Some(50.0),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "outbox_relay_confirmed_lsn").unwrap() > 0.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("outbox_relay_commit_to_ack_seconds_bucket{le=\"+Inf\"} 50"),
+        "{text}"
+    );
+    assert!(relay.stop().await.success());
+}

@@ -134,6 +134,11 @@ pub struct RunArgs {
     )]
     pub dead_letter_topic: String,
 
+    /// Serve Prometheus metrics (delivered events, lag, commit-to-ack latency) at
+    /// http://ADDR/metrics, e.g. 0.0.0.0:9187. Off when not given.
+    #[arg(long, env = "OUTBOX_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Time allowed on SIGTERM/SIGINT for Kafka to acknowledge what was sent.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -496,6 +501,8 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     /// The dead-letter topic, when undeliverable events are parked rather than fatal.
     pub dead_letter_topic: Option<String>,
+    /// Where to serve metrics.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl RelayConfig {
@@ -566,6 +573,7 @@ impl RelayConfig {
             max_backoff: args.max_backoff.max(Duration::from_millis(100)),
             shutdown_timeout: args.shutdown_timeout,
             dead_letter_topic,
+            metrics_addr: args.metrics_addr,
         })
     }
 }

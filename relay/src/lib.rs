@@ -10,6 +10,7 @@ pub mod connection;
 pub mod decode;
 pub mod error;
 pub mod lsn;
+pub mod metrics;
 pub mod migrate;
 pub mod progress;
 pub mod publish;
@@ -20,4 +21,4 @@ pub mod stream;
 pub mod tls;
 
 pub use error::{Error, Result};
-pub use relay::run;
+pub use relay::{run, run_with_metrics};

@@ -4,17 +4,21 @@
 //! position only when it reaches a marker, so a position is confirmed only
 //! after everything before it is acknowledged by Kafka.
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::publish::{DeadLetter, DeadLetters, InFlight};
 use crate::{Error, Result};
 
 /// One entry of the FIFO.
 pub enum Pending {
-    /// A record handed to the producer.
-    Record(InFlight),
+    /// A record handed to the producer, with its transaction's commit time
+    /// (microseconds since 2000-01-01; none for backfilled rows).
+    Record(InFlight, Option<i64>),
     /// The end of a transaction (its Commit `end_lsn`), or an idle position
     /// from a keepalive: confirmable once everything before it is delivered.
     Position(Lsn),
@@ -43,11 +47,16 @@ impl Tracker {
     /// Starts tracking from `start` with room for `window` unacknowledged
     /// entries. With `dead_letters`, a record Kafka refuses for good goes to
     /// the dead-letter topic and tracking goes on; without, it stops tracking.
-    pub fn start(start: Lsn, window: usize, dead_letters: Option<DeadLetters>) -> Self {
+    pub fn start(
+        start: Lsn,
+        window: usize,
+        dead_letters: Option<DeadLetters>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(window);
         let (confirmed_tx, confirmed) = watch::channel(start);
         let task = tokio::spawn(
-            await_deliveries(rx, confirmed_tx, dead_letters)
+            await_deliveries(rx, confirmed_tx, dead_letters, metrics)
                 .instrument(tracing::info_span!("deliveries")),
         );
         Tracker {
@@ -62,15 +71,17 @@ async fn await_deliveries(
     mut rx: mpsc::Receiver<Pending>,
     confirmed: watch::Sender<Lsn>,
     dead_letters: Option<DeadLetters>,
+    metrics: Arc<Metrics>,
 ) -> Result<Totals> {
     let mut totals = Totals::default();
     while let Some(entry) = rx.recv().await {
         match entry {
-            Pending::Record(in_flight) => {
+            Pending::Record(in_flight, commit_ts) => {
                 let event_id = in_flight.event_id.clone();
                 match in_flight.outcome().await {
                     Ok(acked) => {
                         totals.delivered += 1;
+                        metrics.delivered(commit_ts.map(|ts| crate::stream::pg_now_us() - ts));
                         tracing::trace!(event_id = %event_id, partition = acked.partition, offset = acked.offset, "delivered");
                     }
                     // Refused for good, and the policy is to park it: the dead
@@ -89,6 +100,7 @@ async fn await_deliveries(
                             .await
                             .map_err(|e| dead_letter_failed(&letter, e))?;
                         totals.dead_lettered += 1;
+                        metrics.dead_lettered();
                     }
                     Err((err, _)) => return Err(err),
                 }
@@ -122,7 +134,7 @@ mod tests {
 
     #[tokio::test]
     async fn positions_advance_in_order_and_never_back() {
-        let tracker = Tracker::start(Lsn(10), 8, None);
+        let tracker = Tracker::start(Lsn(10), 8, None, Metrics::new());
         tracker.tx.send(Pending::Position(Lsn(20))).await.unwrap();
         tracker.tx.send(Pending::Position(Lsn(15))).await.unwrap();
         tracker.tx.send(Pending::Position(Lsn(30))).await.unwrap();

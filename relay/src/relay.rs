@@ -2,6 +2,7 @@
 //! time, reconnection with backoff after retryable failures, and the final
 //! producer flush on shutdown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -9,6 +10,7 @@ use tracing::Instrument;
 
 use crate::config::RelayConfig;
 use crate::connection::{Connection, Mode};
+use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::{Result, slot, stream};
 
@@ -16,6 +18,24 @@ use crate::{Result, slot, stream};
 /// fatal error. Retryable failures (PostgreSQL restarts, dropped connections,
 /// Kafka outages) reconnect and resume from the slot's confirmed position.
 pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
+    let metrics = Metrics::new();
+    if let Some(addr) = cfg.metrics_addr {
+        let (metrics, token) = (metrics.clone(), token.clone());
+        tokio::spawn(async move {
+            if let Err(err) = crate::metrics::serve(addr, metrics, token).await {
+                tracing::error!(error = %err, addr = %addr, "cannot serve metrics");
+            }
+        });
+    }
+    run_with_metrics(cfg, token, metrics).await
+}
+
+/// [`run`], recording into `metrics` (for embedding, and the benchmark).
+pub async fn run_with_metrics(
+    cfg: RelayConfig,
+    token: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> Result<()> {
     tracing::info!(
         database = %cfg.pg,
         slot = %cfg.slot,
@@ -38,7 +58,7 @@ pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
     let mut brokers_checked = false;
     let result = loop {
         let span = tracing::info_span!("session", slot = %cfg.slot);
-        let outcome = session(&cfg, &mut publisher, &token, &mut brokers_checked)
+        let outcome = session(&cfg, &mut publisher, &token, &mut brokers_checked, &metrics)
             .instrument(span)
             .await;
         match outcome {
@@ -73,6 +93,7 @@ async fn session(
     publisher: &mut Publisher,
     token: &CancellationToken,
     brokers_checked: &mut bool,
+    metrics: &Arc<Metrics>,
 ) -> Result<()> {
     let mut conn = Connection::connect(&cfg.pg, Mode::Replication).await?;
     slot::check_wal_level(&mut conn).await?;
@@ -85,7 +106,7 @@ async fn session(
         *brokers_checked = true;
     }
     let start = slot::prepare(&mut conn, cfg, publisher, token).await?;
-    stream::run(conn, start, cfg, publisher, token).await
+    stream::run(conn, start, cfg, publisher, token, metrics).await
 }
 
 /// Exponential backoff from 100 ms up to a ceiling.

@@ -4,6 +4,7 @@
 //! back to PostgreSQL. One call is one session; the caller reconnects.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
@@ -16,6 +17,7 @@ use crate::config::RelayConfig;
 use crate::connection::{Backend, Connection, quote_ident, quote_literal};
 use crate::decode::{self, LogicalMessage, ReplicationMessage};
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::progress::{Pending, Totals, Tracker};
 use crate::publish::{DeadLetter, Publisher};
 use crate::row::Layout;
@@ -32,6 +34,7 @@ pub async fn run(
     cfg: &RelayConfig,
     publisher: &mut Publisher,
     token: &CancellationToken,
+    metrics: &Arc<Metrics>,
 ) -> Result<()> {
     let start_lsn = start.unwrap_or(Lsn::ZERO);
     // proto_version 1 without `streaming`: pgoutput sends each transaction
@@ -67,12 +70,16 @@ pub async fn run(
         cfg.dead_letter_topic
             .as_deref()
             .map(|t| publisher.dead_letters(t)),
+        metrics.clone(),
     );
+    metrics.session_started();
     let mut session = Session {
         conn,
         cfg,
         layouts: HashMap::new(),
         in_transaction: false,
+        commit_ts: None,
+        metrics: metrics.clone(),
         last_position: start_lsn,
         last_sent: None,
         last_sent_at: Instant::now(),
@@ -97,6 +104,9 @@ struct Session<'a> {
     cfg: &'a RelayConfig,
     layouts: HashMap<u32, Layout>,
     in_transaction: bool,
+    /// Commit time of the open transaction, for the latency metric.
+    commit_ts: Option<i64>,
+    metrics: Arc<Metrics>,
     /// The newest position pushed into the FIFO.
     last_position: Lsn,
     last_sent: Option<Lsn>,
@@ -200,8 +210,11 @@ impl Session<'_> {
             .map_err(|source| Error::Decode { lsn: at, source })?
         {
             ReplicationMessage::XLogData {
-                wal_start, data, ..
+                wal_start,
+                wal_end,
+                data,
             } => {
+                self.metrics.server_position(wal_end.0);
                 let msg = decode::logical_message(data).map_err(|source| Error::Decode {
                     lsn: wal_start,
                     source,
@@ -214,6 +227,7 @@ impl Session<'_> {
                 reply_requested,
                 ..
             } => {
+                self.metrics.server_position(wal_end.0);
                 // Nothing open and the server is past everything we pushed:
                 // confirm its position once the FIFO drains, so an idle or
                 // filtered outbox does not pin WAL.
@@ -237,8 +251,13 @@ impl Session<'_> {
         publisher: &mut Publisher,
     ) -> Result<()> {
         match msg {
-            LogicalMessage::Begin { final_lsn, xid, .. } => {
+            LogicalMessage::Begin {
+                final_lsn,
+                xid,
+                commit_ts,
+            } => {
                 self.in_transaction = true;
+                self.commit_ts = Some(commit_ts);
                 tracing::trace!(xid, final_lsn = %final_lsn, "begin");
             }
             LogicalMessage::Relation(rel) => {
@@ -278,7 +297,7 @@ impl Session<'_> {
                     Err(err) => return Err(err),
                 };
                 tracing::debug!(event_id = %in_flight.event_id, topic = %in_flight.topic, lsn = %wal_start, "published");
-                self.push(permit, Pending::Record(in_flight));
+                self.push(permit, Pending::Record(in_flight, self.commit_ts));
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
@@ -308,11 +327,7 @@ impl Session<'_> {
     /// Standby status update: write, flush and apply positions all report
     /// what Kafka has acknowledged; the server keeps WAL after `flush`.
     async fn send_status(&mut self, lsn: Lsn, reply: bool) -> Result<()> {
-        let now_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or_default()
-            - PG_EPOCH_OFFSET_US;
+        let now_us = pg_now_us();
         let mut msg = BytesMut::with_capacity(34);
         msg.put_u8(b'r');
         msg.put_u64(lsn.0);
@@ -321,6 +336,7 @@ impl Session<'_> {
         msg.put_i64(now_us);
         msg.put_u8(u8::from(reply));
         self.conn.send_copy_data(&msg).await?;
+        self.metrics.confirmed(lsn.0);
         if self.last_sent != Some(lsn) {
             tracing::debug!(lsn = %lsn, "confirmed");
         }
@@ -380,6 +396,15 @@ impl Session<'_> {
             tracing::info!(delivered = totals.delivered, "session ended");
         })
     }
+}
+
+/// Now, in PostgreSQL's clock format: microseconds since 2000-01-01.
+pub fn pg_now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+        - PG_EPOCH_OFFSET_US
 }
 
 fn joined_result(
