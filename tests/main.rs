@@ -3,6 +3,7 @@
 
 mod support;
 
+mod bench;
 mod consumer;
 mod delivery;
 mod failures;

@@ -20,7 +20,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn bin(name: &str) -> PathBuf {
+pub fn bin(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BIN") {
         return Path::new(&dir).join(name);
     }

@@ -11,6 +11,11 @@ pub fn binary() -> PathBuf {
     bin_path("OUTBOX_RELAY_BIN", "outbox-relay")
 }
 
+/// Path of the `outbox-bench` binary.
+pub fn bench_binary() -> PathBuf {
+    bin_path("OUTBOX_BENCH_BIN", "outbox-bench")
+}
+
 /// Path of the `outbox-consumer-example` binary.
 pub fn consumer_binary() -> PathBuf {
     bin_path("OUTBOX_CONSUMER_BIN", "outbox-consumer-example")

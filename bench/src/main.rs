@@ -1,0 +1,129 @@
+//! `outbox-bench`: measures the relay against this machine's limits and
+//! writes `report.json`, `report.md` and SVG plots to the output folder.
+//! `scripts/bench.sh` starts a private PostgreSQL and Tansu and runs it.
+
+mod plot;
+mod probe;
+mod report;
+mod scenario;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+use scenario::Env;
+
+/// Benchmarks outbox-relay: limits, drain, steady load, cost, large transaction.
+#[derive(Parser)]
+#[command(name = "outbox-bench")]
+struct Args {
+    /// PostgreSQL (wal_level=logical) for the benchmark; its outbox is filled.
+    #[arg(long, env = "OUTBOX_DATABASE_URL")]
+    database_url: String,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "OUTBOX_KAFKA_BROKERS")]
+    kafka_brokers: String,
+    /// The outbox-relay binary (build it with --release).
+    #[arg(long)]
+    relay_bin: PathBuf,
+    /// pg_recvlogical, for the walsender-alone limit.
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin/pg_recvlogical")]
+    pg_recvlogical: PathBuf,
+    /// Backlog size for the limits and the drain.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Approximate payload size in bytes.
+    #[arg(long, default_value_t = 300)]
+    payload_bytes: usize,
+    /// Steady-load rates, events per second.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    rates: Vec<u64>,
+    /// Rows per transaction in the steady runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,10")]
+    rows_per_tx: Vec<u64>,
+    /// Seconds per steady run.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Rows of the large transaction (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
+    large_rows: u64,
+    /// Port for the relay's metrics endpoint.
+    #[arg(long, default_value_t = 19187)]
+    metrics_port: u16,
+    /// Output folder.
+    #[arg(long, default_value = "bench-results/latest")]
+    out: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(40)
+        .connect(&args.database_url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    outbox::MIGRATOR
+        .run(&pool)
+        .await
+        .context("applying migrations")?;
+    let env = Env {
+        pool,
+        database_url: args.database_url.clone(),
+        brokers: args.kafka_brokers.clone(),
+        relay_bin: args.relay_bin.clone(),
+        pg_recvlogical: args.pg_recvlogical.clone(),
+        payload_bytes: args.payload_bytes,
+        metrics_port: args.metrics_port,
+    };
+
+    eprintln!("bench: limit (a), walsender alone, {} events", args.events);
+    let walsender = scenario::walsender_limit(&env, args.events).await?;
+    eprintln!("bench:   {walsender:.0} events/s");
+    eprintln!("bench: limit (b), broker alone, {} events", args.events);
+    let broker = scenario::broker_limit(&env, args.events).await?;
+    eprintln!("bench:   {broker:.0} events/s");
+    eprintln!("bench: drain of {} events", args.events);
+    let (drain, relay) = scenario::drain(&env, args.events).await?;
+    eprintln!("bench:   {:.0} events/s", drain.events_per_s);
+    let mut steady = Vec::new();
+    for &rate in &args.rates {
+        for &rows in &args.rows_per_tx {
+            eprintln!(
+                "bench: steady {rate} events/s, {rows} per transaction, {} s",
+                args.seconds
+            );
+            let s = scenario::steady(&env, &relay, rate, rows, args.seconds).await?;
+            eprintln!(
+                "bench:   p99 {:.1} ms, kept up: {}",
+                probe::quantile_ms(&s.latency, 0.99).unwrap_or(f64::NAN),
+                s.kept_up
+            );
+            steady.push(s);
+        }
+    }
+    let steady_rss = probe::memory_mib(relay.pid());
+    relay.stop()?;
+    let large = if args.large_rows > 0 {
+        eprintln!("bench: one transaction of {} rows", args.large_rows);
+        Some(scenario::large(&env, args.large_rows).await?)
+    } else {
+        None
+    };
+    let results = report::Results {
+        events: args.events,
+        payload_bytes: args.payload_bytes,
+        walsender_limit: walsender,
+        broker_limit: broker,
+        drain,
+        steady,
+        steady_rss_mib: steady_rss,
+        large,
+    };
+    report::write(&args.out, &results)?;
+    eprintln!("bench: report in {}", args.out.join("report.md").display());
+    Ok(())
+}

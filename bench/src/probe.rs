@@ -1,0 +1,142 @@
+//! Probes: a process's CPU time and memory from /proc, the relay's metrics
+//! endpoint, and the slot's lag from PostgreSQL.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// CPU seconds (user + system) used by a process so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// Resident and peak resident memory of a process, in MiB.
+pub fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The relay's metrics text.
+pub async fn scrape(port: u16) -> anyhow::Result<String> {
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await??;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: bench\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// One value from the metrics text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The latency histogram: (upper bound in seconds, cumulative count).
+pub fn histogram(text: &str) -> Vec<(f64, f64)> {
+    let prefix = "outbox_relay_commit_to_ack_seconds_bucket{le=\"";
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|l| {
+            let (bound, rest) = l.split_once("\"}")?;
+            let bound = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse().ok()?
+            };
+            Some((bound, rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// `after - before`, bucket by bucket.
+pub fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|(b, c)| {
+            let prev = before
+                .iter()
+                .find(|(pb, _)| pb == b)
+                .map(|(_, pc)| *pc)
+                .unwrap_or(0.0);
+            (*b, c - prev)
+        })
+        .collect()
+}
+
+/// A quantile from a cumulative histogram, interpolated linearly inside its
+/// bucket; in milliseconds.
+pub fn quantile_ms(hist: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = hist.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let target = q * total;
+    let mut lower_bound = 0.0;
+    let mut lower_count = 0.0;
+    for (bound, count) in hist {
+        if *count >= target {
+            let upper = if bound.is_finite() {
+                *bound
+            } else {
+                lower_bound * 2.0
+            };
+            let span = count - lower_count;
+            let frac = if span > 0.0 {
+                (target - lower_count) / span
+            } else {
+                1.0
+            };
+            return Some((lower_bound + frac * (upper - lower_bound)) * 1000.0);
+        }
+        lower_bound = *bound;
+        lower_count = *count;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let h = vec![(0.001, 50.0), (0.002, 100.0), (f64::INFINITY, 100.0)];
+        assert!((quantile_ms(&h, 0.5).unwrap() - 1.0).abs() < 1e-9);
+        assert!((quantile_ms(&h, 0.75).unwrap() - 1.5).abs() < 1e-9);
+        assert_eq!(quantile_ms(&[(0.001, 0.0)], 0.5), None);
+        let d = histogram_delta(&[(0.001, 10.0)], &[(0.001, 15.0)]);
+        assert_eq!(d, vec![(0.001, 5.0)]);
+    }
+
+    #[test]
+    fn parses_the_histogram() {
+        let text = "outbox_relay_commit_to_ack_seconds_bucket{le=\"0.001\"} 3\noutbox_relay_commit_to_ack_seconds_bucket{le=\"+Inf\"} 4\n";
+        assert_eq!(histogram(text), vec![(0.001, 3.0), (f64::INFINITY, 4.0)]);
+        assert_eq!(metric("a_total 7\n", "a_total"), 7.0);
+    }
+}

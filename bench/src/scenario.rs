@@ -1,0 +1,508 @@
+//! The scenarios: the limits (walsender alone, broker alone), draining a
+//! backlog, steady load at fixed rates, and one very large transaction. Each
+//! returns plain numbers and time series for the report.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::probe;
+
+/// Settings shared by the scenarios.
+pub struct Env {
+    pub pool: PgPool,
+    pub database_url: String,
+    pub brokers: String,
+    pub relay_bin: PathBuf,
+    pub pg_recvlogical: PathBuf,
+    pub payload_bytes: usize,
+    pub metrics_port: u16,
+}
+
+const SLOT: &str = "bench_relay";
+
+/// The relay as a child process with its metrics endpoint.
+pub struct Relay {
+    child: Child,
+    port: u16,
+}
+
+impl Relay {
+    pub fn start(env: &Env) -> anyhow::Result<Self> {
+        let child = Command::new(&env.relay_bin)
+            .args([
+                "run",
+                "--create-topics",
+                "--slot",
+                SLOT,
+                "--status-interval",
+                "1s",
+            ])
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", env.metrics_port))
+            .env("OUTBOX_DATABASE_URL", &env.database_url)
+            .env("OUTBOX_KAFKA_BROKERS", &env.brokers)
+            .env("OUTBOX_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the relay")?;
+        Ok(Self {
+            child,
+            port: env.metrics_port,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the metrics endpoint answers and the stream is up.
+    pub async fn ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(text) = probe::scrape(self.port).await
+                && probe::metric(&text, "outbox_relay_sessions_total") >= 1.0
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the relay did not start streaming within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        probe::scrape(self.port).await
+    }
+
+    pub async fn delivered(&self) -> f64 {
+        match self.metrics().await {
+            Ok(t) => probe::metric(&t, "outbox_relay_events_delivered_total"),
+            Err(_) => 0.0,
+        }
+    }
+
+    /// Waits until `n` events were delivered (by this process).
+    pub async fn wait_delivered(&self, n: f64, timeout: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        while self.delivered().await < n {
+            if start.elapsed() > timeout {
+                bail!(
+                    "only {} of {n} events delivered after {timeout:?}",
+                    self.delivered().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(start.elapsed())
+    }
+
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the relay exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Inserts `n` outbox rows of about `payload_bytes` for `aggregate_type`, in
+/// statements of 50,000 rows (or one statement when `one_tx`).
+pub async fn backlog(env: &Env, aggregate_type: &str, n: u64, one_tx: bool) -> anyhow::Result<()> {
+    let pad = env.payload_bytes.saturating_sub(40).max(1) as i32;
+    let chunk = if one_tx { n } else { 50_000 };
+    let mut from = 1;
+    while from <= n {
+        let to = (from + chunk - 1).min(n);
+        sqlx::query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT $1, 'agg-' || (g % 100), 'BenchEvent', jsonb_build_object('seq', g, 'pad', repeat('x', $4)) \
+             FROM generate_series($2::bigint, $3::bigint) g",
+        )
+        .bind(aggregate_type)
+        .bind(from as i64)
+        .bind(to as i64)
+        .bind(pad)
+        .execute(&env.pool)
+        .await?;
+        from = to + 1;
+    }
+    Ok(())
+}
+
+async fn walsender_pid(env: &Env, slot: &str) -> Option<u32> {
+    sqlx::query_scalar::<_, Option<i32>>(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(&env.pool)
+    .await
+    .ok()
+    .flatten()
+    .flatten()
+    .map(|p| p as u32)
+}
+
+async fn lag_bytes(env: &Env) -> f64 {
+    sqlx::query_scalar::<_, Option<f64>>(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(SLOT)
+    .fetch_optional(&env.pool)
+    .await
+    .ok()
+    .flatten()
+    .flatten()
+    .unwrap_or(0.0)
+}
+
+/// (a) How fast the walsender alone emits a backlog of `n` rows through
+/// pgoutput, to `pg_recvlogical` (a C client that discards the data).
+pub async fn walsender_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
+    sqlx::query("SELECT pg_create_logical_replication_slot('bench_limit', 'pgoutput')")
+        .execute(&env.pool)
+        .await?;
+    backlog(env, "bench_limit", n, false).await?;
+    let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&env.pool)
+        .await?;
+    let start = Instant::now();
+    let status = Command::new(&env.pg_recvlogical)
+        .args([
+            "-d",
+            &env.database_url,
+            "--slot",
+            "bench_limit",
+            "--start",
+            "--no-loop",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=outbox_pub",
+            "-f",
+            "/dev/null",
+            "-E",
+            &end,
+        ])
+        .status()
+        .context("running pg_recvlogical")?;
+    let secs = start.elapsed().as_secs_f64();
+    sqlx::query("SELECT pg_drop_replication_slot('bench_limit')")
+        .execute(&env.pool)
+        .await?;
+    if !status.success() {
+        bail!("pg_recvlogical failed: {status}");
+    }
+    Ok(n as f64 / secs)
+}
+
+/// (b) How fast the broker alone accepts `n` records of the same size from
+/// one idempotent rdkafka producer configured like the relay's.
+pub async fn broker_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
+    let topic = "bench.limit";
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .create()?;
+    let _ = admin
+        .create_topics(
+            [&NewTopic::new(topic, 3, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.kbytes", "32768")
+        .create()?;
+    let payload =
+        json!({"seq": 0, "pad": "x".repeat(env.payload_bytes.saturating_sub(40))}).to_string();
+    // Warm up: metadata and connections.
+    producer
+        .send(
+            FutureRecord::to(topic).key("warm").payload(&payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    let start = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..n {
+        let key = format!("agg-{}", i % 100);
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
+                Ok(f) => {
+                    pending.push_back(f);
+                    break;
+                }
+                Err((_, _)) => {
+                    if let Some(f) = pending.pop_front() {
+                        f.await?.map_err(|(e, _)| e)?;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        if pending.len() >= 10_000 {
+            pending
+                .pop_front()
+                .expect("not empty")
+                .await?
+                .map_err(|(e, _)| e)?;
+        }
+    }
+    while let Some(f) = pending.pop_front() {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Samples of one run: seconds since start -> value.
+#[derive(Default, Clone)]
+pub struct Samples {
+    pub delivered_per_s: Vec<(f64, f64)>,
+    pub lag_mib: Vec<(f64, f64)>,
+    pub rss_mib: Vec<f64>,
+}
+
+/// Cost of a window: CPU seconds of the relay and of its walsender.
+#[derive(Default, Clone, Copy)]
+pub struct Cost {
+    pub relay_cpu_s: f64,
+    pub walsender_cpu_s: f64,
+    pub events: f64,
+}
+
+/// Result of the drain.
+pub struct Drain {
+    pub events_per_s: f64,
+    pub seconds: f64,
+    pub cost: Cost,
+    pub samples: Samples,
+}
+
+/// The relay publishing a backlog of `n` rows written while it was stopped.
+pub async fn drain(env: &Env, n: u64) -> anyhow::Result<(Drain, Relay)> {
+    // Create the slot (first start), stop, then write the backlog behind it.
+    let relay = Relay::start(env)?;
+    relay.ready().await?;
+    relay.stop()?;
+    backlog(env, "bench_drain", n, false).await?;
+
+    let relay = Relay::start(env)?;
+    let start = Instant::now();
+    relay.ready().await?;
+    let wal_pid = walsender_pid(env, SLOT).await;
+    let wal_cpu0 = wal_pid.map(probe::cpu_seconds).unwrap_or(0.0);
+    let mut samples = Samples::default();
+    let mut last = (0.0, 0.0);
+    loop {
+        let delivered = relay.delivered().await;
+        let t = start.elapsed().as_secs_f64();
+        if t - last.0 >= 0.5 {
+            samples
+                .delivered_per_s
+                .push((t, (delivered - last.1) / (t - last.0)));
+            samples.rss_mib.push(probe::memory_mib(relay.pid()).0);
+            last = (t, delivered);
+        }
+        if delivered >= n as f64 {
+            break;
+        }
+        if t > 900.0 {
+            bail!("the drain did not finish in 15 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let cost = Cost {
+        relay_cpu_s: probe::cpu_seconds(relay.pid()),
+        walsender_cpu_s: wal_pid.map(probe::cpu_seconds).unwrap_or(0.0) - wal_cpu0,
+        events: n as f64,
+    };
+    Ok((
+        Drain {
+            events_per_s: n as f64 / seconds,
+            seconds,
+            cost,
+            samples,
+        },
+        relay,
+    ))
+}
+
+/// Result of one steady-load run.
+pub struct Steady {
+    pub rate: u64,
+    pub rows_per_tx: u64,
+    pub achieved_rate: f64,
+    pub written: u64,
+    pub latency: Vec<(f64, f64)>,
+    pub max_lag_mib: f64,
+    pub end_lag_mib: f64,
+    pub kept_up: bool,
+    pub cost: Cost,
+    pub samples: Samples,
+}
+
+/// Writers commit `rate` events/s in transactions of `rows_per_tx` for
+/// `seconds`; the relay (already running) publishes them.
+pub async fn steady(
+    env: &Env,
+    relay: &Relay,
+    rate: u64,
+    rows_per_tx: u64,
+    seconds: u64,
+) -> anyhow::Result<Steady> {
+    // Enough connections for group commit to reach 5,000 single-row commits/s.
+    const WRITERS: u64 = 32;
+    let before = relay.metrics().await?;
+    let delivered0 = probe::metric(&before, "outbox_relay_events_delivered_total");
+    let wal_pid = walsender_pid(env, SLOT).await;
+    let (relay_cpu0, wal_cpu0) = (
+        probe::cpu_seconds(relay.pid()),
+        wal_pid.map(probe::cpu_seconds).unwrap_or(0.0),
+    );
+    let payload = json!({"pad": "x".repeat(env.payload_bytes.saturating_sub(40))});
+    let aggregate_type = format!("bench_steady_{rate}_{rows_per_tx}");
+    let period = Duration::from_secs_f64((WRITERS * rows_per_tx) as f64 / rate as f64);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let pool = env.pool.clone();
+        let payload = payload.clone();
+        let aggregate_type = aggregate_type.clone();
+        writers.push(tokio::spawn(async move {
+            // Commits are durable (synchronous_commit on): with it off, the
+            // walsender only sees a commit after the WAL writer flushes it,
+            // up to 3 x wal_writer_delay later, which would be measured as
+            // relay latency.
+            let mut conn = pool.acquire().await?;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut written = 0u64;
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let events: Vec<outbox::Event> = (0..rows_per_tx)
+                    .map(|_| {
+                        i += 1;
+                        outbox::Event::new(
+                            &aggregate_type,
+                            format!("w{w}-{}", i % 16),
+                            "BenchEvent",
+                            &payload,
+                        )
+                    })
+                    .collect::<Result<_, _>>()?;
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                outbox::write_all(&mut tx, &events).await?;
+                tx.commit().await?;
+                written += rows_per_tx;
+            }
+            anyhow::Ok(written)
+        }));
+    }
+    let start = Instant::now();
+    let mut samples = Samples::default();
+    let mut last = (0.0, delivered0);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = start.elapsed().as_secs_f64();
+        let delivered = relay.delivered().await;
+        samples
+            .delivered_per_s
+            .push((t, (delivered - last.1) / (t - last.0)));
+        samples.lag_mib.push((t, lag_bytes(env).await / 1048576.0));
+        samples.rss_mib.push(probe::memory_mib(relay.pid()).0);
+        last = (t, delivered);
+    }
+    let mut written = 0;
+    for w in writers {
+        written += w.await??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // Kept up: everything written is delivered within 2 s of the end.
+    let caught_up = relay
+        .wait_delivered(delivered0 + written as f64, Duration::from_secs(2))
+        .await
+        .is_ok();
+    if !caught_up {
+        relay
+            .wait_delivered(delivered0 + written as f64, Duration::from_secs(300))
+            .await?;
+    }
+    let after = relay.metrics().await?;
+    let latency = probe::histogram_delta(&probe::histogram(&before), &probe::histogram(&after));
+    let max_lag_mib = samples.lag_mib.iter().map(|p| p.1).fold(0.0, f64::max);
+    let end_lag_mib = samples.lag_mib.last().map(|p| p.1).unwrap_or(0.0);
+    Ok(Steady {
+        rate,
+        rows_per_tx,
+        achieved_rate: written as f64 / elapsed,
+        written,
+        latency,
+        max_lag_mib,
+        end_lag_mib,
+        kept_up: caught_up,
+        cost: Cost {
+            relay_cpu_s: probe::cpu_seconds(relay.pid()) - relay_cpu0,
+            walsender_cpu_s: wal_pid.map(probe::cpu_seconds).unwrap_or(0.0) - wal_cpu0,
+            events: written as f64,
+        },
+        samples,
+    })
+}
+
+/// Result of the large transaction.
+pub struct Large {
+    pub rows: u64,
+    pub seconds: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// One transaction of `rows` rows, with a freshly started relay (so its
+/// peak RSS is this transaction's).
+pub async fn large(env: &Env, rows: u64) -> anyhow::Result<Large> {
+    let relay = Relay::start(env)?;
+    relay.ready().await?;
+    let before = relay.delivered().await;
+    backlog(env, "bench_large", rows, true).await?;
+    let start = Instant::now();
+    relay
+        .wait_delivered(before + rows as f64, Duration::from_secs(1800))
+        .await?;
+    let seconds = start.elapsed().as_secs_f64();
+    let peak_rss_mib = probe::memory_mib(relay.pid()).1;
+    relay.stop()?;
+    Ok(Large {
+        rows,
+        seconds,
+        peak_rss_mib,
+    })
+}

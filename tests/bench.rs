@@ -1,0 +1,69 @@
+//! The benchmark harness at a tiny size, so it keeps working. No timing is
+//! asserted: only that every scenario ran and the report is complete.
+
+use std::process::Command;
+
+use crate::support::postgres::bin;
+use crate::support::relay::{bench_binary, binary};
+use crate::support::{Postgres, Tansu, free_port, unique};
+
+#[tokio::test]
+async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
+    let pg = Postgres::start();
+    let tansu = Tansu::start();
+    let url = pg.create_database(&unique("bench")).await;
+    let out = std::env::temp_dir().join(unique("outbox-bench-out"));
+    let status = Command::new(bench_binary())
+        .args([
+            "--events",
+            "2000",
+            "--seconds",
+            "2",
+            "--rates",
+            "200",
+            "--rows-per-tx",
+            "1,10",
+            "--large-rows",
+            "3000",
+        ])
+        .arg("--database-url")
+        .arg(&url)
+        .arg("--kafka-brokers")
+        .arg(tansu.brokers())
+        .arg("--relay-bin")
+        .arg(binary())
+        .arg("--pg-recvlogical")
+        .arg(bin("pg_recvlogical"))
+        .arg("--metrics-port")
+        .arg(free_port().to_string())
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for path in [
+        "/limits/walsender_events_per_s",
+        "/limits/broker_events_per_s",
+        "/drain/events_per_s",
+        "/drain/ratio_to_limit",
+        "/large_transaction/peak_rss_mib",
+    ] {
+        let v = report.pointer(path).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        assert!(v > 0.0, "{path} missing or zero in {report:#}");
+    }
+    let steady = report["steady"].as_array().unwrap();
+    assert_eq!(steady.len(), 2);
+    for s in steady {
+        assert!(s["written"].as_u64().unwrap() > 0);
+        assert!(s["latency_ms"]["p99"].as_f64().is_some(), "{s:#}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Targets"));
+    for svg in ["latency_cdf.svg", "throughput.svg", "lag.svg"] {
+        let text = std::fs::read_to_string(out.join(svg)).unwrap();
+        assert!(text.contains("<polyline"), "{svg} has no data");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
