@@ -56,11 +56,16 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The latency histogram: (upper bound in seconds, cumulative count).
+/// The commit-to-ack latency histogram: (upper bound in seconds, cumulative count).
 pub fn histogram(text: &str) -> Vec<(f64, f64)> {
-    let prefix = "outbox_relay_commit_to_ack_seconds_bucket{le=\"";
+    histogram_named(text, "outbox_relay_commit_to_ack_seconds")
+}
+
+/// A histogram by metric name.
+pub fn histogram_named(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
     text.lines()
-        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .filter_map(|l| {
             let (bound, rest) = l.split_once("\"}")?;
             let bound = if bound == "+Inf" {

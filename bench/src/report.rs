@@ -57,6 +57,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                 "rate": s.rate, "rows_per_tx": s.rows_per_tx, "achieved_rate": s.achieved_rate, "written": s.written,
                 "latency_ms": {"p50": quantile_ms(&s.latency, 0.5), "p95": quantile_ms(&s.latency, 0.95),
                                 "p99": quantile_ms(&s.latency, 0.99), "p99_9": quantile_ms(&s.latency, 0.999)},
+                "postgres_share_ms": {"p50": quantile_ms(&s.postgres_latency, 0.5), "p99": quantile_ms(&s.postgres_latency, 0.99)},
                 "max_lag_mib": s.max_lag_mib, "end_lag_mib": s.end_lag_mib, "kept_up": s.kept_up,
                 "relay_cpu_s_per_1000": per_1000(s.cost.relay_cpu_s, s.cost.events),
                 "walsender_cpu_s_per_1000": per_1000(s.cost.walsender_cpu_s, s.cost.events),
@@ -176,7 +177,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "## Steady load\n\nWriters: 32 connections, durable commits (`synchronous_commit = on`). Latency: commit timestamp from pgoutput to Kafka's delivery report, same clock, from the relay's histogram (interpolated within buckets).\n"
+        "## Steady load\n\nWriters: 32 connections, durable commits (`synchronous_commit = on`). Latency: commit timestamp from pgoutput to Kafka's delivery report, same clock, from the relay's histogram (interpolated within buckets). \"Of which PostgreSQL\" is commit to the transaction's arrival at the relay (WAL flush, decoding, sending): the part the relay cannot shorten.\n"
     );
     let _ = writeln!(
         md,

@@ -214,6 +214,9 @@ pub async fn walsender_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
     sqlx::query("SELECT pg_drop_replication_slot('bench_limit')")
         .execute(&env.pool)
         .await?;
+    // Delivered rows may be deleted; without this the relay's first start
+    // would backfill them before the drain.
+    sqlx::query("DELETE FROM outbox").execute(&env.pool).await?;
     if !status.success() {
         bail!("pg_recvlogical failed: {status}");
     }
@@ -363,6 +366,8 @@ pub struct Steady {
     pub achieved_rate: f64,
     pub written: u64,
     pub latency: Vec<(f64, f64)>,
+    /// Commit to arrival at the relay: PostgreSQL's share of `latency`.
+    pub postgres_latency: Vec<(f64, f64)>,
     pub max_lag_mib: f64,
     pub end_lag_mib: f64,
     pub kept_up: bool,
@@ -459,6 +464,11 @@ pub async fn steady(
     }
     let after = relay.metrics().await?;
     let latency = probe::histogram_delta(&probe::histogram(&before), &probe::histogram(&after));
+    let receive = "outbox_relay_commit_to_receive_seconds";
+    let postgres_latency = probe::histogram_delta(
+        &probe::histogram_named(&before, receive),
+        &probe::histogram_named(&after, receive),
+    );
     let max_lag_mib = samples.lag_mib.iter().map(|p| p.1).fold(0.0, f64::max);
     let end_lag_mib = samples.lag_mib.last().map(|p| p.1).unwrap_or(0.0);
     Ok(Steady {
@@ -467,6 +477,7 @@ pub async fn steady(
         achieved_rate: written as f64 / elapsed,
         written,
         latency,
+        postgres_latency,
         max_lag_mib,
         end_lag_mib,
         kept_up: caught_up,

@@ -70,8 +70,9 @@ pub async fn run(
             if rows.is_empty() {
                 break;
             }
+            let layout = Layout::for_columns(&format!("{schema}.{name}"), &columns)?;
             for row in &rows {
-                let event = Layout::event_from_row(&format!("{schema}.{name}"), row, &columns)?;
+                let event = layout.event_from_row(row, &columns)?;
                 in_flight.push_back(publisher.send(&event).await?);
                 published += 1;
                 if in_flight.len() >= cfg.max_in_flight {

@@ -8,6 +8,12 @@ use outbox_relay::config::{Cli, Command, LogFormat, RelayConfig};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+// Every event allocates a little on the stream task and is freed on
+// librdkafka's delivery thread; glibc malloc is slow at that cross-thread
+// pattern (see the benchmark report), mimalloc is not.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);

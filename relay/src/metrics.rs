@@ -17,30 +17,61 @@ const LATENCY_BOUNDS: [f64; 24] = [
 ];
 
 /// The relay's metrics; shared by the stream, the delivery task and the server.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Metrics {
     delivered: AtomicU64,
     dead_lettered: AtomicU64,
     sessions: AtomicU64,
     confirmed_lsn: AtomicU64,
     server_lsn: AtomicU64,
-    latency_buckets: [AtomicU64; LATENCY_BOUNDS.len()],
-    latency_count: AtomicU64,
-    latency_sum_us: AtomicU64,
+    commit_to_ack: Histogram,
+    commit_to_receive: Histogram,
 }
 
-impl Default for Metrics {
+/// A latency histogram with fixed buckets.
+#[derive(Debug)]
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
     fn default() -> Self {
         Self {
-            delivered: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            sessions: AtomicU64::new(0),
-            confirmed_lsn: AtomicU64::new(0),
-            server_lsn: AtomicU64::new(0),
-            latency_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            latency_count: AtomicU64::new(0),
-            latency_sum_us: AtomicU64::new(0),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
         }
+    }
+}
+
+impl Histogram {
+    fn observe(&self, us: i64) {
+        let us = us.max(0) as u64;
+        let secs = us as f64 / 1e6;
+        if let Some(i) = LATENCY_BOUNDS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, count) in LATENCY_BOUNDS.iter().zip(&self.buckets) {
+            cumulative += count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {total}");
     }
 }
 
@@ -54,14 +85,14 @@ impl Metrics {
     pub fn delivered(&self, latency_us: Option<i64>) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
         if let Some(us) = latency_us {
-            let us = us.max(0) as u64;
-            let secs = us as f64 / 1e6;
-            if let Some(i) = LATENCY_BOUNDS.iter().position(|b| secs <= *b) {
-                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-            self.latency_count.fetch_add(1, Ordering::Relaxed);
-            self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+            self.commit_to_ack.observe(us);
         }
+    }
+
+    /// A transaction reached the relay `latency_us` after its commit: the
+    /// part of the latency spent in PostgreSQL (WAL flush, decoding, sending).
+    pub fn received(&self, latency_us: i64) {
+        self.commit_to_receive.observe(latency_us);
     }
 
     /// One event parked in the dead-letter topic.
@@ -139,24 +170,16 @@ impl Metrics {
             "Server WAL position minus confirmed position.",
             server.saturating_sub(confirmed),
         );
-        let name = "outbox_relay_commit_to_ack_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time from the transaction's commit in PostgreSQL to Kafka's acknowledgement.\n# TYPE {name} histogram"
+        self.commit_to_ack.render(
+            &mut out,
+            "outbox_relay_commit_to_ack_seconds",
+            "Time from the transaction's commit in PostgreSQL to Kafka's acknowledgement of each event.",
         );
-        let mut cumulative = 0;
-        for (bound, count) in LATENCY_BOUNDS.iter().zip(&self.latency_buckets) {
-            cumulative += count.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let total = self.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        self.commit_to_receive.render(
+            &mut out,
+            "outbox_relay_commit_to_receive_seconds",
+            "Time from a transaction's commit to its arrival at the relay (PostgreSQL's share of the latency).",
         );
-        let _ = writeln!(out, "{name}_count {total}");
         out
     }
 }
@@ -205,6 +228,7 @@ mod tests {
         m.delivered(Some(800)); // 0.8 ms
         m.delivered(Some(4_000)); // 4 ms
         m.delivered(None);
+        m.received(2_000);
         m.confirmed(100);
         m.server_position(160);
         let text = m.render();

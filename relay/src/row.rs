@@ -102,11 +102,15 @@ impl Layout {
         self.build(|i| values.get(i).cloned().flatten())
     }
 
-    /// Turns a row of `SELECT * FROM outbox` (the backfill) into an event.
-    pub fn event_from_row(table: &str, row: &Row, columns: &[String]) -> Result<OutboxEvent> {
+    /// Maps the columns of a `SELECT * FROM outbox` result (the backfill).
+    pub fn for_columns(table: &str, columns: &[String]) -> Result<Self> {
         let names: Vec<&str> = columns.iter().map(String::as_str).collect();
-        let layout = Self::from_names(table.to_owned(), &names)?;
-        layout.build(|i| row.get_bytes(&columns[i]).cloned())
+        Self::from_names(table.to_owned(), &names)
+    }
+
+    /// Turns one row of such a result into an event.
+    pub fn event_from_row(&self, row: &Row, columns: &[String]) -> Result<OutboxEvent> {
+        self.build(|i| row.get_bytes(&columns[i]).cloned())
     }
 
     /// What can be salvaged of a row that is not a valid event, for the

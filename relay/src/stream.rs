@@ -258,6 +258,7 @@ impl Session<'_> {
             } => {
                 self.in_transaction = true;
                 self.commit_ts = Some(commit_ts);
+                self.metrics.received(pg_now_us() - commit_ts);
                 tracing::trace!(xid, final_lsn = %final_lsn, "begin");
             }
             LogicalMessage::Relation(rel) => {
