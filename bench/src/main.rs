@@ -84,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let walsender = scenario::walsender_limit(&env, args.events).await?;
     eprintln!("bench:   {walsender:.0} events/s");
     eprintln!("bench: limit (b), broker alone, {} events", args.events);
-    let broker = scenario::broker_limit(&env, args.events).await?;
+    let (broker, producer_cpu) = scenario::broker_limit(&env, args.events).await?;
     eprintln!("bench:   {broker:.0} events/s");
     eprintln!("bench: drain of {} events", args.events);
     let (drain, relay) = scenario::drain(&env, args.events).await?;
@@ -118,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         payload_bytes: args.payload_bytes,
         walsender_limit: walsender,
         broker_limit: broker,
+        producer_cpu_per_1000: producer_cpu,
         drain,
         steady,
         steady_rss_mib: steady_rss,

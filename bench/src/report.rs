@@ -16,6 +16,8 @@ pub struct Results {
     pub payload_bytes: usize,
     pub walsender_limit: f64,
     pub broker_limit: f64,
+    /// CPU seconds per 1000 records of the bare producer in limit (b).
+    pub producer_cpu_per_1000: f64,
     pub drain: Drain,
     pub steady: Vec<Steady>,
     /// (current, peak) RSS of the relay after the steady runs, MiB.
@@ -69,7 +71,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
         "machine": machine(),
         "events": r.events,
         "payload_bytes": r.payload_bytes,
-        "limits": {"walsender_events_per_s": r.walsender_limit, "broker_events_per_s": r.broker_limit},
+        "limits": {"walsender_events_per_s": r.walsender_limit, "broker_events_per_s": r.broker_limit, "bare_producer_cpu_s_per_1000": r.producer_cpu_per_1000},
         "drain": {"events_per_s": r.drain.events_per_s, "seconds": r.drain.seconds, "ratio_to_limit": ratio,
                   "relay_cpu_s_per_1000": per_1000(r.drain.cost.relay_cpu_s, r.drain.cost.events),
                   "walsender_cpu_s_per_1000": per_1000(r.drain.cost.walsender_cpu_s, r.drain.cost.events),
@@ -181,7 +183,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "| target rate | rows/tx | achieved | p50 ms | p95 ms | p99 ms | p99.9 ms | max lag MiB | kept up |\n|---|---|---|---|---|---|---|---|---|"
+        "| target rate | rows/tx | achieved | p50 ms | p95 ms | p99 ms | p99.9 ms | of which PostgreSQL p50 / p99 ms | max lag MiB | kept up |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     for s in &r.steady {
         let q = |x| {
@@ -189,9 +191,14 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                 .map(|v| format!("{v:.1}"))
                 .unwrap_or_else(|| "-".into())
         };
+        let pq = |x| {
+            quantile_ms(&s.postgres_latency, x)
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into())
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {:.2} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} / {} | {:.2} | {} |",
             s.rate,
             s.rows_per_tx,
             s.achieved_rate,
@@ -199,6 +206,8 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
             q(0.95),
             q(0.99),
             q(0.999),
+            pq(0.5),
+            pq(0.99),
             s.max_lag_mib,
             if s.kept_up { "yes" } else { "**no**" }
         );
@@ -223,6 +232,11 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
             per_1000(s.cost.walsender_cpu_s, s.cost.events)
         );
     }
+    let _ = writeln!(
+        md,
+        "\nFor scale: the bare rdkafka producer of limit (b), with no PostgreSQL side at all, used {:.4} CPU s per 1000 records; part of the relay's cost is that client's.",
+        r.producer_cpu_per_1000
+    );
     let _ = writeln!(
         md,
         "\nRelay RSS: {:.1} MiB after the steady runs, {:.1} MiB peak over drain and steady load (target <= 64 MiB steady: {}).",

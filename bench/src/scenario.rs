@@ -224,8 +224,9 @@ pub async fn walsender_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
 }
 
 /// (b) How fast the broker alone accepts `n` records of the same size from
-/// one idempotent rdkafka producer configured like the relay's.
-pub async fn broker_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
+/// one idempotent rdkafka producer configured like the relay's. Also returns
+/// that producer's CPU seconds per 1000 records: what any Kafka client pays.
+pub async fn broker_limit(env: &Env, n: u64) -> anyhow::Result<(f64, f64)> {
     let topic = "bench.limit";
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &env.brokers)
@@ -253,6 +254,7 @@ pub async fn broker_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
         .await
         .map_err(|(e, _)| e)?;
     let start = Instant::now();
+    let cpu0 = probe::cpu_seconds(std::process::id());
     let mut pending = std::collections::VecDeque::new();
     for i in 0..n {
         let key = format!("agg-{}", i % 100);
@@ -282,7 +284,9 @@ pub async fn broker_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
     while let Some(f) = pending.pop_front() {
         f.await?.map_err(|(e, _)| e)?;
     }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let cpu_per_1000 = (probe::cpu_seconds(std::process::id()) - cpu0) / n as f64 * 1000.0;
+    Ok((rate, cpu_per_1000))
 }
 
 /// Samples of one run: seconds since start -> value.
