@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use crate::support::fixture::{Fixture, assert_exactly_once, assert_records_match};
+use crate::support::fixture::{Fixture, assert_exactly_once};
 use crate::support::kafka::consume_settle;
 use crate::support::postgres::{PASSWORD, confirmed_flush, lsn_after};
 use crate::support::{consume, unique};
@@ -188,27 +188,7 @@ async fn dropping_a_required_column_stops_the_relay_clearly() {
 
 #[tokio::test]
 async fn an_immediate_postgres_restart_loses_nothing() {
-    let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
-    let mut seq = 0;
-    let mut written = f.write_many(300, 10, 6, &mut seq).await;
-    relay.wait_log("published", Duration::from_secs(60)).await;
-    f.pg.restart("immediate");
-    f.pool.close().await;
-    let pool = PgPool::connect(&f.url).await.unwrap();
-    let f = Fixture { pool, ..f };
-    written.extend(f.write_many(300, 10, 6, &mut seq).await);
-    let records = f.read(600).await;
-    assert_records_match(&written, &records);
-    for w in &written {
-        assert!(
-            records.iter().any(|r| r.id() == w.id),
-            "event {} was lost",
-            w.id
-        );
-    }
-    assert!(relay.stop().await.success(), "{}", relay.logs());
+    crate::delivery::survive_restart("immediate").await;
 }
 
 #[tokio::test]

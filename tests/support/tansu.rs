@@ -35,37 +35,24 @@ pub struct Tansu {
 impl Tansu {
     /// A broker with in-memory storage.
     pub fn start() -> Self {
-        Self::start_with_storage("memory://tansu/".to_owned(), None)
+        Self::launch("memory://tansu/", None)
     }
 
     /// A broker that keeps its data in a SQLite file, surviving restarts.
     pub fn start_durable() -> Self {
-        let dir = std::env::temp_dir().join(super::unique("outbox-tansu"));
-        std::fs::create_dir_all(&dir).expect("tansu dir");
-        Self::start_with_storage("sqlite://tansu.db".to_owned(), Some(dir))
+        Self::launch("sqlite://tansu.db", None)
     }
 
     /// A broker on its own port that tells clients to connect to
     /// `advertised_port` instead (where a test proxy forwards to it).
     pub fn start_advertising(advertised_port: u16) -> Self {
-        let dir = std::env::temp_dir().join(super::unique("outbox-tansu"));
-        std::fs::create_dir_all(&dir).expect("tansu dir");
-        let port = super::free_port();
-        let storage = "memory://tansu/".to_owned();
-        let child = Self::spawn_with(&dir, port, advertised_port, &storage);
-        let t = Self {
-            child: Some(child),
-            mock: None,
-            port,
-            dir,
-            storage,
-        };
-        t.wait_ready();
-        t
+        Self::launch("memory://tansu/", Some(advertised_port))
     }
 
-    fn start_with_storage(storage: String, dir: Option<PathBuf>) -> Self {
-        if std::env::var("OUTBOX_TEST_BROKER").as_deref() == Ok("mock") {
+    fn launch(storage: &str, advertised_port: Option<u16>) -> Self {
+        let storage = storage.to_owned();
+        if std::env::var("OUTBOX_TEST_BROKER").as_deref() == Ok("mock") && advertised_port.is_none()
+        {
             let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
             let port = mock
                 .bootstrap_servers()
@@ -81,13 +68,10 @@ impl Tansu {
                 storage,
             };
         }
-        let dir = dir.unwrap_or_else(|| {
-            let d = std::env::temp_dir().join(super::unique("outbox-tansu"));
-            std::fs::create_dir_all(&d).expect("tansu dir");
-            d
-        });
+        let dir = std::env::temp_dir().join(super::unique("outbox-tansu"));
+        std::fs::create_dir_all(&dir).expect("tansu dir");
         let port = super::free_port();
-        let child = Self::spawn(&dir, port, &storage);
+        let child = Self::spawn_with(&dir, port, advertised_port.unwrap_or(port), &storage);
         let t = Self {
             child: Some(child),
             mock: None,
