@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg.sh
+scripts/install-deps.sh --postgres-only >/dev/null
 
 echo "demo: building (the first build compiles librdkafka, a few minutes)"
 cargo build --quiet -p outbox-relay --bin outbox-relay && cargo build --quiet -p outbox-consumer-example --example demo

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the integration tests need, idempotently:
 #  - PostgreSQL server binaries (initdb, pg_ctl, postgres), from Debian's packages;
-#  - the Tansu Kafka-protocol broker (scripts/install-tansu.sh, cached).
+#  - the Tansu Kafka-protocol broker (scripts/install-tansu.sh, cached),
+#    unless called with --postgres-only (the demo needs no Tansu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,4 +23,6 @@ if ! id postgres >/dev/null 2>&1 && [[ "$(id -u)" == "0" ]]; then
   useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 fi
 
-scripts/install-tansu.sh
+if [[ "${1:-}" != "--postgres-only" ]]; then
+  scripts/install-tansu.sh
+fi
