@@ -90,12 +90,18 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
             let total = s.latency.last().map(|p| p.1).unwrap_or(0.0).max(1.0);
             Series {
                 name: format!("{}/s x{}", s.rate, s.rows_per_tx),
-                points: s
-                    .latency
-                    .iter()
-                    .filter(|(b, _)| b.is_finite())
-                    .map(|(b, c)| (b * 1000.0, c / total))
-                    .collect(),
+                // Up to the first bucket that holds every event, so the
+                // x axis is not stretched to the 60 s bucket.
+                points: {
+                    let mut pts: Vec<(f64, f64)> = Vec::new();
+                    for (b, c) in s.latency.iter().filter(|(b, _)| b.is_finite()) {
+                        pts.push((b * 1000.0, c / total));
+                        if *c >= total {
+                            break;
+                        }
+                    }
+                    pts
+                },
             }
         })
         .collect();
