@@ -51,6 +51,9 @@ struct Args {
     /// Port for the relay's metrics endpoint.
     #[arg(long, default_value_t = 19187)]
     metrics_port: u16,
+    /// Extra flag for the relay (repeatable), e.g. --relay-arg=--kafka-option=linger.ms=1.
+    #[arg(long = "relay-arg", allow_hyphen_values = true)]
+    relay_args: Vec<String>,
     /// Output folder.
     #[arg(long, default_value = "bench-results/latest")]
     out: PathBuf,
@@ -78,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         pg_recvlogical: args.pg_recvlogical.clone(),
         payload_bytes: args.payload_bytes,
         metrics_port: args.metrics_port,
+        relay_args: args.relay_args.clone(),
     };
 
     eprintln!("bench: limit (a), walsender alone, {} events", args.events);

@@ -157,7 +157,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     let ok = |b: bool| if b { "met" } else { "**missed**" };
     let _ = writeln!(
         md,
-        "# outbox-relay benchmark\n\nMachine: {}. Backlog: {} events of ~{} bytes. Relay: release build, defaults (`--max-in-flight 10000`, `linger.ms=5`, idempotent producer).\n",
+        "# outbox-relay benchmark\n\nMachine: {}. Backlog: {} events of ~{} bytes. Relay: release build, defaults (`--max-in-flight 10000`, `linger.ms=1`, idempotent producer).\n",
         machine(),
         r.events,
         r.payload_bytes

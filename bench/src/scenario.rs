@@ -25,6 +25,8 @@ pub struct Env {
     pub pg_recvlogical: PathBuf,
     pub payload_bytes: usize,
     pub metrics_port: u16,
+    /// Extra relay flags.
+    pub relay_args: Vec<String>,
 }
 
 const SLOT: &str = "bench_relay";
@@ -48,6 +50,7 @@ impl Relay {
             ])
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", env.metrics_port))
+            .args(&env.relay_args)
             .env("OUTBOX_DATABASE_URL", &env.database_url)
             .env("OUTBOX_KAFKA_BROKERS", &env.brokers)
             .env("OUTBOX_LOG", "warn")
@@ -240,7 +243,7 @@ pub async fn broker_limit(env: &Env, n: u64) -> anyhow::Result<(f64, f64)> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &env.brokers)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        .set("linger.ms", "1")
         .set("queue.buffering.max.kbytes", "32768")
         .create()?;
     let payload =
