@@ -89,27 +89,10 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// From an event the relay could not send, and why.
     pub fn from_event(event: &OutboxEvent, original_topic: Option<String>, err: &Error) -> Self {
-        let mut headers = vec![
-            ("id".to_owned(), event.id.as_bytes().to_vec()),
-            (
-                "event_type".to_owned(),
-                event.event_type.as_bytes().to_vec(),
-            ),
-            (
-                "aggregate_type".to_owned(),
-                event.aggregate_type.as_bytes().to_vec(),
-            ),
-            (
-                "aggregate_id".to_owned(),
-                event.aggregate_id.as_bytes().to_vec(),
-            ),
-        ];
-        if let Some(tp) = &event.trace_context {
-            headers.push(("traceparent".to_owned(), tp.as_bytes().to_vec()));
-        }
-        for (k, v) in &event.headers {
-            headers.push((k.clone(), v.as_bytes().to_vec()));
-        }
+        let headers = event
+            .record_headers()
+            .map(|(k, v)| (k.to_owned(), v.to_vec()))
+            .collect();
         Self {
             event_id: event.id.clone(),
             key: Some(event.aggregate_id.as_bytes().to_vec()),
@@ -427,35 +410,15 @@ impl Publisher {
     pub async fn send(&mut self, event: &OutboxEvent) -> Result<InFlight> {
         let topic = self.topic_for(event)?;
         self.ensure_topic(&topic, &event.id).await?;
-        let mut headers = OwnedHeaders::new_with_capacity(5 + event.headers.len())
-            .insert(Header {
-                key: "id",
-                value: Some(event.id.as_bytes()),
-            })
-            .insert(Header {
-                key: "event_type",
-                value: Some(event.event_type.as_bytes()),
-            })
-            .insert(Header {
-                key: "aggregate_type",
-                value: Some(event.aggregate_type.as_bytes()),
-            })
-            .insert(Header {
-                key: "aggregate_id",
-                value: Some(event.aggregate_id.as_bytes()),
-            });
-        if let Some(tp) = &event.trace_context {
-            headers = headers.insert(Header {
-                key: "traceparent",
-                value: Some(tp.as_bytes()),
-            });
-        }
-        for (k, v) in &event.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
+        let headers = event.record_headers().fold(
+            OwnedHeaders::new_with_capacity(5 + event.headers.len()),
+            |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value),
+                })
+            },
+        );
         let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
             .key(event.aggregate_id.as_bytes())
             .payload(&event.payload[..])

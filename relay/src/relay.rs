@@ -30,7 +30,8 @@ pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
     run_with_metrics(cfg, token, metrics).await
 }
 
-/// [`run`], recording into `metrics` (for embedding, and the benchmark).
+/// [`run`], recording into caller-owned `metrics` (for embedding the relay
+/// in another process), without serving them.
 pub async fn run_with_metrics(
     cfg: RelayConfig,
     token: CancellationToken,

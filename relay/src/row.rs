@@ -30,6 +30,27 @@ pub struct OutboxEvent {
     pub trace_context: Option<String>,
 }
 
+impl OutboxEvent {
+    /// The Kafka record headers, in order: `id`, `event_type`,
+    /// `aggregate_type`, `aggregate_id`, `traceparent` (when set), then the
+    /// row's own headers. Published records and dead letters both use it.
+    pub fn record_headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        [
+            ("id", self.id.as_bytes()),
+            ("event_type", self.event_type.as_bytes()),
+            ("aggregate_type", self.aggregate_type.as_bytes()),
+            ("aggregate_id", self.aggregate_id.as_bytes()),
+        ]
+        .into_iter()
+        .chain(
+            self.trace_context
+                .as_deref()
+                .map(|tp| ("traceparent", tp.as_bytes())),
+        )
+        .chain(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+    }
+}
+
 const REQUIRED: [&str; 5] = [
     "id",
     "aggregate_type",
@@ -302,6 +323,37 @@ mod tests {
         assert_eq!(ev.headers, vec![("tenant".to_owned(), "acme".to_owned())]);
         assert_eq!(ev.topic.as_deref(), Some("orders.v1"));
         assert!(ev.trace_context.is_some());
+    }
+
+    #[test]
+    fn record_headers_come_in_a_fixed_order() {
+        let layout = Layout::from_relation(&relation(&FULL)).unwrap();
+        let ev = layout
+            .event(&[
+                t("abc"),
+                t("order"),
+                t("42"),
+                t("Placed"),
+                t("{}"),
+                t("{\"tenant\": \"acme\"}"),
+                Cell::Null,
+                t("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                Cell::Null,
+            ])
+            .unwrap();
+        let names: Vec<&str> = ev.record_headers().map(|(k, _)| k).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "event_type",
+                "aggregate_type",
+                "aggregate_id",
+                "traceparent",
+                "tenant"
+            ]
+        );
+        assert_eq!(ev.record_headers().last().unwrap().1, b"acme");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::decode::{self, LogicalMessage, ReplicationMessage};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::progress::{Pending, Totals, Tracker};
-use crate::publish::{DeadLetter, Publisher};
+use crate::publish::{DeadLetter, DeadLetters, Publisher};
 use crate::row::Layout;
 use crate::{Error, Result};
 
@@ -60,6 +60,11 @@ pub async fn run(
     }
     tracing::info!(slot = %cfg.slot, start_lsn = %start_lsn, "streaming");
 
+    // One sender per session, shared with the delivery task.
+    let dead_letters = cfg
+        .dead_letter_topic
+        .as_deref()
+        .map(|t| publisher.dead_letters(t));
     let Tracker {
         tx,
         confirmed,
@@ -67,9 +72,7 @@ pub async fn run(
     } = Tracker::start(
         start_lsn,
         cfg.max_in_flight,
-        cfg.dead_letter_topic
-            .as_deref()
-            .map(|t| publisher.dead_letters(t)),
+        dead_letters.clone(),
         metrics.clone(),
     );
     metrics.session_started();
@@ -79,6 +82,7 @@ pub async fn run(
         layouts: HashMap::new(),
         in_transaction: false,
         commit_ts: None,
+        dead_letters,
         metrics: metrics.clone(),
         last_position: start_lsn,
         last_sent: None,
@@ -106,6 +110,8 @@ struct Session<'a> {
     in_transaction: bool,
     /// Commit time of the open transaction, for the latency metric.
     commit_ts: Option<i64>,
+    /// Where undeliverable events go, under `--on-undeliverable dead-letter`.
+    dead_letters: Option<DeadLetters>,
     metrics: Arc<Metrics>,
     /// The newest position pushed into the FIFO.
     last_position: Lsn,
@@ -274,11 +280,7 @@ impl Session<'_> {
                         "insert into relation {rel_oid} before its Relation message"
                     ))
                 })?;
-                let dead_letters = self
-                    .cfg
-                    .dead_letter_topic
-                    .as_deref()
-                    .map(|t| publisher.dead_letters(t));
+                let dead_letters = self.dead_letters.as_ref();
                 let in_flight = match layout.event(&tuple) {
                     Ok(event) => match publisher.send(&event).await {
                         Ok(f) => f,
@@ -394,7 +396,11 @@ impl Session<'_> {
             self.conn.terminate().await;
         }
         deliveries.map(|totals| {
-            tracing::info!(delivered = totals.delivered, "session ended");
+            tracing::info!(
+                delivered = totals.delivered,
+                dead_lettered = totals.dead_lettered,
+                "session ended"
+            );
         })
     }
 }
