@@ -3,12 +3,12 @@
 //! exported snapshot and published, so the stream that follows continues
 //! exactly where the snapshot ends: nothing missed, nothing twice.
 
-use std::collections::VecDeque;
-
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
 use crate::connection::{Connection, quote_ident, quote_literal};
+use crate::lsn::Lsn;
+use crate::progress::{Progress, Refused};
 use crate::publish::Publisher;
 use crate::row::Layout;
 use crate::{Error, Result};
@@ -40,7 +40,9 @@ pub async fn run(
         ))
         .await?;
     let mut published = 0u64;
-    let mut in_flight = VecDeque::new();
+    // Backfilled rows have no position of their own: the slot starts after
+    // the snapshot. Failures stop the backfill under either policy.
+    let progress = Progress::start(publisher.ledger(), Lsn::ZERO, cfg.max_in_flight, false);
     for t in &tables {
         let schema = t.get("schemaname").unwrap_or_default();
         let name = t.get("tablename").unwrap_or_default();
@@ -73,22 +75,36 @@ pub async fn run(
             let layout = Layout::for_columns(&format!("{schema}.{name}"), &columns)?;
             for row in &rows {
                 let event = layout.event_from_row(row, &columns)?;
-                in_flight.push_back(publisher.send(&event).await?);
-                published += 1;
-                if in_flight.len() >= cfg.max_in_flight {
-                    let oldest: crate::publish::InFlight =
-                        in_flight.pop_front().expect("not empty");
-                    oldest.acked().await?;
+                while !progress.has_room() {
+                    check_refusals(&progress)?;
+                    progress.changed().await;
                 }
+                check_refusals(&progress)?;
+                publisher.send(&event, progress.ticket(None)?).await?;
+                published += 1;
             }
         }
         sql.query("CLOSE outbox_backfill").await?;
     }
     sql.query("COMMIT").await?;
-    while let Some(f) = in_flight.pop_front() {
-        f.acked().await?;
+    while !progress.all_settled() {
+        check_refusals(&progress)?;
+        progress.changed().await;
     }
+    check_refusals(&progress)?;
     Ok(published)
+}
+
+/// The first record Kafka refused, as the error that stops the backfill.
+fn check_refusals(progress: &Progress) -> Result<()> {
+    match progress.take_refused() {
+        None => Ok(()),
+        Some(Refused::Fatal(err)) => Err(err),
+        Some(Refused::DeadLetter { letter, .. }) => Err(Error::Protocol(format!(
+            "event {} was refused during the backfill: {}",
+            letter.event_id, letter.reason
+        ))),
+    }
 }
 
 async fn fetch(sql: &mut Connection) -> Result<(Vec<String>, Vec<crate::connection::Row>)> {

@@ -3,70 +3,24 @@
 //! (key, value, headers), and waiting on delivery reports.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
 
 use crate::config::{KafkaConfig, TopicTemplate};
+use crate::metrics::Metrics;
+use crate::progress::{Ledger, Refused, Ticket};
 use crate::row::OutboxEvent;
 use crate::{Error, Result};
-
-/// One record handed to the producer and not yet acknowledged.
-pub struct InFlight {
-    /// The event id, for errors.
-    pub event_id: String,
-    /// The topic, for errors.
-    pub topic: String,
-    /// The delivery report.
-    pub delivery: DeliveryFuture,
-}
-
-/// Where an acknowledged record landed.
-#[derive(Debug, Clone, Copy)]
-pub struct Acked {
-    /// Partition.
-    pub partition: i32,
-    /// Offset.
-    pub offset: i64,
-}
-
-impl InFlight {
-    /// Waits for the delivery report.
-    pub async fn acked(self) -> Result<Acked> {
-        self.outcome().await.map_err(|(err, _)| err)
-    }
-
-    /// Waits for the delivery report; a refused record comes back with the
-    /// error, so it can be sent to the dead-letter topic instead.
-    pub async fn outcome(self) -> std::result::Result<Acked, (Error, Option<OwnedMessage>)> {
-        match self.delivery.await {
-            Ok(Ok(d)) => Ok(Acked {
-                partition: d.partition,
-                offset: d.offset,
-            }),
-            Ok(Err((source, message))) => Err((
-                Error::Delivery {
-                    event_id: self.event_id,
-                    topic: self.topic,
-                    source: Box::new(source),
-                },
-                Some(message),
-            )),
-            Err(_) => Err((
-                Error::Kafka {
-                    context: format!("waiting for the delivery of event {}", self.event_id),
-                    source: Box::new(KafkaError::Canceled),
-                },
-                None,
-            )),
-        }
-    }
-}
 
 /// An event Kafka will not take (or a row that is not a valid event), to be
 /// parked in the dead-letter topic under `--on-undeliverable dead-letter`.
@@ -104,7 +58,7 @@ impl DeadLetter {
     }
 
     /// From a record Kafka refused, as returned in its delivery report.
-    pub fn from_message(message: &OwnedMessage, err: &Error) -> Self {
+    pub fn from_message<M: Message>(message: &M, err: &Error) -> Self {
         let headers = message
             .headers()
             .map(|h| {
@@ -143,82 +97,90 @@ fn is_too_large(err: &Error) -> bool {
     )
 }
 
-/// Sends dead letters; cheap to clone into the delivery task.
-#[derive(Clone)]
-pub struct DeadLetters {
-    producer: FutureProducer,
-    topic: String,
+/// The producer's context: routes delivery reports to the ledger.
+pub struct Deliveries {
+    ledger: Arc<Ledger>,
 }
 
-impl DeadLetters {
-    /// The dead-letter topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
+impl ClientContext for Deliveries {}
 
-    /// Hands a dead letter to the producer: the original key, value and
-    /// headers, plus `outbox.error` (the reason) and `outbox.original_topic`.
-    pub async fn send(&self, letter: &DeadLetter) -> Result<InFlight> {
-        tracing::warn!(
-            event_id = %letter.event_id,
-            topic = %self.topic,
-            reason = %letter.reason,
-            "event is undeliverable; sending it to the dead-letter topic"
-        );
-        let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len() + 2);
-        for (k, v) in &letter.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_slice()),
-            });
-        }
-        headers = headers.insert(Header {
-            key: "outbox.error",
-            value: Some(letter.reason.as_bytes()),
-        });
-        if let Some(t) = &letter.original_topic {
-            headers = headers.insert(Header {
-                key: "outbox.original_topic",
-                value: Some(t.as_bytes()),
-            });
-        }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.topic).headers(headers);
-        if let Some(k) = &letter.key {
-            record = record.key(k.as_slice());
-        }
-        if let Some(v) = &letter.value {
-            record = record.payload(v.as_slice());
-        }
-        send_with_backpressure(&self.producer, record, &letter.event_id, &self.topic).await
-    }
-}
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = usize;
 
-/// `send_result`, waiting while librdkafka's buffer is full.
-async fn send_with_backpressure<'a>(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'a, [u8], [u8]>,
-    event_id: &str,
-    topic: &str,
-) -> Result<InFlight> {
-    loop {
-        match producer.send_result(record) {
-            Ok(delivery) => {
-                return Ok(InFlight {
-                    event_id: event_id.to_owned(),
-                    topic: topic.to_owned(),
-                    delivery,
+    // Runs on librdkafka's polling thread, once per record: keep it short.
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let ticket = Ticket::from_opaque(opaque);
+        match result {
+            Ok(message) => {
+                if tracing::enabled!(tracing::Level::TRACE) {
+                    tracing::trace!(
+                        event_id = %header(message, "id").unwrap_or_default(),
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "delivered"
+                    );
+                }
+                self.ledger.acknowledged(ticket);
+            }
+            Err((source, message)) => {
+                let err = Error::Delivery {
+                    event_id: header(message, "id").unwrap_or_else(|| "unknown".into()),
+                    topic: message.topic().to_owned(),
+                    source: Box::new(source.clone()),
+                };
+                self.ledger.refused(ticket, |dead_letter_policy| {
+                    if ticket.is_dead_letter() {
+                        let Error::Delivery { event_id, .. } = &err else {
+                            unreachable!("built above")
+                        };
+                        Refused::Fatal(Error::DeadLetterFailed {
+                            event_id: event_id.clone(),
+                            reason: header(message, "outbox.error").unwrap_or_default(),
+                            source: Box::new(err),
+                        })
+                    } else if dead_letter_policy && err.is_undeliverable() {
+                        Refused::DeadLetter {
+                            ticket: ticket.for_dead_letter(),
+                            letter: DeadLetter::from_message(message, &err),
+                        }
+                    } else {
+                        Refused::Fatal(err)
+                    }
                 });
             }
+        }
+    }
+}
+
+/// The value of a record header, as text.
+fn header<M: Message>(message: &M, name: &str) -> Option<String> {
+    message.headers().and_then(|h| {
+        h.iter()
+            .find(|x| x.key == name)
+            .and_then(|x| x.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    })
+}
+
+/// `send`, waiting while librdkafka's buffer is full.
+async fn send_with_backpressure<'a>(
+    producer: &Producer,
+    mut record: BaseRecord<'a, [u8], [u8], usize>,
+    event_id: &str,
+) -> Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
             // librdkafka's buffer is full: wait for deliveries to free it.
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err((source, _)) => {
+            Err((source, r)) => {
                 return Err(Error::Delivery {
                     event_id: event_id.to_owned(),
-                    topic: topic.to_owned(),
+                    topic: r.topic.to_owned(),
                     source: Box::new(source),
                 });
             }
@@ -226,9 +188,13 @@ async fn send_with_backpressure<'a>(
     }
 }
 
+/// The producer, with delivery reports going to the ledger.
+type Producer = ThreadedProducer<Deliveries>;
+
 /// The Kafka side of the relay.
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: Producer,
+    ledger: Arc<Ledger>,
     admin: AdminClient<DefaultClientContext>,
     cfg: KafkaConfig,
     template: TopicTemplate,
@@ -243,6 +209,7 @@ impl Publisher {
         template: TopicTemplate,
         max_in_flight: usize,
         timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let mut client = ClientConfig::new();
         client
@@ -263,7 +230,11 @@ impl Publisher {
         for (k, v) in &cfg.options {
             client.set(k, v);
         }
-        let producer: FutureProducer = client.create().map_err(|e| {
+        let ledger = Ledger::new(metrics);
+        let deliveries = Deliveries {
+            ledger: ledger.clone(),
+        };
+        let producer: Producer = client.create_with_context(deliveries).map_err(|e| {
             Error::Config(format!(
                 "the kafka producer settings are refused: {}",
                 redact_config_error(&e, &cfg.options)
@@ -276,6 +247,7 @@ impl Publisher {
             })?;
         Ok(Self {
             producer,
+            ledger,
             admin,
             cfg: cfg.clone(),
             template,
@@ -404,10 +376,16 @@ impl Publisher {
         Ok(())
     }
 
-    /// Hands one event to the producer: key = aggregate id, value = payload,
-    /// headers = id, event_type, aggregate_type, aggregate_id, traceparent and
-    /// the row's own headers.
-    pub async fn send(&mut self, event: &OutboxEvent) -> Result<InFlight> {
+    /// The ledger delivery reports settle tickets in.
+    pub fn ledger(&self) -> Arc<Ledger> {
+        self.ledger.clone()
+    }
+
+    /// Hands one event to the producer with its `ticket`: key = aggregate
+    /// id, value = payload, headers = id, event_type, aggregate_type,
+    /// aggregate_id, traceparent and the row's own headers. The delivery
+    /// report settles the ticket in the ledger.
+    pub async fn send(&mut self, event: &OutboxEvent, ticket: Ticket) -> Result<()> {
         let topic = self.topic_for(event)?;
         self.ensure_topic(&topic, &event.id).await?;
         let headers = event.record_headers().fold(
@@ -419,19 +397,61 @@ impl Publisher {
                 })
             },
         );
-        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
+        let record = BaseRecord::with_opaque_to(&topic, ticket.into_opaque())
             .key(event.aggregate_id.as_bytes())
             .payload(&event.payload[..])
             .headers(headers);
-        send_with_backpressure(&self.producer, record, &event.id, &topic).await
+        send_with_backpressure(&self.producer, record, &event.id).await
     }
 
-    /// A sender for the dead-letter topic `topic`.
-    pub fn dead_letters(&self, topic: &str) -> DeadLetters {
-        DeadLetters {
-            producer: self.producer.clone(),
-            topic: topic.to_owned(),
+    /// Hands a dead letter to the producer for `topic` with the refused
+    /// record's ticket: the original key, value and headers, plus
+    /// `outbox.error` (the reason) and `outbox.original_topic`.
+    pub async fn send_dead_letter(
+        &self,
+        topic: &str,
+        letter: &DeadLetter,
+        ticket: Ticket,
+    ) -> Result<()> {
+        tracing::warn!(
+            event_id = %letter.event_id,
+            topic = %topic,
+            reason = %letter.reason,
+            "event is undeliverable; sending it to the dead-letter topic"
+        );
+        let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len() + 2);
+        for (k, v) in &letter.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
         }
+        headers = headers.insert(Header {
+            key: "outbox.error",
+            value: Some(letter.reason.as_bytes()),
+        });
+        if let Some(t) = &letter.original_topic {
+            headers = headers.insert(Header {
+                key: "outbox.original_topic",
+                value: Some(t.as_bytes()),
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(topic, ticket.for_dead_letter().into_opaque())
+                .headers(headers);
+        if let Some(k) = &letter.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(v) = &letter.value {
+            record = record.payload(v.as_slice());
+        }
+        send_with_backpressure(&self.producer, record, &letter.event_id)
+            .await
+            .map_err(|err| Error::DeadLetterFailed {
+                event_id: letter.event_id.clone(),
+                reason: letter.reason.clone(),
+                source: Box::new(err),
+            })
     }
 
     /// Waits until everything handed to the producer is acknowledged or failed.
@@ -468,7 +488,7 @@ mod tests {
         // librdkafka echoes an invalid value in its message: provoke that.
         let err = ClientConfig::new()
             .set("linger.ms", "hunter2-not-a-number")
-            .create::<FutureProducer>()
+            .create::<rdkafka::producer::BaseProducer>()
             .err()
             .expect("an invalid value is refused");
         assert!(err.to_string().contains("hunter2"), "{err}");

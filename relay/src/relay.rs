@@ -51,6 +51,7 @@ pub async fn run_with_metrics(
         cfg.topic_template.clone(),
         cfg.max_in_flight,
         cfg.connect_timeout,
+        metrics.clone(),
     )?;
     let mut backoff = Backoff::new(cfg.max_backoff);
     // The brokers are checked once, at the first session that reaches that

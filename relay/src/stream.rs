@@ -8,9 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, BytesMut};
-use tokio::sync::mpsc::{self, Permit};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
@@ -18,8 +15,8 @@ use crate::connection::{Backend, Connection, quote_ident, quote_literal};
 use crate::decode::{self, LogicalMessage, ReplicationMessage};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::progress::{Pending, Totals, Tracker};
-use crate::publish::{DeadLetter, DeadLetters, Publisher};
+use crate::progress::{Progress, Refused};
+use crate::publish::{DeadLetter, Publisher};
 use crate::row::Layout;
 use crate::{Error, Result};
 
@@ -60,20 +57,11 @@ pub async fn run(
     }
     tracing::info!(slot = %cfg.slot, start_lsn = %start_lsn, "streaming");
 
-    // One sender per session, shared with the delivery task.
-    let dead_letters = cfg
-        .dead_letter_topic
-        .as_deref()
-        .map(|t| publisher.dead_letters(t));
-    let Tracker {
-        tx,
-        confirmed,
-        mut task,
-    } = Tracker::start(
+    let progress = Progress::start(
+        publisher.ledger(),
         start_lsn,
         cfg.max_in_flight,
-        dead_letters.clone(),
-        metrics.clone(),
+        cfg.dead_letter_topic.is_some(),
     );
     metrics.session_started();
     let mut session = Session {
@@ -82,25 +70,14 @@ pub async fn run(
         layouts: HashMap::new(),
         in_transaction: false,
         commit_ts: None,
-        dead_letters,
+        progress,
         metrics: metrics.clone(),
         last_position: start_lsn,
         last_sent: None,
         last_sent_at: Instant::now(),
     };
-    let ended = session
-        .pump(&tx, &mut task, confirmed.clone(), publisher, token)
-        .await;
-    drop(tx);
-    session.finish(confirmed, task, ended).await
-}
-
-/// Why the read loop stopped without an error of its own.
-enum Ended {
-    /// Shutdown was requested.
-    Shutdown,
-    /// The delivery task ended (only a failed delivery ends it early).
-    Deliveries(Result<Totals>),
+    let ended = session.pump(publisher, token).await;
+    session.finish(publisher, ended).await
 }
 
 struct Session<'a> {
@@ -110,8 +87,8 @@ struct Session<'a> {
     in_transaction: bool,
     /// Commit time of the open transaction, for the latency metric.
     commit_ts: Option<i64>,
-    /// Where undeliverable events go, under `--on-undeliverable dead-letter`.
-    dead_letters: Option<DeadLetters>,
+    /// Tickets handed out, and the positions waiting on them.
+    progress: Progress,
     metrics: Arc<Metrics>,
     /// The newest position pushed into the FIFO.
     last_position: Lsn,
@@ -120,20 +97,13 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    async fn pump(
-        &mut self,
-        tx: &mpsc::Sender<Pending>,
-        task: &mut JoinHandle<Result<Totals>>,
-        mut confirmed: watch::Receiver<Lsn>,
-        publisher: &mut Publisher,
-        token: &CancellationToken,
-    ) -> Result<Ended> {
+    /// Reads the stream until shutdown (returns `Ok`) or a failure.
+    async fn pump(&mut self, publisher: &mut Publisher, token: &CancellationToken) -> Result<()> {
         // Confirmations go out within 100 ms of changing (bounding what a crash
         // replays); an unchanged position is repeated every status interval.
         let mut tick =
             tokio::time::interval(self.cfg.status_interval.min(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut permit: Option<Permit<'_, Pending>> = None;
         // On shutdown inside a transaction, read on to its Commit (for at most
         // half the shutdown timeout): stopping mid-transaction would leave its
         // delivered events unconfirmed, and they would be sent again.
@@ -145,7 +115,7 @@ impl Session<'_> {
                 biased;
                 _ = token.cancelled(), if !draining => {
                     if !self.in_transaction {
-                        return Ok(Ended::Shutdown);
+                        return Ok(());
                     }
                     tracing::info!("stop requested inside a transaction; reading on to its commit");
                     draining = true;
@@ -153,10 +123,11 @@ impl Session<'_> {
                         .as_mut()
                         .reset(tokio::time::Instant::now() + self.cfg.shutdown_timeout / 2);
                 }
-                _ = &mut drain_deadline, if draining => return Ok(Ended::Shutdown),
-                joined = &mut *task => return Ok(Ended::Deliveries(joined_result(joined))),
+                _ = &mut drain_deadline, if draining => return Ok(()),
+                // A refusal, or room in a full window.
+                _ = self.progress.changed() => self.act_on_refusals(publisher).await?,
                 _ = tick.tick() => {
-                    let lsn = *confirmed.borrow_and_update();
+                    let lsn = self.progress.confirmable();
                     let due = self.last_sent != Some(lsn)
                         || self.last_sent_at.elapsed() >= self.cfg.status_interval;
                     if due {
@@ -165,26 +136,33 @@ impl Session<'_> {
                 }
                 // Reading WAL only with room in the window is the backpressure:
                 // a full window stops the stream until acknowledgements arrive.
-                p = tx.reserve(), if permit.is_none() => {
-                    permit = Some(p.map_err(|_| Error::Protocol("the delivery task stopped".into()))?);
-                }
-                msg = self.conn.recv(), if permit.is_some() => {
-                    self.handle(msg?, &mut permit, &confirmed, publisher).await?;
+                msg = self.conn.recv(), if self.progress.has_room() => {
+                    self.handle(msg?, publisher).await?;
                     if draining && !self.in_transaction {
-                        return Ok(Ended::Shutdown);
+                        return Ok(());
                     }
                 }
             }
         }
     }
 
-    async fn handle(
-        &mut self,
-        msg: Backend,
-        permit: &mut Option<Permit<'_, Pending>>,
-        confirmed: &watch::Receiver<Lsn>,
-        publisher: &mut Publisher,
-    ) -> Result<()> {
+    /// Sends the dead letters due and fails on the first fatal refusal.
+    async fn act_on_refusals(&mut self, publisher: &Publisher) -> Result<()> {
+        while let Some(refused) = self.progress.take_refused() {
+            match refused {
+                Refused::DeadLetter { ticket, letter } => {
+                    let topic = self.cfg.dead_letter_topic.as_deref().ok_or_else(|| {
+                        Error::Protocol("a dead letter is due without a dead-letter topic".into())
+                    })?;
+                    publisher.send_dead_letter(topic, &letter, ticket).await?;
+                }
+                Refused::Fatal(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, msg: Backend, publisher: &mut Publisher) -> Result<()> {
         let data = match msg {
             Backend::CopyData(data) => data,
             Backend::Error(source) => {
@@ -225,8 +203,7 @@ impl Session<'_> {
                     lsn: wal_start,
                     source,
                 })?;
-                self.handle_logical(msg, wal_start, permit, publisher)
-                    .await?;
+                self.handle_logical(msg, wal_start, publisher).await?;
             }
             ReplicationMessage::Keepalive {
                 wal_end,
@@ -235,13 +212,13 @@ impl Session<'_> {
             } => {
                 self.metrics.server_position(wal_end.0);
                 // Nothing open and the server is past everything we pushed:
-                // confirm its position once the FIFO drains, so an idle or
-                // filtered outbox does not pin WAL.
+                // confirm its position once earlier records are settled, so an
+                // idle or filtered outbox does not pin WAL.
                 if !self.in_transaction && wal_end > self.last_position {
-                    self.push(permit, Pending::Position(wal_end));
+                    self.position(wal_end);
                 }
                 if reply_requested {
-                    let lsn = *confirmed.borrow();
+                    let lsn = self.progress.confirmable();
                     self.send_status(lsn, false).await?;
                 }
             }
@@ -253,7 +230,6 @@ impl Session<'_> {
         &mut self,
         msg: LogicalMessage,
         wal_start: Lsn,
-        permit: &mut Option<Permit<'_, Pending>>,
         publisher: &mut Publisher,
     ) -> Result<()> {
         match msg {
@@ -280,32 +256,38 @@ impl Session<'_> {
                         "insert into relation {rel_oid} before its Relation message"
                     ))
                 })?;
-                let dead_letters = self.dead_letters.as_ref();
-                let in_flight = match layout.event(&tuple) {
-                    Ok(event) => match publisher.send(&event).await {
-                        Ok(f) => f,
-                        // Refused at once (for example larger than message.max.bytes).
-                        Err(err) if err.is_undeliverable() && dead_letters.is_some() => {
+                let ticket = self.progress.ticket(self.commit_ts)?;
+                let dead_letter_topic = self.cfg.dead_letter_topic.as_deref();
+                // A record refused at once (larger than message.max.bytes, an
+                // illegal topic) or a row that is not a valid event: under the
+                // dead-letter policy, park it in its own place in the order.
+                let letter = match layout.event(&tuple) {
+                    Ok(event) => match publisher.send(&event, ticket).await {
+                        Ok(()) => {
+                            tracing::debug!(event_id = %event.id, lsn = %wal_start, "published");
+                            None
+                        }
+                        Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => {
                             let topic = publisher.topic_for(&event).ok();
-                            let letter = DeadLetter::from_event(&event, topic, &err);
-                            dead_letters.expect("checked above").send(&letter).await?
+                            Some(DeadLetter::from_event(&event, topic, &err))
                         }
                         Err(err) => return Err(err),
                     },
-                    // A row that is not a valid event: park what we have of it.
-                    Err(err) if err.is_undeliverable() && dead_letters.is_some() => {
-                        let letter = layout.dead_letter(&tuple, &err);
-                        dead_letters.expect("checked above").send(&letter).await?
+                    Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => {
+                        Some(layout.dead_letter(&tuple, &err))
                     }
                     Err(err) => return Err(err),
                 };
-                tracing::debug!(event_id = %in_flight.event_id, topic = %in_flight.topic, lsn = %wal_start, "published");
-                self.push(permit, Pending::Record(in_flight, self.commit_ts));
+                if let (Some(letter), Some(topic)) = (letter, dead_letter_topic) {
+                    publisher
+                        .send_dead_letter(topic, &letter, ticket.for_dead_letter())
+                        .await?;
+                }
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
                 if end_lsn > self.last_position {
-                    self.push(permit, Pending::Position(end_lsn));
+                    self.position(end_lsn);
                 }
             }
             LogicalMessage::Other { tag } => {
@@ -315,16 +297,9 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn push(&mut self, permit: &mut Option<Permit<'_, Pending>>, entry: Pending) {
-        if let Pending::Position(lsn) = &entry {
-            self.last_position = *lsn;
-        }
-        // The select loop reads a message only while holding a permit, and a
-        // message pushes at most one entry.
-        permit
-            .take()
-            .expect("a message is read only with a reserved slot")
-            .send(entry);
+    fn position(&mut self, lsn: Lsn) {
+        self.last_position = lsn;
+        self.progress.position(lsn);
     }
 
     /// Standby status update: write, flush and apply positions all report
@@ -348,38 +323,43 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Waits (bounded by the shutdown timeout) until every record handed to
+    /// the producer is settled, sending dead letters still due.
+    async fn settle_all(&mut self, publisher: &Publisher) -> Result<()> {
+        let timeout = self.cfg.shutdown_timeout;
+        let wait = async {
+            loop {
+                self.act_on_refusals(publisher).await?;
+                if self.progress.all_settled() {
+                    // A refusal may have arrived just before the last report.
+                    return self.act_on_refusals(publisher).await;
+                }
+                self.progress.changed().await;
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Kafka {
+                context: format!(
+                    "kafka did not acknowledge all events within the shutdown timeout of {timeout:?}; \
+                     unacknowledged events will be sent again at the next start"
+                ),
+                source: Box::new(rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
+                )),
+            }),
+        }
+    }
+
     /// Ends the session: on shutdown waits for outstanding deliveries
     /// (bounded by the shutdown timeout), confirms what was acknowledged, and
     /// closes the stream.
-    async fn finish(
-        mut self,
-        confirmed: watch::Receiver<Lsn>,
-        task: JoinHandle<Result<Totals>>,
-        ended: Result<Ended>,
-    ) -> Result<()> {
-        let deliveries = match ended {
-            Ok(Ended::Shutdown) => {
-                match tokio::time::timeout(self.cfg.shutdown_timeout, task).await {
-                    Ok(joined) => joined_result(joined),
-                    Err(_) => Err(Error::Kafka {
-                        context: format!(
-                            "kafka did not acknowledge all events within the shutdown timeout of {:?}; \
-                         unacknowledged events will be sent again at the next start",
-                            self.cfg.shutdown_timeout
-                        ),
-                        source: Box::new(rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
-                        )),
-                    }),
-                }
-            }
-            Ok(Ended::Deliveries(result)) => result,
-            Err(e) => {
-                task.abort();
-                Err(e)
-            }
+    async fn finish(mut self, publisher: &Publisher, ended: Result<()>) -> Result<()> {
+        let result = match ended {
+            Ok(()) => self.settle_all(publisher).await,
+            Err(e) => Err(e),
         };
-        let lsn = *confirmed.borrow();
+        let lsn = self.progress.confirmable();
         // Best effort: on a broken connection this fails, and the slot keeps
         // the last confirmed position it had; replay covers the rest.
         if self.send_status(lsn, false).await.is_ok() {
@@ -395,13 +375,13 @@ impl Session<'_> {
             .await;
             self.conn.terminate().await;
         }
-        deliveries.map(|totals| {
-            tracing::info!(
-                delivered = totals.delivered,
-                dead_lettered = totals.dead_lettered,
-                "session ended"
-            );
-        })
+        let totals = self.progress.totals();
+        tracing::info!(
+            delivered = totals.delivered,
+            dead_lettered = totals.dead_lettered,
+            "session ended"
+        );
+        result
     }
 }
 
@@ -412,10 +392,4 @@ pub fn pg_now_us() -> i64 {
         .map(|d| d.as_micros() as i64)
         .unwrap_or_default()
         - PG_EPOCH_OFFSET_US
-}
-
-fn joined_result(
-    joined: std::result::Result<Result<Totals>, tokio::task::JoinError>,
-) -> Result<Totals> {
-    joined.unwrap_or_else(|e| Err(Error::Protocol(format!("the delivery task failed: {e}"))))
 }
