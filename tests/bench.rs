@@ -25,6 +25,9 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
             "1,10",
             "--large-rows",
             "3000",
+            // Two runs: the second drain restarts the relay behind a new backlog.
+            "--runs",
+            "2",
         ])
         .arg("--database-url")
         .arg(&url)
@@ -52,6 +55,11 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
     ] {
         let v = report.pointer(path).and_then(|v| v.as_f64()).unwrap_or(0.0);
         assert!(v > 0.0, "{path} missing or zero in {report:#}");
+    }
+    let drains = report["drain"]["runs"].as_array().unwrap();
+    assert_eq!(drains.len(), 2, "{report:#}");
+    for d in drains {
+        assert!(d["events_per_s"].as_f64().unwrap() > 0.0, "{d:#}");
     }
     let steady = report["steady"].as_array().unwrap();
     assert_eq!(steady.len(), 2);

@@ -45,6 +45,10 @@ struct Args {
     /// Seconds per steady run.
     #[arg(long, default_value_t = 20)]
     seconds: u64,
+    /// Runs of the limits and the drain; the report gives the median of each
+    /// measure (single runs move by 20 % or more on a small machine).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
     /// Rows of the large transaction (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     large_rows: u64,
@@ -84,15 +88,41 @@ async fn main() -> anyhow::Result<()> {
         relay_args: args.relay_args.clone(),
     };
 
-    eprintln!("bench: limit (a), walsender alone, {} events", args.events);
-    let walsender = scenario::walsender_limit(&env, args.events).await?;
-    eprintln!("bench:   {walsender:.0} events/s");
-    eprintln!("bench: limit (b), broker alone, {} events", args.events);
-    let (broker, producer_cpu) = scenario::broker_limit(&env, args.events).await?;
-    eprintln!("bench:   {broker:.0} events/s");
-    eprintln!("bench: drain of {} events", args.events);
-    let (drain, relay) = scenario::drain(&env, args.events).await?;
-    eprintln!("bench:   {:.0} events/s", drain.events_per_s);
+    // Limits first: the relay's slot must not exist while their backlogs are
+    // written, or the drain would publish those rows too.
+    let (mut walsender, mut broker, mut drains) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=args.runs {
+        eprintln!(
+            "bench: limit (a), walsender alone, {} events, run {run}/{}",
+            args.events, args.runs
+        );
+        let w = scenario::walsender_limit(&env, args.events).await?;
+        eprintln!("bench:   {w:.0} events/s");
+        walsender.push(w);
+    }
+    for run in 1..=args.runs {
+        eprintln!("bench: limit (b), broker alone, run {run}/{}", args.runs);
+        let b = scenario::broker_limit(&env, args.events).await?;
+        eprintln!("bench:   {:.0} events/s", b.0);
+        broker.push(b);
+    }
+    let mut relay = None;
+    for run in 1..=args.runs {
+        eprintln!(
+            "bench: drain of {} events, run {run}/{}",
+            args.events, args.runs
+        );
+        let (d, r) = scenario::drain(&env, args.events, relay.take()).await?;
+        eprintln!(
+            "bench:   {:.0} events/s, relay {:.4} / walsender {:.4} CPU s per 1000",
+            d.events_per_s,
+            d.cost.relay_cpu_s / d.cost.events * 1000.0,
+            d.cost.walsender_cpu_s / d.cost.events * 1000.0
+        );
+        drains.push(d);
+        relay = Some(r);
+    }
+    let relay = relay.expect("at least one run");
     let mut steady = Vec::new();
     for &rate in &args.rates {
         for &rows in &args.rows_per_tx {
@@ -120,10 +150,10 @@ async fn main() -> anyhow::Result<()> {
     let results = report::Results {
         events: args.events,
         payload_bytes: args.payload_bytes,
-        walsender_limit: walsender,
-        broker_limit: broker,
-        producer_cpu_per_1000: producer_cpu,
-        drain,
+        walsender_runs: walsender,
+        broker_runs: broker,
+        drains,
+        relay_args: args.relay_args.clone(),
         steady,
         steady_rss_mib: steady_rss,
         large,

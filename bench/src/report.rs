@@ -14,11 +14,15 @@ use crate::scenario::{Drain, Large, Steady};
 pub struct Results {
     pub events: u64,
     pub payload_bytes: usize,
-    pub walsender_limit: f64,
-    pub broker_limit: f64,
-    /// CPU seconds per 1000 records of the bare producer in limit (b).
-    pub producer_cpu_per_1000: f64,
-    pub drain: Drain,
+    /// Limit (a) of each run, events/s.
+    pub walsender_runs: Vec<f64>,
+    /// Limit (b) of each run: events/s and the bare producer's CPU seconds
+    /// per 1000 records.
+    pub broker_runs: Vec<(f64, f64)>,
+    /// Each drain run; plots use the last.
+    pub drains: Vec<Drain>,
+    /// Extra relay flags given with --relay-arg.
+    pub relay_args: Vec<String>,
     pub steady: Vec<Steady>,
     /// (current, peak) RSS of the relay after the steady runs, MiB.
     pub steady_rss_mib: (f64, f64),
@@ -30,6 +34,52 @@ fn per_1000(cpu: f64, events: f64) -> f64 {
         cpu / events * 1000.0
     } else {
         0.0
+    }
+}
+
+/// The median (the mean of the middle two for an even count); 0 when empty.
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+/// Medians over the runs of the limits and the drain.
+struct Summary {
+    walsender_limit: f64,
+    broker_limit: f64,
+    producer_cpu_per_1000: f64,
+    drain_events_per_s: f64,
+    drain_relay_cpu_per_1000: f64,
+    drain_walsender_cpu_per_1000: f64,
+}
+
+impl Summary {
+    fn of(r: &Results) -> Self {
+        Self {
+            walsender_limit: median(r.walsender_runs.iter().copied()),
+            broker_limit: median(r.broker_runs.iter().map(|b| b.0)),
+            producer_cpu_per_1000: median(r.broker_runs.iter().map(|b| b.1)),
+            drain_events_per_s: median(r.drains.iter().map(|d| d.events_per_s)),
+            drain_relay_cpu_per_1000: median(
+                r.drains
+                    .iter()
+                    .map(|d| per_1000(d.cost.relay_cpu_s, d.cost.events)),
+            ),
+            drain_walsender_cpu_per_1000: median(
+                r.drains
+                    .iter()
+                    .map(|d| per_1000(d.cost.walsender_cpu_s, d.cost.events)),
+            ),
+        }
     }
 }
 
@@ -49,8 +99,10 @@ fn machine() -> String {
 }
 
 pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
-    let limit = r.walsender_limit.min(r.broker_limit);
-    let ratio = r.drain.events_per_s / limit;
+    let m = Summary::of(r);
+    let limit = m.walsender_limit.min(m.broker_limit);
+    let ratio = m.drain_events_per_s / limit;
+    let last_drain = r.drains.last().expect("at least one drain run");
     let steady_json: Vec<_> = r
         .steady
         .iter()
@@ -71,11 +123,17 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
         "machine": machine(),
         "events": r.events,
         "payload_bytes": r.payload_bytes,
-        "limits": {"walsender_events_per_s": r.walsender_limit, "broker_events_per_s": r.broker_limit, "bare_producer_cpu_s_per_1000": r.producer_cpu_per_1000},
-        "drain": {"events_per_s": r.drain.events_per_s, "seconds": r.drain.seconds, "ratio_to_limit": ratio,
-                  "relay_cpu_s_per_1000": per_1000(r.drain.cost.relay_cpu_s, r.drain.cost.events),
-                  "walsender_cpu_s_per_1000": per_1000(r.drain.cost.walsender_cpu_s, r.drain.cost.events),
-                  "relay_rss_mib_max": r.drain.samples.rss_mib.iter().copied().fold(0.0, f64::max)},
+        "relay_args": r.relay_args,
+        "runs": r.drains.len(),
+        "limits": {"walsender_events_per_s": m.walsender_limit, "broker_events_per_s": m.broker_limit, "bare_producer_cpu_s_per_1000": m.producer_cpu_per_1000,
+                   "walsender_runs": r.walsender_runs, "broker_runs": r.broker_runs.iter().map(|b| b.0).collect::<Vec<_>>()},
+        "drain": {"events_per_s": m.drain_events_per_s, "ratio_to_limit": ratio,
+                  "relay_cpu_s_per_1000": m.drain_relay_cpu_per_1000,
+                  "walsender_cpu_s_per_1000": m.drain_walsender_cpu_per_1000,
+                  "relay_rss_mib_max": r.drains.iter().flat_map(|d| d.samples.rss_mib.iter().copied()).fold(0.0, f64::max),
+                  "runs": r.drains.iter().map(|d| json!({"events_per_s": d.events_per_s, "seconds": d.seconds,
+                      "relay_cpu_s_per_1000": per_1000(d.cost.relay_cpu_s, d.cost.events),
+                      "walsender_cpu_s_per_1000": per_1000(d.cost.walsender_cpu_s, d.cost.events)})).collect::<Vec<_>>()},
         "steady": steady_json,
         "relay_rss_mib": {"after_steady": r.steady_rss_mib.0, "peak": r.steady_rss_mib.1},
         "large_transaction": r.large.as_ref().map(|l| json!({"rows": l.rows, "seconds": l.seconds, "peak_rss_mib": l.peak_rss_mib})),
@@ -117,7 +175,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     )?;
     let mut throughput = vec![Series {
         name: "drain".into(),
-        points: r.drain.samples.delivered_per_s.clone(),
+        points: last_drain.samples.delivered_per_s.clone(),
     }];
     throughput.extend(r.steady.iter().map(|s| Series {
         name: format!("{}/s x{}", s.rate, s.rows_per_tx),
@@ -155,31 +213,46 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     // Markdown.
     let mut md = String::new();
     let ok = |b: bool| if b { "met" } else { "**missed**" };
+    let flags = if r.relay_args.is_empty() {
+        "defaults (`--max-in-flight 10000`, `linger.ms=1`, idempotent producer)".to_owned()
+    } else {
+        format!("defaults plus `{}`", r.relay_args.join(" "))
+    };
     let _ = writeln!(
         md,
-        "# outbox-relay benchmark\n\nMachine: {}. Backlog: {} events of ~{} bytes. Relay: release build, defaults (`--max-in-flight 10000`, `linger.ms=1`, idempotent producer).\n",
+        "# outbox-relay benchmark\n\nMachine: {}. Backlog: {} events of ~{} bytes. Relay: release build, {flags}.\n",
         machine(),
         r.events,
         r.payload_bytes
     );
+    let runs_text = |v: Vec<f64>, digits: usize| {
+        v.iter()
+            .map(|x| format!("{x:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let _ = writeln!(
         md,
-        "## Limits and drain\n\n| measure | events/s |\n|---|---|"
+        "## Limits and drain\n\nMedian of {} runs each (the runs in brackets).\n\n| measure | events/s |\n|---|---|",
+        r.drains.len()
     );
     let _ = writeln!(
         md,
-        "| (a) walsender alone (pgoutput to pg_recvlogical) | {:.0} |",
-        r.walsender_limit
+        "| (a) walsender alone (pgoutput to pg_recvlogical) | {:.0} ({}) |",
+        m.walsender_limit,
+        runs_text(r.walsender_runs.clone(), 0)
     );
     let _ = writeln!(
         md,
-        "| (b) broker alone (one idempotent rdkafka producer) | {:.0} |",
-        r.broker_limit
+        "| (b) broker alone (one idempotent rdkafka producer) | {:.0} ({}) |",
+        m.broker_limit,
+        runs_text(r.broker_runs.iter().map(|b| b.0).collect(), 0)
     );
     let _ = writeln!(
         md,
-        "| relay draining the backlog | {:.0} ({:.2} x min(a, b); target >= 0.9: {}) |\n",
-        r.drain.events_per_s,
+        "| relay draining the backlog | {:.0} ({}); {:.2} x min(a, b), target >= 0.9: {} |\n",
+        m.drain_events_per_s,
+        runs_text(r.drains.iter().map(|d| d.events_per_s).collect(), 0),
         ratio,
         ok(ratio >= 0.9)
     );
@@ -224,9 +297,24 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "| drain | {:.4} | {:.4} |",
-        per_1000(r.drain.cost.relay_cpu_s, r.drain.cost.events),
-        per_1000(r.drain.cost.walsender_cpu_s, r.drain.cost.events)
+        "| drain, median of {} runs | {:.4} ({}) | {:.4} ({}) |",
+        r.drains.len(),
+        m.drain_relay_cpu_per_1000,
+        runs_text(
+            r.drains
+                .iter()
+                .map(|d| per_1000(d.cost.relay_cpu_s, d.cost.events))
+                .collect(),
+            4
+        ),
+        m.drain_walsender_cpu_per_1000,
+        runs_text(
+            r.drains
+                .iter()
+                .map(|d| per_1000(d.cost.walsender_cpu_s, d.cost.events))
+                .collect(),
+            4
+        ),
     );
     for s in &r.steady {
         let _ = writeln!(
@@ -241,7 +329,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "\nFor scale: the bare rdkafka producer of limit (b), with no PostgreSQL side at all, used {:.4} CPU s per 1000 records; part of the relay's cost is that client's.",
-        r.producer_cpu_per_1000
+        m.producer_cpu_per_1000
     );
     let _ = writeln!(
         md,
@@ -262,35 +350,52 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
         );
     }
     let _ = writeln!(md, "\n## Targets\n");
+    // A target whose scenario was not run says so, rather than "met".
     let p99_1k = r
         .steady
         .iter()
         .filter(|s| s.rate == 1000)
         .filter_map(|s| quantile_ms(&s.latency, 0.99))
-        .fold(0.0, f64::max);
-    let kept_5k = r
+        .reduce(f64::max);
+    let runs_5k: Vec<bool> = r
         .steady
         .iter()
         .filter(|s| s.rate == 5000)
-        .all(|s| s.kept_up);
-    let cpu_ok = per_1000(r.drain.cost.relay_cpu_s, r.drain.cost.events)
-        <= per_1000(r.drain.cost.walsender_cpu_s, r.drain.cost.events);
+        .map(|s| s.kept_up)
+        .collect();
+    let cpu_ok = m.drain_relay_cpu_per_1000 <= m.drain_walsender_cpu_per_1000;
     let _ = writeln!(
         md,
         "- drain >= 0.9 x min(a, b): {:.2} ({})",
         ratio,
         ok(ratio >= 0.9)
     );
+    let _ = match p99_1k {
+        Some(p99) => writeln!(
+            md,
+            "- p99 commit-to-ack <= 20 ms at 1,000 events/s: {:.1} ms ({})",
+            p99,
+            ok(p99 <= 20.0)
+        ),
+        None => writeln!(
+            md,
+            "- p99 commit-to-ack <= 20 ms at 1,000 events/s: not run"
+        ),
+    };
+    let _ = if runs_5k.is_empty() {
+        writeln!(md, "- keeping up at 5,000 events/s: not run")
+    } else {
+        writeln!(
+            md,
+            "- keeping up at 5,000 events/s: {}",
+            ok(runs_5k.iter().all(|k| *k))
+        )
+    };
     let _ = writeln!(
         md,
-        "- p99 commit-to-ack <= 20 ms at 1,000 events/s: {:.1} ms ({})",
-        p99_1k,
-        ok(p99_1k <= 20.0)
-    );
-    let _ = writeln!(md, "- keeping up at 5,000 events/s: {}", ok(kept_5k));
-    let _ = writeln!(
-        md,
-        "- relay CPU per event <= walsender CPU per event (drain): {}",
+        "- relay CPU per event <= walsender CPU per event (drain, medians): {:.4} vs {:.4} ({})",
+        m.drain_relay_cpu_per_1000,
+        m.drain_walsender_cpu_per_1000,
         ok(cpu_ok)
     );
     let _ = writeln!(

@@ -317,10 +317,18 @@ pub struct Drain {
 }
 
 /// The relay publishing a backlog of `n` rows written while it was stopped.
-pub async fn drain(env: &Env, n: u64) -> anyhow::Result<(Drain, Relay)> {
-    // Create the slot (first start), stop, then write the backlog behind it.
-    let relay = Relay::start(env)?;
-    relay.ready().await?;
+/// `previous` is the relay of an earlier run, stopped here.
+pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result<(Drain, Relay)> {
+    // Stop the relay (after creating the slot, on the first run), then write
+    // the backlog behind the slot.
+    let relay = match previous {
+        Some(relay) => relay,
+        None => {
+            let relay = Relay::start(env)?;
+            relay.ready().await?;
+            relay
+        }
+    };
     relay.stop()?;
     backlog(env, "bench_drain", n, false).await?;
 

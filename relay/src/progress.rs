@@ -16,6 +16,7 @@
 //! uncontended lock and a store.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -97,6 +98,8 @@ pub struct Totals {
 pub struct Ledger {
     state: Mutex<State>,
     changed: Notify,
+    /// Whether `state.refused` is non-empty, readable without the lock.
+    any_refused: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -141,6 +144,7 @@ impl Ledger {
                 totals: Totals::default(),
             }),
             changed: Notify::new(),
+            any_refused: AtomicBool::new(false),
             metrics,
         })
     }
@@ -201,6 +205,7 @@ impl Ledger {
         }
         let refusal = decide(s.dead_letter_policy);
         s.refused.push_back(refusal);
+        self.any_refused.store(true, Ordering::Release);
         drop(s);
         self.changed.notify_one();
     }
@@ -228,6 +233,7 @@ impl Progress {
             s.ring = vec![Slot::default(); window.max(1)];
             s.wake_at = u64::MAX;
             s.refused.clear();
+            ledger.any_refused.store(false, Ordering::Release);
             s.dead_letter_policy = dead_letter_policy;
             s.totals = Totals::default();
         }
@@ -306,7 +312,17 @@ impl Progress {
 
     /// The oldest refusal not yet acted on.
     pub fn take_refused(&self) -> Option<Refused> {
-        self.ledger.lock().refused.pop_front()
+        let mut s = self.ledger.lock();
+        let refused = s.refused.pop_front();
+        if s.refused.is_empty() {
+            self.ledger.any_refused.store(false, Ordering::Release);
+        }
+        refused
+    }
+
+    /// Whether a refusal waits, without taking a lock (checked per message).
+    pub fn any_refused(&self) -> bool {
+        self.ledger.any_refused.load(Ordering::Acquire)
     }
 
     /// Resolves after a refusal arrived or a wake-up point set by

@@ -199,7 +199,27 @@ pub struct Publisher {
     cfg: KafkaConfig,
     template: TopicTemplate,
     known_topics: HashSet<String>,
+    /// The previous event's topic and what it was derived from: consecutive
+    /// events usually share it, and rendering, validating and looking it up
+    /// for each one showed up in the relay's profile.
+    last_topic: Option<TopicChoice>,
     timeout: Duration,
+}
+
+/// A resolved topic, with the fields it was resolved from.
+struct TopicChoice {
+    aggregate_type: String,
+    event_type: String,
+    topic_override: Option<String>,
+    topic: String,
+}
+
+impl TopicChoice {
+    fn applies_to(&self, event: &OutboxEvent) -> bool {
+        self.topic_override == event.topic
+            && self.aggregate_type == event.aggregate_type
+            && self.event_type == event.event_type
+    }
 }
 
 impl Publisher {
@@ -252,6 +272,7 @@ impl Publisher {
             cfg: cfg.clone(),
             template,
             known_topics: HashSet::new(),
+            last_topic: None,
             timeout,
         })
     }
@@ -386,8 +407,21 @@ impl Publisher {
     /// aggregate_id, traceparent and the row's own headers. The delivery
     /// report settles the ticket in the ledger.
     pub async fn send(&mut self, event: &OutboxEvent, ticket: Ticket) -> Result<()> {
-        let topic = self.topic_for(event)?;
-        self.ensure_topic(&topic, &event.id).await?;
+        if !self
+            .last_topic
+            .as_ref()
+            .is_some_and(|c| c.applies_to(event))
+        {
+            let topic = self.topic_for(event)?;
+            self.ensure_topic(&topic, &event.id).await?;
+            self.last_topic = Some(TopicChoice {
+                aggregate_type: event.aggregate_type.clone(),
+                event_type: event.event_type.clone(),
+                topic_override: event.topic.clone(),
+                topic,
+            });
+        }
+        let topic = &self.last_topic.as_ref().expect("resolved above").topic;
         let headers = event.record_headers().fold(
             OwnedHeaders::new_with_capacity(5 + event.headers.len()),
             |h, (key, value)| {
@@ -397,7 +431,7 @@ impl Publisher {
                 })
             },
         );
-        let record = BaseRecord::with_opaque_to(&topic, ticket.into_opaque())
+        let record = BaseRecord::with_opaque_to(topic, ticket.into_opaque())
             .key(event.aggregate_id.as_bytes())
             .payload(&event.payload[..])
             .headers(headers);

@@ -111,6 +111,7 @@ impl Session<'_> {
         let drain_deadline = tokio::time::sleep(Duration::MAX);
         tokio::pin!(drain_deadline);
         loop {
+            let room = self.progress.has_room();
             tokio::select! {
                 biased;
                 _ = token.cancelled(), if !draining => {
@@ -124,9 +125,12 @@ impl Session<'_> {
                         .reset(tokio::time::Instant::now() + self.cfg.shutdown_timeout / 2);
                 }
                 _ = &mut drain_deadline, if draining => return Ok(()),
-                // A refusal, or room in a full window.
-                _ = self.progress.changed() => self.act_on_refusals(publisher).await?,
+                // Waiting for room in a full window (or a refusal). With room,
+                // refusals are picked up after each message and at each tick:
+                // waiting on the notification for every message cost CPU.
+                _ = self.progress.changed(), if !room => self.act_on_refusals(publisher).await?,
                 _ = tick.tick() => {
+                    self.act_on_refusals(publisher).await?;
                     let lsn = self.progress.confirmable();
                     let due = self.last_sent != Some(lsn)
                         || self.last_sent_at.elapsed() >= self.cfg.status_interval;
@@ -136,8 +140,11 @@ impl Session<'_> {
                 }
                 // Reading WAL only with room in the window is the backpressure:
                 // a full window stops the stream until acknowledgements arrive.
-                msg = self.conn.recv(), if self.progress.has_room() => {
+                msg = self.conn.recv(), if room => {
                     self.handle(msg?, publisher).await?;
+                    if self.progress.any_refused() {
+                        self.act_on_refusals(publisher).await?;
+                    }
                     if draining && !self.in_transaction {
                         return Ok(());
                     }
