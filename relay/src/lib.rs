@@ -8,6 +8,7 @@ pub mod backfill;
 pub mod config;
 pub mod connection;
 pub mod decode;
+pub mod delivery;
 pub mod error;
 pub mod lsn;
 pub mod metrics;

@@ -8,17 +8,15 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
-};
+use rdkafka::producer::{BaseRecord, Producer as _};
 
 use crate::config::{KafkaConfig, TopicTemplate};
 use crate::metrics::Metrics;
-use crate::progress::{Ledger, Refused, Ticket};
+use crate::delivery::{Deliveries, Producer, ReportServer};
+use crate::progress::{Ledger, Ticket};
 use crate::row::OutboxEvent;
 use crate::{Error, Result};
 
@@ -97,72 +95,6 @@ fn is_too_large(err: &Error) -> bool {
     )
 }
 
-/// The producer's context: routes delivery reports to the ledger.
-pub struct Deliveries {
-    ledger: Arc<Ledger>,
-}
-
-impl ClientContext for Deliveries {}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = usize;
-
-    // Runs on librdkafka's polling thread, once per record: keep it short.
-    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
-        let ticket = Ticket::from_opaque(opaque);
-        match result {
-            Ok(message) => {
-                if tracing::enabled!(tracing::Level::TRACE) {
-                    tracing::trace!(
-                        event_id = %header(message, "id").unwrap_or_default(),
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        "delivered"
-                    );
-                }
-                self.ledger.acknowledged(ticket);
-            }
-            Err((source, message)) => {
-                let err = Error::Delivery {
-                    event_id: header(message, "id").unwrap_or_else(|| "unknown".into()),
-                    topic: message.topic().to_owned(),
-                    source: Box::new(source.clone()),
-                };
-                self.ledger.refused(ticket, |dead_letter_policy| {
-                    if ticket.is_dead_letter() {
-                        let Error::Delivery { event_id, .. } = &err else {
-                            unreachable!("built above")
-                        };
-                        Refused::Fatal(Error::DeadLetterFailed {
-                            event_id: event_id.clone(),
-                            reason: header(message, "outbox.error").unwrap_or_default(),
-                            source: Box::new(err),
-                        })
-                    } else if dead_letter_policy && err.is_undeliverable() {
-                        Refused::DeadLetter {
-                            ticket: ticket.for_dead_letter(),
-                            letter: DeadLetter::from_message(message, &err),
-                        }
-                    } else {
-                        Refused::Fatal(err)
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// The value of a record header, as text.
-fn header<M: Message>(message: &M, name: &str) -> Option<String> {
-    message.headers().and_then(|h| {
-        h.iter()
-            .find(|x| x.key == name)
-            .and_then(|x| x.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    })
-}
-
 /// `send`, waiting while librdkafka's buffer is full.
 async fn send_with_backpressure<'a>(
     producer: &Producer,
@@ -188,12 +120,11 @@ async fn send_with_backpressure<'a>(
     }
 }
 
-/// The producer, with delivery reports going to the ledger.
-type Producer = ThreadedProducer<Deliveries>;
-
 /// The Kafka side of the relay.
 pub struct Publisher {
-    producer: Producer,
+    producer: Arc<Producer>,
+    /// Serves delivery reports while the publisher lives.
+    _reports: ReportServer,
     ledger: Arc<Ledger>,
     admin: AdminClient<DefaultClientContext>,
     cfg: KafkaConfig,
@@ -251,10 +182,9 @@ impl Publisher {
             client.set(k, v);
         }
         let ledger = Ledger::new(metrics);
-        let deliveries = Deliveries {
-            ledger: ledger.clone(),
-        };
-        let producer: Producer = client.create_with_context(deliveries).map_err(|e| {
+        let producer: Producer = client
+            .create_with_context(Deliveries::new(ledger.clone()))
+            .map_err(|e| {
             Error::Config(format!(
                 "the kafka producer settings are refused: {}",
                 redact_config_error(&e, &cfg.options)
@@ -265,8 +195,11 @@ impl Publisher {
                 context: "creating the kafka admin client".into(),
                 source: Box::new(e),
             })?;
+        let producer = Arc::new(producer);
+        let reports = ReportServer::start(producer.clone())?;
         Ok(Self {
             producer,
+            _reports: reports,
             ledger,
             admin,
             cfg: cfg.clone(),
