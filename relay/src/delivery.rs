@@ -131,7 +131,9 @@ impl ReportQueue {
         // SAFETY: the client pointer is valid while `producer` lives; the
         // returned handle is released in Drop. librdkafka copies the payload.
         let queue = unsafe { rd::rd_kafka_queue_get_main(producer.client().native_ptr()) };
-        unsafe { rd::rd_kafka_queue_io_event_enable(queue, write.as_raw_fd(), b"1".as_ptr().cast(), 1) };
+        unsafe {
+            rd::rd_kafka_queue_io_event_enable(queue, write.as_raw_fd(), b"1".as_ptr().cast(), 1)
+        };
         Ok(Self {
             queue,
             wake,

@@ -14,8 +14,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _};
 
 use crate::config::{KafkaConfig, TopicTemplate};
-use crate::metrics::Metrics;
 use crate::delivery::{Deliveries, Producer, ReportServer};
+use crate::metrics::Metrics;
 use crate::progress::{Ledger, Ticket};
 use crate::row::OutboxEvent;
 use crate::{Error, Result};
@@ -185,11 +185,11 @@ impl Publisher {
         let producer: Producer = client
             .create_with_context(Deliveries::new(ledger.clone()))
             .map_err(|e| {
-            Error::Config(format!(
-                "the kafka producer settings are refused: {}",
-                redact_config_error(&e, &cfg.options)
-            ))
-        })?;
+                Error::Config(format!(
+                    "the kafka producer settings are refused: {}",
+                    redact_config_error(&e, &cfg.options)
+                ))
+            })?;
         let admin: AdminClient<DefaultClientContext> =
             client.create().map_err(|e| Error::Kafka {
                 context: "creating the kafka admin client".into(),
