@@ -16,7 +16,7 @@ const LATENCY_BOUNDS: [f64; 24] = [
     0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// The relay's metrics; shared by the stream, the delivery task and the server.
+/// The relay's metrics; shared by the stream, the delivery reports and the server.
 #[derive(Debug, Default)]
 pub struct Metrics {
     delivered: AtomicU64,

@@ -17,6 +17,11 @@ use crate::{Result, slot, stream};
 /// Runs until `token` is cancelled (then returns `Ok` after flushing) or a
 /// fatal error. Retryable failures (PostgreSQL restarts, dropped connections,
 /// Kafka outages) reconnect and resume from the slot's confirmed position.
+///
+/// Delivery reports are served by a task spawned on the caller's runtime. The
+/// binary uses a current-thread runtime so that task shares the stream's
+/// thread (records are freed where they were allocated, see `delivery`); on a
+/// multi-thread runtime it works the same, at some CPU cost per event.
 pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
     let metrics = Metrics::new();
     if let Some(addr) = cfg.metrics_addr {

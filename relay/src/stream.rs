@@ -1,6 +1,6 @@
 //! The replication stream: START_REPLICATION on the slot, decoding each
-//! message, publishing outbox inserts as they arrive, feeding positions to
-//! the progress FIFO, and sending standby status updates (the confirmed LSN)
+//! message, publishing outbox inserts as they arrive, recording positions
+//! against delivery tickets, and sending standby status updates (the confirmed LSN)
 //! back to PostgreSQL. One call is one session; the caller reconnects.
 
 use std::collections::HashMap;
@@ -90,7 +90,7 @@ struct Session<'a> {
     /// Tickets handed out, and the positions waiting on them.
     progress: Progress,
     metrics: Arc<Metrics>,
-    /// The newest position pushed into the FIFO.
+    /// The newest position recorded.
     last_position: Lsn,
     last_sent: Option<Lsn>,
     last_sent_at: Instant,
