@@ -117,6 +117,27 @@ async fn an_unreachable_broker_is_reported() {
 }
 
 #[tokio::test]
+async fn a_missing_dead_letter_topic_is_named_at_start() {
+    let f = Fixture::new().await;
+    let before = existing_slot(&f).await;
+    let dlt = format!("{}.dlt", f.topic());
+    let relay = f
+        .relay()
+        .without_create_topics()
+        .arg("--on-undeliverable=dead-letter")
+        .arg(format!("--dead-letter-topic={dlt}"));
+    expect_failure(
+        relay,
+        &[
+            &format!("kafka topic `{dlt}` does not exist (needed by --dead-letter-topic"),
+            "--create-topics",
+        ],
+    )
+    .await;
+    assert_eq!(confirmed_flush(&f.url, &f.slot).await, Some(before));
+}
+
+#[tokio::test]
 async fn a_missing_topic_stops_the_relay_without_skipping_the_event() {
     let f = Fixture::new().await;
     let relay = f.relay().without_create_topics().spawn();

@@ -374,6 +374,18 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
     ))
 }
 
+/// Before a latency run: empty the outbox (its rows are delivered; TRUNCATE
+/// is not an event, the publication publishes inserts only) and checkpoint,
+/// so autovacuum and dirty buffers left by the backlogs do not land in the
+/// latency measurements.
+pub async fn quiesce(env: &Env) -> anyhow::Result<()> {
+    sqlx::query("TRUNCATE outbox").execute(&env.pool).await?;
+    if let Err(err) = sqlx::query("CHECKPOINT").execute(&env.pool).await {
+        eprintln!("bench: CHECKPOINT refused ({err}); going on without it");
+    }
+    Ok(())
+}
+
 /// Result of one steady-load run.
 pub struct Steady {
     pub rate: u64,

@@ -139,14 +139,14 @@ pub enum Error {
 
     /// The topic for an event does not exist and may not be created.
     #[error(
-        "kafka topic `{topic}` does not exist (needed by event {event_id}); create it, or run the \
+        "kafka topic `{topic}` does not exist (needed by {needed_by}); create it, or run the \
          relay with --create-topics"
     )]
     TopicMissing {
         /// The topic.
         topic: String,
-        /// The event that needs it.
-        event_id: String,
+        /// What needs it: an event, or the dead-letter setting.
+        needed_by: String,
     },
 
     /// The brokers could not be reached at start.

@@ -246,7 +246,9 @@ impl Publisher {
     /// Makes sure a topic exists, creating it when allowed. Checked once per
     /// topic and process, because producing to a missing topic only fails after
     /// a long timeout with an error that does not name the topic.
-    pub async fn ensure_topic(&mut self, topic: &str, event_id: &str) -> Result<()> {
+    /// `needed_by` says what needs it, for the error: `event <id>` or the
+    /// dead-letter setting.
+    pub async fn ensure_topic(&mut self, topic: &str, needed_by: &str) -> Result<()> {
         if self.known_topics.contains(topic) {
             return Ok(());
         }
@@ -254,7 +256,7 @@ impl Publisher {
             if !self.cfg.create_topics {
                 return Err(Error::TopicMissing {
                     topic: topic.to_owned(),
-                    event_id: event_id.to_owned(),
+                    needed_by: needed_by.to_owned(),
                 });
             }
             self.create_topic(topic).await?;
@@ -346,7 +348,8 @@ impl Publisher {
             .is_some_and(|c| c.applies_to(event))
         {
             let topic = self.topic_for(event)?;
-            self.ensure_topic(&topic, &event.id).await?;
+            self.ensure_topic(&topic, &format!("event {}", event.id))
+                .await?;
             self.last_topic = Some(TopicChoice {
                 aggregate_type: event.aggregate_type.clone(),
                 event_type: event.event_type.clone(),

@@ -108,7 +108,9 @@ async fn session(
     if !*brokers_checked {
         publisher.check_brokers().await?;
         if let Some(topic) = &cfg.dead_letter_topic {
-            publisher.ensure_topic(topic, "(dead-letter topic)").await?;
+            publisher
+                .ensure_topic(topic, "--dead-letter-topic (OUTBOX_DEAD_LETTER_TOPIC)")
+                .await?;
         }
         *brokers_checked = true;
     }
