@@ -130,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
                 "bench: steady {rate} events/s, {rows} per transaction, {} s",
                 args.seconds
             );
-            scenario::quiesce(&env).await?;
+            scenario::quiesce(&env, scenario::Outbox::Empty).await?;
             let s = scenario::steady(&env, &relay, rate, rows, args.seconds).await?;
             eprintln!(
                 "bench:   p99 {:.1} ms, kept up: {}",

@@ -188,6 +188,7 @@ pub async fn walsender_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
         .execute(&env.pool)
         .await?;
     backlog(env, "bench_limit", n, false).await?;
+    quiesce(env, Outbox::Keep).await?;
     let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
         .fetch_one(&env.pool)
         .await?;
@@ -217,9 +218,9 @@ pub async fn walsender_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
     sqlx::query("SELECT pg_drop_replication_slot('bench_limit')")
         .execute(&env.pool)
         .await?;
-    // Delivered rows may be deleted; without this the relay's first start
-    // would backfill them before the drain.
-    sqlx::query("DELETE FROM outbox").execute(&env.pool).await?;
+    // Without this the relay's first start would backfill these rows before
+    // the drain.
+    sqlx::query("TRUNCATE outbox").execute(&env.pool).await?;
     if !status.success() {
         bail!("pg_recvlogical failed: {status}");
     }
@@ -330,7 +331,9 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
         }
     };
     relay.stop()?;
+    quiesce(env, Outbox::Empty).await?;
     backlog(env, "bench_drain", n, false).await?;
+    quiesce(env, Outbox::Keep).await?;
 
     let relay = Relay::start(env)?;
     let start = Instant::now();
@@ -374,16 +377,30 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
     ))
 }
 
-/// Before a latency run: empty the outbox (its rows are delivered; TRUNCATE
-/// is not an event, the publication publishes inserts only) and checkpoint,
-/// so autovacuum and dirty buffers left by the backlogs do not land in the
-/// latency measurements.
-pub async fn quiesce(env: &Env) -> anyhow::Result<()> {
-    sqlx::query("TRUNCATE outbox").execute(&env.pool).await?;
+/// Quiets the database before a measurement, so work left by earlier writes
+/// (autovacuum of the outbox, dirty buffers for the checkpointer) does not
+/// land in it: `Empty` truncates the outbox (its rows are delivered; TRUNCATE
+/// is not an event, the publication publishes inserts only), `Keep` vacuums
+/// and analyzes a fresh backlog instead. Then a checkpoint.
+pub async fn quiesce(env: &Env, outbox: Outbox) -> anyhow::Result<()> {
+    let sql = match outbox {
+        Outbox::Empty => "TRUNCATE outbox",
+        Outbox::Keep => "VACUUM (ANALYZE) outbox",
+    };
+    sqlx::query(sql).execute(&env.pool).await?;
     if let Err(err) = sqlx::query("CHECKPOINT").execute(&env.pool).await {
         eprintln!("bench: CHECKPOINT refused ({err}); going on without it");
     }
     Ok(())
+}
+
+/// What [`quiesce`] does with the outbox.
+#[derive(Clone, Copy)]
+pub enum Outbox {
+    /// Truncate it.
+    Empty,
+    /// Keep its rows (a backlog about to be read), vacuumed and analyzed.
+    Keep,
 }
 
 /// Result of one steady-load run.
