@@ -192,7 +192,7 @@ impl Layout {
             .ok_or_else(|| bad(format!("column `payload` of {} is null", self.table)))?;
         let headers = match self.headers.and_then(&get) {
             None => Vec::new(),
-            Some(raw) => parse_headers(&raw).map_err(|why| bad(why.to_owned()))?,
+            Some(raw) => parse_headers(raw).map_err(|why| bad(why.to_owned()))?,
         };
         let topic = self.topic.and_then(&text);
         if let Some(t) = &topic
