@@ -258,7 +258,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "## Steady load\n\nWriters: 32 connections, durable commits (`synchronous_commit = on`); before each run the outbox is truncated and a checkpoint taken, so the backlogs of earlier scenarios (autovacuum, dirty buffers) do not land in it. Latency: commit timestamp from pgoutput to Kafka's delivery report, same clock, from the relay's histogram (interpolated within buckets). \"Of which PostgreSQL\" is commit to the transaction's arrival at the relay (WAL flush, decoding, sending): the part the relay cannot shorten.\n"
+        "## Steady load\n\nWriters: 32 connections, staggered evenly over each commit period (not in bursts), durable commits (`synchronous_commit = on`); before each run the outbox is truncated and a checkpoint taken, so the backlogs of earlier scenarios (autovacuum, dirty buffers) do not land in it. Latency: commit timestamp from pgoutput to Kafka's delivery report, same clock, from the relay's histogram (interpolated within buckets). \"Of which PostgreSQL\" is commit to the transaction's arrival at the relay (WAL flush, decoding, sending): the part the relay cannot shorten.\n"
     );
     let _ = writeln!(
         md,

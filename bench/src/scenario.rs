@@ -452,7 +452,11 @@ pub async fn steady(
             // up to 3 x wal_writer_delay later, which would be measured as
             // relay latency.
             let mut conn = pool.acquire().await?;
-            let mut tick = tokio::time::interval(period);
+            // Staggered evenly over the period: started together, the writers
+            // would commit in bursts of 32 transactions (320 events at 10 rows),
+            // which measures queueing behind the burst, not steady load.
+            let offset = period.mul_f64(w as f64 / WRITERS as f64);
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut written = 0u64;
             let mut i = 0u64;
