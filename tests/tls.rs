@@ -1,10 +1,12 @@
-//! TLS to PostgreSQL with a self-signed CA: verify-full succeeds with the CA
-//! and fails clearly without it; require encrypts without verifying.
+//! How the relay reaches PostgreSQL: TLS with a self-signed CA (verify-full
+//! succeeds with the CA and fails clearly without it; require encrypts
+//! without verifying), and a Unix socket.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::fixture::{Fixture, assert_exactly_once};
 use crate::support::postgres::Settings;
 use crate::support::{Postgres, RelayBuilder, Tansu, unique};
 
@@ -159,4 +161,31 @@ async fn require_against_a_server_without_tls_is_refused() {
     let logs = relay.logs();
     assert!(!status.success(), "{logs}");
     assert!(logs.contains("does not accept TLS"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_unix_socket_url_streams_events() {
+    let f = Fixture::new().await;
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    let mut relay = f.relay();
+    relay.database_url = f.pg.socket_url(&db);
+    let mut relay = relay.spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let written = f.write_tx(&[("u1".into(), 1), ("u2".into(), 1)]).await;
+    let records = f.read(2).await;
+    assert_exactly_once(&written, &records);
+    // The walsender's client came through the socket: it has no address.
+    let via_socket: Option<bool> = sqlx::query_scalar(
+        "SELECT a.client_addr IS NULL FROM pg_replication_slots s \
+         JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1",
+    )
+    .bind(&f.slot)
+    .fetch_optional(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(via_socket, Some(true), "{}", relay.logs());
+    assert!(relay.stop().await.success(), "{}", relay.logs());
 }

@@ -210,6 +210,16 @@ impl Postgres {
         )
     }
 
+    /// URL of a database over the cluster's Unix socket (local connections
+    /// are trusted, so no password), in libpq's `host=<directory>` form.
+    pub fn socket_url(&self, db: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}@/{db}?host={}&port={}",
+            self.root.display(),
+            self.port
+        )
+    }
+
     /// Creates an empty database.
     pub async fn create_database(&self, name: &str) -> String {
         let mut conn = PgConnection::connect(&self.url("postgres"))
