@@ -322,3 +322,95 @@ async fn connections_cut_to_postgres_and_kafka_lose_nothing() {
     );
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
+
+/// A record the broker refuses in its delivery report (not at hand-over):
+/// under `--on-undeliverable dead-letter` it goes to the dead-letter topic in
+/// its place, the stream goes on, and the slot confirms past it only once the
+/// dead letter is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_is_dead_lettered_in_its_place() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let (_pg, url, pool) = database().await;
+    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    let dlt = format!("{topic}.dlt");
+    mock.create_topic(&topic, 1, 1).unwrap();
+    mock.create_topic(&dlt, 1, 1).unwrap();
+    let slot = unique("slot");
+    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
+        .arg("--on-undeliverable=dead-letter")
+        .arg(format!("--dead-letter-topic={dlt}"))
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+
+    // Warm up: connection and metadata, so the next Produce request is ours.
+    insert(&pool, &agg, 1, 1).await;
+    consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        1,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
+    insert(&pool, &agg, 2, 2).await;
+    let refused_id: String =
+        sqlx::query_scalar("SELECT id::text FROM outbox WHERE (payload->>'seq')::int = 2")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let letters = consume_settle(
+        &mock.bootstrap_servers(),
+        &[&dlt],
+        1,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(letters.len(), 1, "{}", relay.logs());
+    let letter = &letters[0];
+    assert_eq!(letter.id(), refused_id);
+    assert_eq!(letter.value_json()["seq"], 2, "the payload is kept");
+    assert!(
+        letter
+            .header("outbox.error")
+            .is_some_and(|e| e.contains(&refused_id)),
+        "{:?}",
+        letter.header("outbox.error")
+    );
+    assert_eq!(letter.header("outbox.original_topic"), Some(topic.as_str()));
+
+    // The stream goes on, and the slot confirms past everything.
+    insert(&pool, &agg, 3, 5).await;
+    let end = current_lsn(&pool).await;
+    let records = consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        4,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    let seqs: HashSet<i64> = records
+        .iter()
+        .map(|r| r.value_json()["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, HashSet::from([1, 3, 4, 5]), "{}", relay.logs());
+    wait_for(
+        "the slot to confirm past the dead letter",
+        Duration::from_secs(30),
+        || async {
+            let c = confirmed_flush(&url, &slot).await?;
+            (!lsn_after(&url, &end, &c).await).then_some(())
+        },
+    )
+    .await;
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    assert!(relay.logs().contains("dead_lettered=1"), "{}", relay.logs());
+}
