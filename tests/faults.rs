@@ -414,3 +414,57 @@ async fn a_record_the_broker_refuses_is_dead_lettered_in_its_place() {
     assert!(relay.stop().await.success(), "{}", relay.logs());
     assert!(relay.logs().contains("dead_lettered=1"), "{}", relay.logs());
 }
+
+/// The same refusal under the default policy stops the relay naming the
+/// event, without confirming past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_broker_refuses_stops_the_relay_by_default() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let (_pg, url, pool) = database().await;
+    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    mock.create_topic(&topic, 1, 1).unwrap();
+    let slot = unique("slot");
+    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot).spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    insert(&pool, &agg, 1, 1).await;
+    consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        1,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    let before = current_lsn(&pool).await;
+    wait_for("the slot to catch up", Duration::from_secs(30), || async {
+        let c = confirmed_flush(&url, &slot).await?;
+        (!lsn_after(&url, &before, &c).await).then_some(())
+    })
+    .await;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
+    insert(&pool, &agg, 2, 2).await;
+    let refused_id: String =
+        sqlx::query_scalar("SELECT id::text FROM outbox WHERE (payload->>'seq')::int = 2")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert!(!status.success(), "{logs}");
+    assert!(
+        logs.contains(&format!("kafka did not accept event {refused_id}")),
+        "{logs}"
+    );
+    let confirmed = confirmed_flush(&url, &slot).await.unwrap();
+    let after_refused = current_lsn(&pool).await;
+    assert!(
+        lsn_after(&url, &after_refused, &confirmed).await,
+        "confirmed {confirmed} past the refused event"
+    );
+}
