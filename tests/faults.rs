@@ -201,11 +201,7 @@ async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
     .await;
     // Wait until the slot confirmed everything so far, then take the broker down.
     let caught_up = current_lsn(&pool).await;
-    wait_for("the slot to catch up", Duration::from_secs(30), || async {
-        let c = confirmed_flush(&url, &slot).await?;
-        (!lsn_after(&url, &caught_up, &c).await).then_some(())
-    })
-    .await;
+    wait_confirmed(&url, &slot, &caught_up, "the slot to catch up").await;
     mock.broker_down(1).unwrap();
     let down_at = current_lsn(&pool).await;
     // Writes go on during 30 s of outage.
@@ -323,75 +319,130 @@ async fn connections_cut_to_postgres_and_kafka_lose_nothing() {
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
 
-/// A record the broker refuses in its delivery report (not at hand-over):
-/// under `--on-undeliverable dead-letter` it goes to the dead-letter topic in
-/// its place, the stream goes on, and the slot confirms past it only once the
+/// Waits until the slot has confirmed at least `lsn`.
+async fn wait_confirmed(url: &str, slot: &str, lsn: &str, what: &str) {
+    wait_for(what, Duration::from_secs(30), || async {
+        let c = confirmed_flush(url, slot).await?;
+        (!lsn_after(url, lsn, &c).await).then_some(())
+    })
+    .await;
+}
+
+/// A relay on a mock cluster that delivered event seq 1 of a fresh aggregate
+/// and confirmed it; then the broker refuses the next Produce request in its
+/// delivery report (`INVALID_RECORD`, not at hand-over) and event seq 2 is
+/// written.
+struct BrokerRefusal {
+    _pg: Postgres,
+    url: String,
+    pool: PgPool,
+    mock: MockCluster<'static, DefaultProducerContext>,
+    agg: String,
+    topic: String,
+    /// The dead-letter topic, when the relay runs with one.
+    dlt: Option<String>,
+    slot: String,
+    relay: crate::support::relay::Relay,
+    refused_id: String,
+}
+
+impl BrokerRefusal {
+    async fn start(dead_letter: bool) -> Self {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+        let (pg, url, pool) = database().await;
+        let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+        let agg = unique("agg");
+        let topic = format!("outbox.event.{agg}");
+        mock.create_topic(&topic, 1, 1).unwrap();
+        let slot = unique("slot");
+        let mut builder = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot);
+        let dlt = dead_letter.then(|| format!("{topic}.dlt"));
+        if let Some(dlt) = &dlt {
+            mock.create_topic(dlt, 1, 1).unwrap();
+            builder = builder
+                .arg("--on-undeliverable=dead-letter")
+                .arg(format!("--dead-letter-topic={dlt}"));
+        }
+        let relay = builder.spawn();
+        relay.wait_log("streaming", Duration::from_secs(60)).await;
+
+        // Warm up (connection, metadata), so the next Produce request is seq 2's.
+        insert(&pool, &agg, 1, 1).await;
+        consume_settle(
+            &mock.bootstrap_servers(),
+            &[&topic],
+            1,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+        .await;
+        let before = current_lsn(&pool).await;
+        wait_confirmed(&url, &slot, &before, "the slot to catch up").await;
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+        );
+        insert(&pool, &agg, 2, 2).await;
+        let refused_id: String =
+            sqlx::query_scalar("SELECT id::text FROM outbox WHERE (payload->>'seq')::int = 2")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        Self {
+            _pg: pg,
+            url,
+            pool,
+            mock,
+            agg,
+            topic,
+            dlt,
+            slot,
+            relay,
+            refused_id,
+        }
+    }
+}
+
+/// A record the broker refuses in its delivery report: under
+/// `--on-undeliverable dead-letter` it goes to the dead-letter topic in its
+/// place, the stream goes on, and the slot confirms past it only once the
 /// dead letter is acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_the_broker_refuses_is_dead_lettered_in_its_place() {
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-
-    let (_pg, url, pool) = database().await;
-    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    let agg = unique("agg");
-    let topic = format!("outbox.event.{agg}");
-    let dlt = format!("{topic}.dlt");
-    mock.create_topic(&topic, 1, 1).unwrap();
-    mock.create_topic(&dlt, 1, 1).unwrap();
-    let slot = unique("slot");
-    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
-        .arg("--on-undeliverable=dead-letter")
-        .arg(format!("--dead-letter-topic={dlt}"))
-        .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
-
-    // Warm up: connection and metadata, so the next Produce request is ours.
-    insert(&pool, &agg, 1, 1).await;
-    consume_settle(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        1,
-        Duration::from_secs(60),
-        Duration::ZERO,
-    )
-    .await;
-    mock.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
-    );
-    insert(&pool, &agg, 2, 2).await;
-    let refused_id: String =
-        sqlx::query_scalar("SELECT id::text FROM outbox WHERE (payload->>'seq')::int = 2")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    // Held whole: the clusters live as long as the test.
+    let mut r = BrokerRefusal::start(true).await;
+    let dlt = r.dlt.clone().expect("started with a dead-letter topic");
     let letters = consume_settle(
-        &mock.bootstrap_servers(),
+        &r.mock.bootstrap_servers(),
         &[&dlt],
         1,
         Duration::from_secs(60),
         Duration::ZERO,
     )
     .await;
-    assert_eq!(letters.len(), 1, "{}", relay.logs());
+    assert_eq!(letters.len(), 1, "{}", r.relay.logs());
     let letter = &letters[0];
-    assert_eq!(letter.id(), refused_id);
+    assert_eq!(letter.id(), r.refused_id);
     assert_eq!(letter.value_json()["seq"], 2, "the payload is kept");
     assert!(
         letter
             .header("outbox.error")
-            .is_some_and(|e| e.contains(&refused_id)),
+            .is_some_and(|e| e.contains(&r.refused_id)),
         "{:?}",
         letter.header("outbox.error")
     );
-    assert_eq!(letter.header("outbox.original_topic"), Some(topic.as_str()));
+    assert_eq!(
+        letter.header("outbox.original_topic"),
+        Some(r.topic.as_str())
+    );
 
     // The stream goes on, and the slot confirms past everything.
-    insert(&pool, &agg, 3, 5).await;
-    let end = current_lsn(&pool).await;
+    insert(&r.pool, &r.agg, 3, 5).await;
+    let end = current_lsn(&r.pool).await;
     let records = consume_settle(
-        &mock.bootstrap_servers(),
-        &[&topic],
+        &r.mock.bootstrap_servers(),
+        &[&r.topic],
         4,
         Duration::from_secs(60),
         Duration::from_secs(1),
@@ -399,72 +450,40 @@ async fn a_record_the_broker_refuses_is_dead_lettered_in_its_place() {
     .await;
     let seqs: HashSet<i64> = records
         .iter()
-        .map(|r| r.value_json()["seq"].as_i64().unwrap())
+        .map(|rec| rec.value_json()["seq"].as_i64().unwrap())
         .collect();
-    assert_eq!(seqs, HashSet::from([1, 3, 4, 5]), "{}", relay.logs());
-    wait_for(
+    assert_eq!(seqs, HashSet::from([1, 3, 4, 5]), "{}", r.relay.logs());
+    wait_confirmed(
+        &r.url,
+        &r.slot,
+        &end,
         "the slot to confirm past the dead letter",
-        Duration::from_secs(30),
-        || async {
-            let c = confirmed_flush(&url, &slot).await?;
-            (!lsn_after(&url, &end, &c).await).then_some(())
-        },
     )
     .await;
-    assert!(relay.stop().await.success(), "{}", relay.logs());
-    assert!(relay.logs().contains("dead_lettered=1"), "{}", relay.logs());
+    assert!(r.relay.stop().await.success(), "{}", r.relay.logs());
+    assert!(
+        r.relay.logs().contains("dead_lettered=1"),
+        "{}",
+        r.relay.logs()
+    );
 }
 
 /// The same refusal under the default policy stops the relay naming the
 /// event, without confirming past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_the_broker_refuses_stops_the_relay_by_default() {
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-
-    let (_pg, url, pool) = database().await;
-    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
-    let agg = unique("agg");
-    let topic = format!("outbox.event.{agg}");
-    mock.create_topic(&topic, 1, 1).unwrap();
-    let slot = unique("slot");
-    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
-    insert(&pool, &agg, 1, 1).await;
-    consume_settle(
-        &mock.bootstrap_servers(),
-        &[&topic],
-        1,
-        Duration::from_secs(60),
-        Duration::ZERO,
-    )
-    .await;
-    let before = current_lsn(&pool).await;
-    wait_for("the slot to catch up", Duration::from_secs(30), || async {
-        let c = confirmed_flush(&url, &slot).await?;
-        (!lsn_after(&url, &before, &c).await).then_some(())
-    })
-    .await;
-    mock.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
-    );
-    insert(&pool, &agg, 2, 2).await;
-    let refused_id: String =
-        sqlx::query_scalar("SELECT id::text FROM outbox WHERE (payload->>'seq')::int = 2")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    let status = relay.wait_exit(Duration::from_secs(60)).await;
-    let logs = relay.logs();
+    let mut r = BrokerRefusal::start(false).await;
+    let status = r.relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = r.relay.logs();
     assert!(!status.success(), "{logs}");
     assert!(
-        logs.contains(&format!("kafka did not accept event {refused_id}")),
+        logs.contains(&format!("kafka did not accept event {}", r.refused_id)),
         "{logs}"
     );
-    let confirmed = confirmed_flush(&url, &slot).await.unwrap();
-    let after_refused = current_lsn(&pool).await;
+    let confirmed = confirmed_flush(&r.url, &r.slot).await.unwrap();
+    let after_refused = current_lsn(&r.pool).await;
     assert!(
-        lsn_after(&url, &after_refused, &confirmed).await,
+        lsn_after(&r.url, &after_refused, &confirmed).await,
         "confirmed {confirmed} past the refused event"
     );
 }
