@@ -186,6 +186,19 @@ async fn bad_flags_are_refused_before_connecting() {
             vec!["--kafka-option", "linger.ms"],
             "must be written as key=value",
         ),
+        // Issue 9, path 9: settings that weaken the delivery guarantees.
+        (
+            vec!["--kafka-option", "acks=1"],
+            "--kafka-option acks=1 is refused",
+        ),
+        (
+            vec!["--kafka-option", "message.timeout.ms=300000"],
+            "a finite timeout",
+        ),
+        (
+            vec!["--kafka-option", "enable.idempotence=false"],
+            "without idempotence",
+        ),
         (
             vec!["--on-undeliverable", "shrug"],
             "invalid value 'shrug' for '--on-undeliverable",
@@ -261,7 +274,18 @@ async fn help_documents_every_flag_and_hides_secrets() {
         "OUTBOX_TOPIC_TEMPLATE",
         "OUTBOX_KAFKA_OPTIONS",
         "OUTBOX_CREATE_TOPICS",
+        "OUTBOX_TOPIC_PARTITIONS",
+        "OUTBOX_TOPIC_REPLICATION_FACTOR",
         "OUTBOX_MAX_IN_FLIGHT",
+        "OUTBOX_STATUS_INTERVAL",
+        "OUTBOX_CONNECT_TIMEOUT",
+        "OUTBOX_MAX_BACKOFF",
+        "OUTBOX_ON_UNDELIVERABLE",
+        "OUTBOX_DEAD_LETTER_TOPIC",
+        "OUTBOX_METRICS_ADDR",
+        "OUTBOX_STALL_WARNING",
+        "OUTBOX_SHUTDOWN_TIMEOUT",
+        "OUTBOX_LOG_FORMAT",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::RDKafkaRespErr;
 use sqlx::PgPool;
 
 use crate::support::fixture::{Fixture, Written, assert_records_match};
@@ -179,6 +180,10 @@ fn assert_seqs(records: &[crate::support::Record], n: i64) {
     }
 }
 
+/// Path 2 of issue 9: librdkafka never gives up on a record by itself
+/// (`message.timeout.ms=0`, proved by `publish::tests`), so an outage is
+/// waited out with every aggregate's events in order, the stall is reported
+/// (`--stall-warning`), and nothing is confirmed past the outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
     let (_pg, url, pool) = database().await;
@@ -187,7 +192,10 @@ async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
     let topic = format!("outbox.event.{agg}");
     mock.create_topic(&topic, 3, 1).unwrap();
     let slot = unique("slot");
-    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot).spawn();
+    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
+        .arg("--stall-warning")
+        .arg("3s")
+        .spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
 
     insert(&pool, &agg, 1, 500).await;
@@ -213,6 +221,13 @@ async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
     assert!(
         !lsn_after(&url, &confirmed, &down_at).await,
         "confirmed {confirmed} past {down_at} while the broker was down"
+    );
+    assert!(
+        relay
+            .logs()
+            .contains("kafka has not acknowledged the oldest event handed to it"),
+        "the stall was not reported:\n{}",
+        relay.logs()
     );
     mock.broker_up(1).unwrap();
     let records = consume_settle(
@@ -333,6 +348,8 @@ async fn wait_confirmed(url: &str, slot: &str, lsn: &str, what: &str) {
 /// delivery report (`INVALID_RECORD`, not at hand-over) and event seq 2 is
 /// written.
 struct BrokerRefusal {
+    /// The WAL position just before the refused event was written.
+    mark: String,
     _pg: Postgres,
     url: String,
     pool: PgPool,
@@ -347,8 +364,10 @@ struct BrokerRefusal {
 }
 
 impl BrokerRefusal {
-    async fn start(dead_letter: bool) -> Self {
-        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    /// The broker refuses the next Produce requests with `errors` (one per
+    /// request), and events seq 2 to `last` are written in one transaction.
+    async fn start(dead_letter: bool, errors: &[RDKafkaRespErr], last: i64) -> Self {
+        use rdkafka::types::RDKafkaApiKey;
 
         let (pg, url, pool) = database().await;
         let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
@@ -379,17 +398,16 @@ impl BrokerRefusal {
         .await;
         let before = current_lsn(&pool).await;
         wait_confirmed(&url, &slot, &before, "the slot to catch up").await;
-        mock.request_errors(
-            RDKafkaApiKey::Produce,
-            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
-        );
-        insert(&pool, &agg, 2, 2).await;
+        mock.request_errors(RDKafkaApiKey::Produce, errors);
+        let mark = current_lsn(&pool).await;
+        insert(&pool, &agg, 2, last).await;
         let refused_id: String =
             sqlx::query_scalar("SELECT id::text FROM outbox WHERE (payload->>'seq')::int = 2")
                 .fetch_one(&pool)
                 .await
                 .unwrap();
         Self {
+            mark,
             _pg: pg,
             url,
             pool,
@@ -404,14 +422,17 @@ impl BrokerRefusal {
     }
 }
 
-/// A record the broker refuses in its delivery report: under
-/// `--on-undeliverable dead-letter` it goes to the dead-letter topic in its
-/// place, the stream goes on, and the slot confirms past it only once the
-/// dead letter is acknowledged.
+const INVALID_RECORD: RDKafkaRespErr = RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD;
+
+/// A record the broker refuses in its delivery report, also when it is sent
+/// on its own: under `--on-undeliverable dead-letter` it goes to the
+/// dead-letter topic in its place, the stream goes on, and the slot
+/// confirms past it only once the dead letter is acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_the_broker_refuses_is_dead_lettered_in_its_place() {
-    // Held whole: the clusters live as long as the test.
-    let mut r = BrokerRefusal::start(true).await;
+    // Held whole: the clusters live as long as the test. Two refusals: the
+    // batch, then the record on its own.
+    let mut r = BrokerRefusal::start(true, &[INVALID_RECORD, INVALID_RECORD], 2).await;
     let dlt = r.dlt.clone().expect("started with a dead-letter topic");
     let letters = consume_settle(
         &r.mock.bootstrap_servers(),
@@ -468,22 +489,209 @@ async fn a_record_the_broker_refuses_is_dead_lettered_in_its_place() {
     );
 }
 
-/// The same refusal under the default policy stops the relay naming the
-/// event, without confirming past it.
+/// Path 3 of issue 9: the same refusal under the default policy stops the
+/// relay (exit 1) naming the event, without confirming past it, and nothing
+/// written after it reaches Kafka (the old relay flushed the records behind
+/// it at exit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_the_broker_refuses_stops_the_relay_by_default() {
-    let mut r = BrokerRefusal::start(false).await;
+    let mut r = BrokerRefusal::start(false, &[INVALID_RECORD, INVALID_RECORD], 2).await;
+    insert(&r.pool, &r.agg, 3, 5).await;
     let status = r.relay.wait_exit(Duration::from_secs(60)).await;
     let logs = r.relay.logs();
-    assert!(!status.success(), "{logs}");
+    assert_eq!(status.code(), Some(1), "{logs}");
     assert!(
         logs.contains(&format!("kafka did not accept event {}", r.refused_id)),
         "{logs}"
     );
     let confirmed = confirmed_flush(&r.url, &r.slot).await.unwrap();
-    let after_refused = current_lsn(&r.pool).await;
     assert!(
-        lsn_after(&r.url, &after_refused, &confirmed).await,
-        "confirmed {confirmed} past the refused event"
+        !lsn_after(&r.url, &confirmed, &r.mark).await,
+        "confirmed {confirmed} past the refused event (written after {})",
+        r.mark
     );
+    let records = consume_settle(
+        &r.mock.bootstrap_servers(),
+        &[&r.topic],
+        1,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    )
+    .await;
+    let seqs: Vec<i64> = records
+        .iter()
+        .map(|rec| rec.value_json()["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1], "records after the refused one reached kafka");
+}
+
+/// Paths 3 and 4 of issue 9: the broker refuses a whole batch once (here as
+/// too large, as a topic's `max.message.bytes` does for a batch). librdkafka
+/// fails every record of it; the old relay dead-lettered them all (valid
+/// events, values dropped) and sent the later records ahead of them. Now
+/// the refused records are resent one by one, each is accepted on its own,
+/// nothing is dead-lettered, and every event arrives in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_refused_once_is_resent_in_order_and_parks_nothing() {
+    let too_large = RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE;
+    let mut r = BrokerRefusal::start(true, &[too_large], 20).await;
+    insert(&r.pool, &r.agg, 21, 40).await;
+    let records = consume_settle(
+        &r.mock.bootstrap_servers(),
+        &[&r.topic],
+        40,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_seqs(&records, 40);
+    let dlt = r.dlt.clone().expect("a dead-letter topic");
+    let letters = consume_settle(
+        &r.mock.bootstrap_servers(),
+        &[&dlt],
+        0,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        letters.is_empty(),
+        "valid events were dead-lettered: {letters:?}"
+    );
+    let logs = r.relay.logs();
+    assert!(logs.contains("sending it on its own"), "{logs}");
+    assert!(r.relay.stop().await.success(), "{logs}");
+}
+
+/// Path 7 of issue 9: a permanent error the relay has no class for
+/// (`INVALID_REQUEST`) neither loops republishing the tail (the old relay
+/// retried it forever) nor parks the event: the relay sends the record on
+/// its own, and when that is refused too it stops naming the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unclassified_refusal_stops_the_relay_instead_of_looping() {
+    let invalid = RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_REQUEST;
+    let mut r = BrokerRefusal::start(true, &[invalid, invalid], 2).await;
+    let status = r.relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = r.relay.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(
+        logs.contains(&format!("kafka did not accept event {}", r.refused_id)),
+        "{logs}"
+    );
+    let confirmed = confirmed_flush(&r.url, &r.slot).await.unwrap();
+    assert!(!lsn_after(&r.url, &confirmed, &r.mark).await);
+    let dlt = r.dlt.clone().expect("a dead-letter topic");
+    let letters = consume_settle(
+        &r.mock.bootstrap_servers(),
+        &[&dlt],
+        0,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(letters.is_empty(), "{letters:?}");
+}
+
+/// Path 8 of issue 9: a stop while Kafka is down waits at most
+/// `--shutdown-timeout`, confirms nothing it did not get acknowledged, and
+/// exits 1 saying so (the old relay exited 0). The events are delivered by
+/// the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_unacknowledged_events_exits_non_zero() {
+    let (_pg, url, pool) = database().await;
+    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    mock.create_topic(&topic, 1, 1).unwrap();
+    let slot = unique("slot");
+    let builder = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
+        .arg("--shutdown-timeout")
+        .arg("3s");
+    let mut relay = builder.spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    mock.broker_down(1).unwrap();
+    let mark = current_lsn(&pool).await;
+    insert(&pool, &agg, 1, 50).await;
+    relay.wait_log(" published ", Duration::from_secs(30)).await;
+    let started = std::time::Instant::now();
+    let status = relay.stop().await;
+    let logs = relay.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the stop took {:?}",
+        started.elapsed()
+    );
+    assert!(logs.contains("did not acknowledge"), "{logs}");
+    let confirmed = confirmed_flush(&url, &slot).await.unwrap();
+    assert!(!lsn_after(&url, &confirmed, &mark).await);
+    mock.broker_up(1).unwrap();
+    let mut relay = builder.spawn();
+    let records = consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        50,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_seqs(&records, 50);
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}
+
+/// Paths 1 and 8 of issue 9: SIGTERM during a first-start backfill that
+/// waits on a full window (the broker is down) is honoured within the
+/// shutdown timeout; the slot stays, and the next start delivers every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
+    let (_pg, url, pool) = database().await;
+    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    mock.create_topic(&topic, 2, 1).unwrap();
+    insert(&pool, &agg, 1, 20_000).await;
+    let slot = unique("slot");
+    let builder = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
+        .arg("--max-in-flight")
+        .arg("10")
+        .arg("--shutdown-timeout")
+        .arg("3s");
+    let mut relay = builder.spawn();
+    relay
+        .wait_log("created replication slot", Duration::from_secs(60))
+        .await;
+    mock.broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !relay.logs().contains("backfill complete"),
+        "{}",
+        relay.logs()
+    );
+    let started = std::time::Instant::now();
+    let status = relay.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the stop took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(1), "{}", relay.logs());
+    assert!(
+        confirmed_flush(&url, &slot).await.is_some(),
+        "the slot was dropped"
+    );
+    mock.broker_up(1).unwrap();
+    let mut relay = builder.spawn();
+    relay
+        .wait_log("backfill complete", Duration::from_secs(120))
+        .await;
+    let records = consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        20_000,
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_seqs(&records, 20_000);
+    assert!(relay.stop().await.success(), "{}", relay.logs());
 }

@@ -6,6 +6,7 @@ mod support;
 mod bench;
 mod consumer;
 mod delivery;
+mod edges;
 mod failures;
 mod faults;
 mod library;

@@ -1,119 +1,345 @@
-//! The backfill: when the relay creates its slot, rows already in the outbox
-//! (written before the relay's first start) are read under the slot's
-//! exported snapshot and published, so the stream that follows continues
-//! exactly where the snapshot ends: nothing missed, nothing twice.
+//! The backfill: rows already in the outbox when the relay created its slot
+//! are read from the table and published, in insertion order (`seq`), before
+//! the stream starts at the slot's consistent point.
+//!
+//! The first attempt reads under the snapshot the slot exported, so it ends
+//! exactly where the stream begins. A retried attempt (the first one failed
+//! or was stopped) has no such snapshot any more: it reads under a fresh one,
+//! which also holds rows the stream will send again (duplicates, never
+//! loss), and it continues after the last row Kafka acknowledged together
+//! with every row before it, recorded per table in
+//! `outbox_relay_slot.backfill_progress`.
+
+use std::collections::HashMap;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
-use crate::connection::{Connection, quote_ident, quote_literal};
+use crate::connection::{Connection, Mode, Row, quote_ident, quote_literal};
 use crate::lsn::Lsn;
-use crate::progress::{Progress, Refused};
+use crate::progress::{Progress, Ticket};
 use crate::publish::Publisher;
-use crate::row::Layout;
-use crate::{Error, Result};
+use crate::row::{Layout, OutboxEvent};
+use crate::{Error, Result, route};
 
 const FETCH_SIZE: usize = 1000;
 
-/// Publishes every row of every table in the publication, as of `snapshot`,
-/// and waits until Kafka acknowledged all of them. Returns how many.
+/// How far earlier attempts got: per table (`schema.table`), the highest
+/// `seq` acknowledged together with every row before it.
+pub type Done = HashMap<String, i64>;
+
+/// Publishes every row of every table in the publication (after what `done`
+/// says was acknowledged already), as of `snapshot` (the slot's exported
+/// snapshot) or, without one, a fresh snapshot. Waits until Kafka
+/// acknowledged all of them and records progress as it goes. Returns how
+/// many rows it published.
 pub async fn run(
     sql: &mut Connection,
     cfg: &RelayConfig,
-    snapshot: &str,
+    snapshot: Option<&str>,
+    done: Done,
     publisher: &mut Publisher,
     token: &CancellationToken,
 ) -> Result<u64> {
     sql.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
-    sql.query(&format!(
-        "SET TRANSACTION SNAPSHOT {}",
-        quote_literal(snapshot)
-    ))
-    .await?;
+    if let Some(snapshot) = snapshot {
+        sql.query(&format!(
+            "SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await?;
+    }
+    // Progress is recorded on a connection of its own: this one is in a
+    // read-only transaction, and with an exported snapshot no other command
+    // may run on the replication connection before the snapshot is imported.
+    let book = Connection::connect(&cfg.pg, Mode::Sql).await?;
+    let column = |name: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = \
+             format('%I.%I', schemaname, tablename)::regclass AND a.attname = '{name}' \
+             AND NOT a.attisdropped)::text AS has_{name}"
+        )
+    };
     let tables = sql
         .query(&format!(
-            "SELECT schemaname, tablename, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = \
-             format('%I.%I', schemaname, tablename)::regclass AND a.attname = 'created_at' AND NOT a.attisdropped)::text \
-             AS has_created_at FROM pg_publication_tables WHERE pubname = {}",
+            "SELECT schemaname, tablename, {}, {} FROM pg_publication_tables WHERE pubname = {} \
+             ORDER BY schemaname, tablename",
+            column("seq"),
+            column("created_at"),
             quote_literal(&cfg.publication)
         ))
         .await?;
-    let mut published = 0u64;
-    // Backfilled rows have no position of their own: the slot starts after
-    // the snapshot. Failures stop the backfill under either policy.
-    let progress = Progress::start(publisher.ledger(), Lsn::ZERO, cfg.max_in_flight, false);
+    let mut run = Backfill {
+        sql,
+        book,
+        cfg,
+        publisher,
+        token,
+        done,
+        published: 0,
+    };
     for t in &tables {
-        let schema = t.get("schemaname").unwrap_or_default();
-        let name = t.get("tablename").unwrap_or_default();
-        let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
-        // Commit order is not known for rows already in the table; creation
-        // time (and the time-ordered UUIDv7 id) is the best stand-in.
-        let order = if t.get("has_created_at") == Some("true") {
-            "ORDER BY created_at, id"
-        } else {
-            "ORDER BY id"
+        let table = Table {
+            schema: t.get("schemaname").unwrap_or_default().to_owned(),
+            name: t.get("tablename").unwrap_or_default().to_owned(),
+            has_seq: t.get("has_seq") == Some("true"),
+            has_created_at: t.get("has_created_at") == Some("true"),
         };
-        sql.query(&format!(
-            "DECLARE outbox_backfill NO SCROLL CURSOR FOR SELECT * FROM {table} {order}"
-        ))
-        .await?;
-        loop {
-            if token.is_cancelled() {
-                return Err(Error::Io {
-                    context: "backfill".into(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::Interrupted,
-                        "stopped before it completed",
-                    ),
-                });
+        run.table(&table).await?;
+    }
+    run.sql.query("COMMIT").await?;
+    run.book.terminate().await;
+    Ok(run.published)
+}
+
+struct Table {
+    schema: String,
+    name: String,
+    has_seq: bool,
+    has_created_at: bool,
+}
+
+impl Table {
+    fn key(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+struct Backfill<'a> {
+    sql: &'a mut Connection,
+    book: Connection,
+    cfg: &'a RelayConfig,
+    publisher: &'a mut Publisher,
+    token: &'a CancellationToken,
+    done: Done,
+    published: u64,
+}
+
+/// Why the backfill stopped handing rows to the producer early.
+fn interrupted() -> Error {
+    Error::Io {
+        context: "backfill".into(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "stopped before it completed; the next start continues it",
+        ),
+    }
+}
+
+impl Backfill<'_> {
+    async fn table(&mut self, table: &Table) -> Result<()> {
+        let key = table.key();
+        let after = self.done.get(&key).copied();
+        let quoted = format!(
+            "{}.{}",
+            quote_ident(&table.schema),
+            quote_ident(&table.name)
+        );
+        let query = if table.has_seq {
+            let filter = after.map_or(String::new(), |seq| format!("WHERE seq > {seq} "));
+            format!("SELECT * FROM {quoted} {filter}ORDER BY seq")
+        } else {
+            tracing::warn!(
+                table = %key,
+                "the table has no `seq` column, so the backfill cannot tell the order its rows were \
+                 inserted in (nor resume); it uses created_at, id. Apply the migrations \
+                 (`outbox-relay migrate`) or add `seq bigint GENERATED ALWAYS AS IDENTITY`"
+            );
+            if table.has_created_at {
+                format!("SELECT * FROM {quoted} ORDER BY created_at, id")
+            } else {
+                format!("SELECT * FROM {quoted} ORDER BY id")
             }
-            let (columns, rows) = fetch(sql).await?;
-            if rows.is_empty() {
-                break;
-            }
-            let layout = Layout::for_columns(&format!("{schema}.{name}"), &columns)?;
-            for row in &rows {
-                let event = layout.event_from_row(row, &columns)?;
-                while !progress.has_room() {
-                    check_refusals(&progress)?;
-                    progress.changed().await;
-                }
-                check_refusals(&progress)?;
-                publisher.send(&event, progress.ticket(None)?).await?;
-                published += 1;
+        };
+        if let Some(seq) = after {
+            tracing::info!(table = %key, after_seq = seq, "continuing an interrupted backfill");
+        }
+        self.sql
+            .query(&format!(
+                "DECLARE outbox_backfill NO SCROLL CURSOR FOR {query}"
+            ))
+            .await?;
+        // Positions here are `seq` values: a position is confirmable once
+        // every row up to it is acknowledged, exactly what may be recorded.
+        let mut progress = Progress::start(
+            self.publisher.ledger(),
+            Lsn(after.unwrap_or(0).max(0) as u64),
+            self.cfg.max_in_flight,
+        );
+        let outcome = self.rows(table, &mut progress).await;
+        // Whatever happened, record how far Kafka acknowledged.
+        let outcome = match outcome {
+            Ok(()) => self.settle(&progress).await,
+            Err(err) if is_interruption(&err) => match self.settle(&progress).await {
+                Ok(()) => Err(err),
+                Err(unacked) => Err(unacked),
+            },
+            Err(err) => Err(err),
+        };
+        if table.has_seq {
+            let reached = progress.confirmable().0 as i64;
+            if after.is_none_or(|a| reached > a)
+                && reached > 0
+                && let Err(err) = self.record(&key, reached).await
+            {
+                tracing::warn!(error = %err, table = %key, "cannot record the backfill's progress");
             }
         }
-        sql.query("CLOSE outbox_backfill").await?;
+        outcome?;
+        self.sql.query("CLOSE outbox_backfill").await?;
+        Ok(())
     }
-    sql.query("COMMIT").await?;
-    while !progress.all_settled() {
-        check_refusals(&progress)?;
-        progress.changed().await;
-    }
-    check_refusals(&progress)?;
-    Ok(published)
-}
 
-/// The first record Kafka refused, as the error that stops the backfill.
-fn check_refusals(progress: &Progress) -> Result<()> {
-    match progress.take_refused() {
-        None => Ok(()),
-        Some(Refused::Fatal(err)) => Err(err),
-        Some(Refused::DeadLetter { letter, .. }) => Err(Error::Protocol(format!(
-            "event {} was refused during the backfill: {}",
-            letter.event_id, letter.reason
-        ))),
+    async fn rows(&mut self, table: &Table, progress: &mut Progress) -> Result<()> {
+        let key = table.key();
+        let mut recorded = 0i64;
+        loop {
+            if self.token.is_cancelled() {
+                return Err(interrupted());
+            }
+            let rows = self
+                .sql
+                .query(&format!("FETCH {FETCH_SIZE} FROM outbox_backfill"))
+                .await?;
+            let Some(first) = rows.first() else {
+                return Ok(());
+            };
+            let columns = first.columns().to_vec();
+            let layout = Layout::for_columns(&key, &columns)?;
+            for row in &rows {
+                self.row(&layout, row, &columns, progress).await?;
+                if table.has_seq {
+                    let seq: i64 =
+                        row.get("seq").and_then(|s| s.parse().ok()).ok_or_else(|| {
+                            Error::Protocol(format!("a row of {key} has no readable `seq`"))
+                        })?;
+                    progress.position(Lsn(seq.max(0) as u64));
+                }
+            }
+            if table.has_seq {
+                let reached = progress.confirmable().0 as i64;
+                if reached > recorded {
+                    self.record(&key, reached).await?;
+                    recorded = reached;
+                }
+            }
+        }
     }
-}
 
-async fn fetch(sql: &mut Connection) -> Result<(Vec<String>, Vec<crate::connection::Row>)> {
-    let rows = sql
-        .query(&format!("FETCH {FETCH_SIZE} FROM outbox_backfill"))
+    /// Publishes one row (or its dead letter), or sends it on its own when
+    /// Kafka refused it in a batch before.
+    async fn row(
+        &mut self,
+        layout: &Layout,
+        row: &Row,
+        columns: &[String],
+        progress: &mut Progress,
+    ) -> Result<()> {
+        let event = layout.event_from_row(row, columns);
+        let alone = matches!(&event, Ok(e) if self.publisher.is_suspect(&e.id));
+        if alone {
+            // Nothing else in flight, so the report is about this event.
+            self.wait(progress, None, |p| p.all_settled()).await?;
+        } else {
+            self.wait(progress, None, |p| p.has_room()).await?;
+        }
+        let ticket = progress.ticket(None)?;
+        let id = event.as_ref().map(|e: &OutboxEvent| e.id.clone()).ok();
+        route::publish(
+            self.publisher,
+            ticket,
+            self.cfg.dead_letter_topic.as_deref(),
+            event,
+            |err| layout.dead_letter_from_row(row, columns, err),
+        )
         .await?;
-    let columns = rows
-        .first()
-        .map(|r| r.columns().to_vec())
-        .unwrap_or_default();
-    Ok((columns, rows))
+        self.published += 1;
+        if alone {
+            self.wait(progress, Some(ticket), |p| p.all_settled())
+                .await?;
+            if let Some(id) = id {
+                self.publisher.clear_suspect(&id);
+                tracing::info!(event_id = %id, "the event sent on its own is settled");
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until `ready`, acting on refusals; fails when stopped.
+    async fn wait(
+        &mut self,
+        progress: &Progress,
+        isolated: Option<Ticket>,
+        ready: impl Fn(&Progress) -> bool,
+    ) -> Result<()> {
+        loop {
+            route::act_on_refusals(
+                progress,
+                self.publisher,
+                self.cfg.dead_letter_topic.as_deref(),
+                isolated,
+            )
+            .await?;
+            if ready(progress) {
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                _ = self.token.cancelled() => return Err(interrupted()),
+                _ = progress.changed() => {}
+            }
+        }
+    }
+
+    /// Waits until every row handed over is settled: without a bound while
+    /// running (a broker outage is waited out), within the shutdown timeout
+    /// once stopping.
+    async fn settle(&mut self, progress: &Progress) -> Result<()> {
+        let timeout = self.cfg.shutdown_timeout;
+        let publisher = &mut *self.publisher;
+        let dead_letter_topic = self.cfg.dead_letter_topic.as_deref();
+        let wait = async {
+            loop {
+                route::act_on_refusals(progress, publisher, dead_letter_topic, None).await?;
+                if progress.all_settled() {
+                    return Ok(());
+                }
+                progress.changed().await;
+            }
+        };
+        if self.token.is_cancelled() {
+            match tokio::time::timeout(timeout, wait).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Unacknowledged {
+                    outstanding: progress.outstanding().0 as usize,
+                    timeout,
+                }),
+            }
+        } else {
+            let token = self.token;
+            tokio::select! {
+                biased;
+                result = wait => result,
+                _ = token.cancelled() => Err(interrupted()),
+            }
+        }
+    }
+
+    async fn record(&mut self, key: &str, seq: i64) -> Result<()> {
+        self.book
+            .query(&format!(
+                "UPDATE outbox_relay_slot SET backfill_progress = backfill_progress || \
+                 jsonb_build_object({}, {seq}) WHERE slot_name = {}",
+                quote_literal(key),
+                quote_literal(&self.cfg.slot)
+            ))
+            .await?;
+        self.done.insert(key.to_owned(), seq);
+        Ok(())
+    }
+}
+
+fn is_interruption(err: &Error) -> bool {
+    matches!(err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted)
 }

@@ -93,13 +93,15 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_CREATE_TOPICS")]
     pub create_topics: bool,
 
-    /// Partitions of topics created with --create-topics.
-    #[arg(long, env = "OUTBOX_TOPIC_PARTITIONS", default_value_t = 3)]
-    pub topic_partitions: i32,
+    /// Partitions of topics created with --create-topics (default: the
+    /// broker's num.partitions).
+    #[arg(long, env = "OUTBOX_TOPIC_PARTITIONS")]
+    pub topic_partitions: Option<i32>,
 
-    /// Replication factor of topics created with --create-topics.
-    #[arg(long, env = "OUTBOX_TOPIC_REPLICATION_FACTOR", default_value_t = 1)]
-    pub topic_replication_factor: i32,
+    /// Replication factor of topics created with --create-topics (default:
+    /// the broker's default.replication.factor).
+    #[arg(long, env = "OUTBOX_TOPIC_REPLICATION_FACTOR")]
+    pub topic_replication_factor: Option<i32>,
 
     /// Most events published but not yet acknowledged by Kafka; when reached the
     /// relay stops reading WAL until acknowledgements free room. Bounds memory and
@@ -138,6 +140,13 @@ pub struct RunArgs {
     /// http://ADDR/metrics, e.g. 0.0.0.0:9187. Off when not given.
     #[arg(long, env = "OUTBOX_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Kafka never gives up on an event by itself: when the oldest event
+    /// handed to it has waited this long for an acknowledgement, the relay
+    /// logs a warning (repeated at this interval) and reports it in the
+    /// `outbox_relay_delivery_stalled_seconds` metric, and keeps waiting.
+    #[arg(long, env = "OUTBOX_STALL_WARNING", default_value = "30s", value_parser = parse_duration)]
+    pub stall_warning: Duration,
 
     /// Time allowed on SIGTERM/SIGINT for Kafka to acknowledge what was sent.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -456,10 +465,10 @@ pub struct KafkaConfig {
     pub options: Vec<(String, String)>,
     /// Create missing topics.
     pub create_topics: bool,
-    /// Partitions for created topics.
-    pub topic_partitions: i32,
-    /// Replication factor for created topics.
-    pub topic_replication_factor: i32,
+    /// Partitions for created topics; `None`: the broker's default.
+    pub topic_partitions: Option<i32>,
+    /// Replication factor for created topics; `None`: the broker's default.
+    pub topic_replication_factor: Option<i32>,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -499,6 +508,8 @@ pub struct RelayConfig {
     pub max_backoff: Duration,
     /// Shutdown grace.
     pub shutdown_timeout: Duration,
+    /// When to report a stalled delivery.
+    pub stall_warning: Duration,
     /// The dead-letter topic, when undeliverable events are parked rather than fatal.
     pub dead_letter_topic: Option<String>,
     /// Where to serve metrics.
@@ -525,12 +536,12 @@ impl RelayConfig {
             .filter(|o| !o.trim().is_empty())
             .map(|o| parse_kafka_option(o))
             .collect::<Result<Vec<_>>>()?;
-        if args.topic_partitions < 1 {
+        if args.topic_partitions.is_some_and(|p| p < 1) {
             return Err(Error::Config(
                 "--topic-partitions must be at least 1".into(),
             ));
         }
-        if args.topic_replication_factor < 1 {
+        if args.topic_replication_factor.is_some_and(|r| r < 1) {
             return Err(Error::Config(
                 "--topic-replication-factor must be at least 1".into(),
             ));
@@ -572,6 +583,7 @@ impl RelayConfig {
             connect_timeout: args.connect_timeout,
             max_backoff: args.max_backoff.max(Duration::from_millis(100)),
             shutdown_timeout: args.shutdown_timeout,
+            stall_warning: args.stall_warning.max(Duration::from_secs(1)),
             dead_letter_topic,
             metrics_addr: args.metrics_addr,
         })
@@ -621,7 +633,42 @@ fn parse_kafka_option(option: &str) -> Result<(String, String)> {
             "set the brokers with --kafka-brokers, not --kafka-option {key}=..."
         )));
     }
+    if let Some(why) = weakens_delivery(key, value.trim()) {
+        return Err(Error::Config(format!(
+            "--kafka-option {key}={} is refused: {why}",
+            value.trim()
+        )));
+    }
     Ok((key.to_owned(), value.to_owned()))
+}
+
+/// Producer settings that would break the relay's promise (nothing lost,
+/// nothing reordered), and why. The relay sets these itself.
+fn weakens_delivery(key: &str, value: &str) -> Option<&'static str> {
+    match key {
+        "enable.idempotence" if value != "true" => Some(
+            "without idempotence a retried request can duplicate or reorder records within a partition",
+        ),
+        "acks" | "request.required.acks" if !matches!(value, "all" | "-1") => Some(
+            "only acks=all makes an acknowledged record survive the loss of the partition leader, \
+             and the relay confirms WAL positions on acknowledgement",
+        ),
+        "message.timeout.ms" | "delivery.timeout.ms" if value != "0" => Some(
+            "a finite timeout makes librdkafka fail the oldest records during a long outage and \
+             send the records behind them first (an aggregate's events reordered); the relay waits \
+             without a timeout and reports stalls (--stall-warning)",
+        ),
+        "enable.gapless.guarantee" if value != "true" => Some(
+            "without it, records behind one the broker refused are still sent, ahead of the refused \
+             record's place",
+        ),
+        "retries" | "message.send.max.retries" => Some(
+            "limiting retries makes librdkafka give up on records during an outage; the relay \
+             retries without limit",
+        ),
+        "transactional.id" => Some("the relay's producer is idempotent, not transactional"),
+        _ => None,
+    }
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h` (a bare number means seconds).
@@ -726,6 +773,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--kafka-brokers"));
+    }
+
+    /// Path 9 of issue 9: options that silently weakened the guarantees.
+    #[test]
+    fn options_that_weaken_delivery_are_refused() {
+        for (option, why) in [
+            ("enable.idempotence=false", "without idempotence"),
+            ("acks=1", "acks=all"),
+            ("request.required.acks=0", "acks=all"),
+            ("message.timeout.ms=300000", "finite timeout"),
+            ("delivery.timeout.ms=1000", "finite timeout"),
+            ("enable.gapless.guarantee=false", "refused"),
+            ("retries=3", "retries"),
+            ("transactional.id=x", "not transactional"),
+        ] {
+            let err = parse_kafka_option(option).unwrap_err().to_string();
+            assert!(err.contains(why), "{option}: {err}");
+            assert!(err.contains("is refused"), "{option}: {err}");
+        }
+        for fine in [
+            "enable.idempotence=true",
+            "acks=all",
+            "acks=-1",
+            "message.timeout.ms=0",
+            "linger.ms=5",
+            "compression.type=zstd",
+        ] {
+            assert!(parse_kafka_option(fine).is_ok(), "{fine}");
+        }
     }
 
     #[test]

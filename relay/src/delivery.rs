@@ -70,22 +70,22 @@ impl ProducerContext for Deliveries {
                     topic: message.topic().to_owned(),
                     source: Box::new(source.clone()),
                 };
-                self.ledger.refused(ticket, |dead_letter_policy| {
-                    if ticket.is_dead_letter() {
-                        Refused::Fatal(Error::DeadLetterFailed {
-                            event_id,
-                            reason: header(message, "outbox.error").unwrap_or_default(),
-                            source: Box::new(err),
-                        })
-                    } else if dead_letter_policy && err.is_undeliverable() {
-                        Refused::DeadLetter {
-                            ticket: ticket.for_dead_letter(),
-                            letter: DeadLetter::from_message(message, &err),
-                        }
-                    } else {
-                        Refused::Fatal(err)
+                let refusal = if ticket.is_dead_letter() {
+                    Refused::Fatal(Error::DeadLetterFailed {
+                        event_id,
+                        reason: header(message, "outbox.error").unwrap_or_default(),
+                        source: Box::new(err),
+                    })
+                } else {
+                    // Whether this record is at fault, or only shares a
+                    // refused batch, is decided by the stream.
+                    Refused::Record {
+                        ticket,
+                        letter: DeadLetter::from_message(message, &err),
+                        error: err,
                     }
-                });
+                };
+                self.ledger.refused(ticket, refusal);
             }
         }
     }

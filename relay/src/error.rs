@@ -185,6 +185,34 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// Kafka refused a batch of records in its delivery report. A broker
+    /// refuses whole batches, so which record is at fault is not known: the
+    /// session is replayed with the refused records sent one at a time.
+    #[error(
+        "kafka refused the batch holding event {event_id} for topic `{topic}` ({source}); \
+         resending from the last confirmed position with each refused event sent on its own"
+    )]
+    BatchRefused {
+        /// The first refused event.
+        event_id: String,
+        /// Its topic.
+        topic: String,
+        /// The broker's error.
+        source: Box<KafkaError>,
+    },
+
+    /// A stop whose records were not all acknowledged in time.
+    #[error(
+        "kafka did not acknowledge {outstanding} event(s) within the shutdown timeout of \
+         {timeout:?}; they were not confirmed and will be sent again at the next start"
+    )]
+    Unacknowledged {
+        /// Records handed to the producer without a delivery report.
+        outstanding: usize,
+        /// The shutdown timeout.
+        timeout: std::time::Duration,
+    },
+
     /// Any other Kafka client failure.
     #[error("{context}: {source}")]
     Kafka {
@@ -218,8 +246,13 @@ impl Error {
             Error::Io { .. } => true,
             Error::Server { source, .. } => pg_code_is_retryable(&source.code),
             Error::Delivery { source, .. } | Error::Kafka { source, .. } => {
-                kafka_is_retryable(source)
+                matches!(
+                    kafka_fault(source),
+                    KafkaFault::Transient | KafkaFault::TopicUnknown
+                )
             }
+            // The batch is replayed with the suspect records sent one by one.
+            Error::BatchRefused { .. } => true,
             Error::DeadLetterFailed { source, .. } => source.is_retryable(),
             Error::Database { source, .. } => matches!(
                 **source,
@@ -237,8 +270,90 @@ impl Error {
             | Error::NotAnOutbox { .. }
             | Error::TopicMissing { .. }
             | Error::BrokersUnreachable { .. }
+            | Error::Unacknowledged { .. }
             | Error::Migrate(_) => false,
         }
+    }
+}
+
+/// What a Kafka error means for the relay. This is the one place that
+/// decides; every Kafka error the relay meets goes through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaFault {
+    /// A passing condition (broker down, leader moving, timeouts): wait, or
+    /// reconnect and resume from the slot.
+    Transient,
+    /// The record itself is refused and will be refused again (too large,
+    /// invalid, rejected by a broker policy). Under `--on-undeliverable
+    /// dead-letter` such a record is parked, but only once it is known to be
+    /// the record's own fault: when raised at hand-over, or when the record
+    /// was sent on its own (a broker refuses whole batches).
+    Record,
+    /// The topic is missing or unknown right now (deleted, not yet created):
+    /// configuration, not a bad event. The session is retried and the topic
+    /// checked again, which stops with `TopicMissing` unless
+    /// `--create-topics` is on.
+    TopicUnknown,
+    /// Anything else, including errors this version does not know: stop,
+    /// rather than republish the tail forever or park an event that may be
+    /// fine.
+    Fatal,
+}
+
+/// Classifies a Kafka error; see [`KafkaFault`].
+pub fn kafka_fault(err: &KafkaError) -> KafkaFault {
+    use RDKafkaErrorCode as C;
+    let code = match err {
+        KafkaError::MessageProduction(code)
+        | KafkaError::AdminOp(code)
+        | KafkaError::MetadataFetch(code)
+        | KafkaError::Flush(code) => *code,
+        KafkaError::ClientCreation(_) | KafkaError::ClientConfig(..) => return KafkaFault::Fatal,
+        KafkaError::Canceled => return KafkaFault::Transient,
+        _ => return KafkaFault::Fatal,
+    };
+    match code {
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::InvalidMessage
+        | C::InvalidRecord
+        | C::InvalidTimestamp
+        | C::PolicyViolation
+        | C::MessageBatchTooLarge => KafkaFault::Record,
+        C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownPartition => {
+            KafkaFault::TopicUnknown
+        }
+        C::MessageTimedOut
+        | C::AllBrokersDown
+        | C::BrokerTransportFailure
+        | C::Resolve
+        | C::RequestTimedOut
+        | C::OperationTimedOut
+        | C::TimedOutQueue
+        | C::WaitCache
+        | C::NotLeaderForPartition
+        | C::LeaderNotAvailable
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::NetworkException
+        | C::BrokerNotAvailable
+        | C::ReplicaNotAvailable
+        | C::NotController
+        | C::CoordinatorNotAvailable
+        | C::NotCoordinator
+        | C::CoordinatorLoadInProgress
+        | C::KafkaStorageError
+        | C::FencedLeaderEpoch
+        | C::UnknownLeaderEpoch
+        | C::OffsetNotAvailable
+        | C::PreferredLeaderNotAvailable
+        | C::ThrottlingQuotaExceeded
+        | C::QueueFull
+        | C::WaitingForCoordinator
+        | C::PurgeQueue
+        | C::PurgeInflight
+        | C::BrokerDestroy => KafkaFault::Transient,
+        _ => KafkaFault::Fatal,
     }
 }
 
@@ -255,37 +370,6 @@ pub fn pg_code_is_retryable(code: &str) -> bool {
         || code == "55006"
 }
 
-/// Kafka errors that a retry cannot fix: the record itself or the topic is
-/// refused. Everything else (timeouts, brokers down, leader changes) is
-/// transient.
-pub fn kafka_is_retryable(err: &KafkaError) -> bool {
-    use RDKafkaErrorCode as C;
-    let code = match err {
-        KafkaError::MessageProduction(code) => *code,
-        KafkaError::AdminOp(code) => *code,
-        KafkaError::MetadataFetch(code) => *code,
-        KafkaError::ClientCreation(_) | KafkaError::ClientConfig(..) => return false,
-        _ => return true,
-    };
-    !matches!(
-        code,
-        C::MessageSizeTooLarge
-            | C::InvalidMessageSize
-            | C::InvalidMessage
-            | C::InvalidRecord
-            | C::InvalidTopic
-            | C::UnknownTopic
-            | C::UnknownTopicOrPartition
-            | C::TopicAuthorizationFailed
-            | C::ClusterAuthorizationFailed
-            | C::SaslAuthenticationFailed
-            | C::Authentication
-            | C::InvalidRequiredAcks
-            | C::UnsupportedVersion
-            | C::Fatal
-    )
-}
-
 impl Error {
     /// Whether the error is about one event that Kafka will never take (or a
     /// row that is not a valid event), as opposed to the relay's setup or a
@@ -293,9 +377,25 @@ impl Error {
     pub fn is_undeliverable(&self) -> bool {
         match self {
             Error::BadEvent { .. } => true,
-            Error::Delivery { .. } => !self.is_retryable(),
+            Error::Delivery { source, .. } => kafka_fault(source) == KafkaFault::Record,
             _ => false,
         }
+    }
+
+    /// Whether the record was refused for its size (its value is then not
+    /// repeated in the dead letter).
+    pub fn is_too_large(&self) -> bool {
+        matches!(
+            self,
+            Error::Delivery { source, .. } if matches!(
+                **source,
+                KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageSizeTooLarge
+                        | RDKafkaErrorCode::InvalidMessageSize
+                        | RDKafkaErrorCode::MessageBatchTooLarge
+                )
+            )
+        )
     }
 }
 
@@ -313,18 +413,23 @@ mod tests {
         }
     }
 
+    /// Path 7 of issue 9: permanent errors that were not classified looped
+    /// forever republishing the tail. Every code lands in one class, and
+    /// codes not known here stop the relay.
     #[test]
     fn classifies_kafka_errors() {
         use RDKafkaErrorCode as C;
+        let fault = |c| kafka_fault(&KafkaError::MessageProduction(c));
         for code in [
             C::MessageSizeTooLarge,
-            C::TopicAuthorizationFailed,
-            C::InvalidTopic,
+            C::InvalidRecord,
+            C::PolicyViolation,
+            C::MessageBatchTooLarge,
         ] {
-            assert!(
-                !kafka_is_retryable(&KafkaError::MessageProduction(code)),
-                "{code:?}"
-            );
+            assert_eq!(fault(code), KafkaFault::Record, "{code:?}");
+        }
+        for code in [C::UnknownTopicOrPartition, C::UnknownTopic] {
+            assert_eq!(fault(code), KafkaFault::TopicUnknown, "{code:?}");
         }
         for code in [
             C::MessageTimedOut,
@@ -332,12 +437,36 @@ mod tests {
             C::NotLeaderForPartition,
             C::QueueFull,
         ] {
-            assert!(
-                kafka_is_retryable(&KafkaError::MessageProduction(code)),
-                "{code:?}"
-            );
+            assert_eq!(fault(code), KafkaFault::Transient, "{code:?}");
         }
-        assert!(!kafka_is_retryable(&KafkaError::ClientCreation("x".into())));
+        for code in [
+            C::TopicAuthorizationFailed,
+            C::ClusterAuthorizationFailed,
+            C::InvalidRequest,
+            C::Fatal,
+            C::GaplessGuarantee,
+            C::InvalidTopic,
+            C::UnsupportedVersion,
+            C::OutOfOrderSequenceNumber,
+        ] {
+            assert_eq!(fault(code), KafkaFault::Fatal, "{code:?}");
+        }
+        assert_eq!(
+            kafka_fault(&KafkaError::ClientCreation("x".into())),
+            KafkaFault::Fatal
+        );
+        let delivery = |c| Error::Delivery {
+            event_id: "e".into(),
+            topic: "t".into(),
+            source: Box::new(KafkaError::MessageProduction(c)),
+        };
+        // Unknown and fatal codes neither retry nor dead-letter.
+        assert!(!delivery(C::InvalidRequest).is_retryable());
+        assert!(!delivery(C::InvalidRequest).is_undeliverable());
+        assert!(delivery(C::UnknownTopicOrPartition).is_retryable());
+        assert!(!delivery(C::UnknownTopicOrPartition).is_undeliverable());
+        assert!(delivery(C::MessageSizeTooLarge).is_undeliverable());
+        assert!(delivery(C::MessageSizeTooLarge).is_too_large());
     }
 
     #[test]

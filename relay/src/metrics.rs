@@ -24,6 +24,9 @@ pub struct Metrics {
     sessions: AtomicU64,
     confirmed_lsn: AtomicU64,
     server_lsn: AtomicU64,
+    /// Seconds the oldest unacknowledged record has waited past the stall
+    /// threshold (0: not stalled), as f64 bits.
+    stalled_seconds: AtomicU64,
     commit_to_ack: Histogram,
     commit_to_receive: Histogram,
 }
@@ -115,6 +118,13 @@ impl Metrics {
         self.server_lsn.fetch_max(lsn, Ordering::Relaxed);
     }
 
+    /// How long the oldest record handed to Kafka has waited, once that is
+    /// longer than `--stall-warning`; 0 when deliveries move.
+    pub fn stalled(&self, seconds: f64) {
+        self.stalled_seconds
+            .store(seconds.to_bits(), Ordering::Relaxed);
+    }
+
     /// Events delivered so far.
     pub fn delivered_total(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
@@ -169,6 +179,14 @@ impl Metrics {
             "outbox_relay_lag_bytes",
             "Server WAL position minus confirmed position.",
             server.saturating_sub(confirmed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outbox_relay_delivery_stalled_seconds How long the oldest event handed to Kafka has waited \
+             for its acknowledgement, once longer than --stall-warning (0: deliveries move).\n\
+             # TYPE outbox_relay_delivery_stalled_seconds gauge\n\
+             outbox_relay_delivery_stalled_seconds {}",
+            f64::from_bits(self.stalled_seconds.load(Ordering::Relaxed))
         );
         self.commit_to_ack.render(
             &mut out,

@@ -70,16 +70,18 @@ impl Ticket {
 /// A record Kafka refused, waiting for the stream to act on it.
 #[derive(Debug)]
 pub enum Refused {
-    /// Under `--on-undeliverable dead-letter`: send `letter` with `ticket`
-    /// (the refused record's place), so nothing after it is confirmed
-    /// before the dead letter is acknowledged.
-    DeadLetter {
-        /// The refused record's place, marked as a dead letter.
+    /// Kafka refused a record in its delivery report. What that means
+    /// depends on whether the record was sent on its own (see `stream`):
+    /// brokers refuse whole batches.
+    Record {
+        /// The refused record's place.
         ticket: Ticket,
-        /// What to send to the dead-letter topic.
+        /// Why (an [`Error::Delivery`]).
+        error: Error,
+        /// What a dead letter for it would hold.
         letter: DeadLetter,
     },
-    /// Stop: the record's position stays unconfirmed.
+    /// Stop: a dead letter was refused too.
     Fatal(Error),
 }
 
@@ -117,7 +119,6 @@ struct State {
     /// Wake the stream when `settled_below` reaches this.
     wake_at: u64,
     refused: VecDeque<Refused>,
-    dead_letter_policy: bool,
     totals: Totals,
 }
 
@@ -140,7 +141,6 @@ impl Ledger {
                 ring: Vec::new(),
                 wake_at: u64::MAX,
                 refused: VecDeque::new(),
-                dead_letter_policy: false,
                 totals: Totals::default(),
             }),
             changed: Notify::new(),
@@ -192,9 +192,8 @@ impl Ledger {
         }
     }
 
-    /// Kafka refused the record holding `ticket` for good. `decide` gets
-    /// whether the dead-letter policy is on and says what to do.
-    pub fn refused(&self, ticket: Ticket, decide: impl FnOnce(bool) -> Refused) {
+    /// Kafka refused the record holding `ticket` for good.
+    pub fn refused(&self, ticket: Ticket, refusal: Refused) {
         let mut s = self.lock();
         let seq = ticket.seq();
         if seq < s.base || seq >= s.next {
@@ -203,7 +202,6 @@ impl Ledger {
             tracing::debug!(seq, "ignoring a delivery failure from an earlier session");
             return;
         }
-        let refusal = decide(s.dead_letter_policy);
         s.refused.push_back(refusal);
         self.any_refused.store(true, Ordering::Release);
         drop(s);
@@ -223,9 +221,10 @@ pub struct Progress {
 
 impl Progress {
     /// Opens a session on `ledger` from `start`, with room for `window`
-    /// unsettled records. With `dead_letter_policy`, records Kafka refuses
-    /// for good come back as [`Refused::DeadLetter`].
-    pub fn start(ledger: Arc<Ledger>, start: Lsn, window: usize, dead_letter_policy: bool) -> Self {
+    /// unsettled records. Reports for tickets of earlier sessions are
+    /// ignored from now on: call it only once the producer holds none of
+    /// their records (see `Publisher::drain`).
+    pub fn start(ledger: Arc<Ledger>, start: Lsn, window: usize) -> Self {
         {
             let mut s = ledger.lock();
             s.base = s.next;
@@ -234,7 +233,6 @@ impl Progress {
             s.wake_at = u64::MAX;
             s.refused.clear();
             ledger.any_refused.store(false, Ordering::Release);
-            s.dead_letter_policy = dead_letter_policy;
             s.totals = Totals::default();
         }
         Self {
@@ -336,6 +334,24 @@ impl Progress {
     pub fn totals(&self) -> Totals {
         self.ledger.lock().totals
     }
+
+    /// Records handed out and not settled yet, and the watermark below
+    /// which every ticket is settled (it moves whenever Kafka acknowledges
+    /// the oldest outstanding record): for reporting a stalled delivery.
+    pub fn outstanding(&self) -> (u64, u64) {
+        let s = self.ledger.lock();
+        (s.next - s.settled_below, s.settled_below)
+    }
+}
+
+impl Ledger {
+    /// Takes every refusal not acted on, for the relay to learn which
+    /// records to send on their own in the next session.
+    pub fn take_all_refused(&self) -> Vec<Refused> {
+        let mut s = self.lock();
+        self.any_refused.store(false, Ordering::Release);
+        s.refused.drain(..).collect()
+    }
 }
 
 #[cfg(test)]
@@ -344,7 +360,7 @@ mod tests {
 
     fn progress(window: usize) -> (Arc<Ledger>, Progress) {
         let ledger = Ledger::new(Metrics::new());
-        let progress = Progress::start(ledger.clone(), Lsn(10), window, false);
+        let progress = Progress::start(ledger.clone(), Lsn(10), window);
         (ledger, progress)
     }
 
@@ -402,21 +418,24 @@ mod tests {
     #[test]
     fn a_dead_letter_settles_the_refused_records_place() {
         let ledger = Ledger::new(Metrics::new());
-        let mut p = Progress::start(ledger.clone(), Lsn(0), 4, true);
+        let mut p = Progress::start(ledger.clone(), Lsn(0), 4);
         let a = p.ticket(None).unwrap();
         p.position(Lsn(50));
-        ledger.refused(a, |policy| {
-            assert!(policy);
-            Refused::DeadLetter {
-                ticket: a.for_dead_letter(),
+        ledger.refused(
+            a,
+            Refused::Record {
+                ticket: a,
+                error: Error::Protocol("refused".into()),
                 letter: DeadLetter::default(),
-            }
-        });
+            },
+        );
         assert_eq!(p.confirmable(), Lsn(0), "refused, not settled");
-        let Some(Refused::DeadLetter { ticket, .. }) = p.take_refused() else {
-            panic!("a dead letter is due");
+        let Some(Refused::Record { ticket, .. }) = p.take_refused() else {
+            panic!("a refusal is due");
         };
-        ledger.acknowledged(ticket);
+        assert_eq!(ticket, a);
+        assert!(!p.all_settled(), "a refused record is not settled");
+        ledger.acknowledged(ticket.for_dead_letter());
         assert_eq!(p.confirmable(), Lsn(50));
         assert_eq!(
             p.totals(),
@@ -430,12 +449,12 @@ mod tests {
     #[test]
     fn reports_from_an_earlier_session_are_ignored() {
         let ledger = Ledger::new(Metrics::new());
-        let old = Progress::start(ledger.clone(), Lsn(0), 4, false);
+        let old = Progress::start(ledger.clone(), Lsn(0), 4);
         let stale = old.ticket(None).unwrap();
-        let mut p = Progress::start(ledger.clone(), Lsn(0), 4, false);
+        let mut p = Progress::start(ledger.clone(), Lsn(0), 4);
         let fresh = p.ticket(None).unwrap();
         p.position(Lsn(9));
-        ledger.refused(stale, |_| Refused::Fatal(Error::Protocol("x".into())));
+        ledger.refused(stale, Refused::Fatal(Error::Protocol("x".into())));
         ledger.acknowledged(stale);
         assert!(p.take_refused().is_none());
         assert_eq!(p.confirmable(), Lsn(0));

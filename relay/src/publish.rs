@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -12,11 +12,12 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{KafkaConfig, TopicTemplate};
 use crate::delivery::{Deliveries, Producer, ReportServer};
 use crate::metrics::Metrics;
-use crate::progress::{Ledger, Ticket};
+use crate::progress::{Ledger, Refused, Ticket};
 use crate::row::OutboxEvent;
 use crate::{Error, Result};
 
@@ -48,7 +49,7 @@ impl DeadLetter {
         Self {
             event_id: event.id.clone(),
             key: Some(event.aggregate_id.as_bytes().to_vec()),
-            value: (!is_too_large(err)).then(|| event.payload.to_vec()),
+            value: (!err.is_too_large()).then(|| event.payload.to_vec()),
             headers,
             original_topic,
             reason: err.to_string(),
@@ -72,7 +73,7 @@ impl DeadLetter {
         Self {
             event_id,
             key: message.key().map(<[u8]>::to_vec),
-            value: if is_too_large(err) {
+            value: if err.is_too_large() {
                 None
             } else {
                 message.payload().map(<[u8]>::to_vec)
@@ -82,17 +83,6 @@ impl DeadLetter {
             reason: err.to_string(),
         }
     }
-}
-
-fn is_too_large(err: &Error) -> bool {
-    matches!(
-        err,
-        Error::Delivery { source, .. } if matches!(
-            **source,
-            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)
-                | KafkaError::MessageProduction(RDKafkaErrorCode::InvalidMessageSize)
-        )
-    )
 }
 
 /// `send`, waiting while librdkafka's buffer is full.
@@ -124,8 +114,13 @@ async fn send_with_backpressure<'a>(
 pub struct Publisher {
     producer: Arc<Producer>,
     /// Serves delivery reports while the publisher lives.
-    _reports: ReportServer,
+    reports: ReportServer,
+    /// The producer's settings, to make a new one after a fatal error.
+    client: ClientConfig,
     ledger: Arc<Ledger>,
+    /// Events Kafka refused as part of a batch: the next session sends each
+    /// of them on its own, to learn whether the event itself is refused.
+    suspects: HashSet<String>,
     admin: AdminClient<DefaultClientContext>,
     cfg: KafkaConfig,
     template: TopicTemplate,
@@ -162,45 +157,20 @@ impl Publisher {
         timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("client.id", "outbox-relay")
-            // Idempotence gives acks=all and retries that keep per-partition order.
-            .set("enable.idempotence", "true")
-            // 1 ms, not librdkafka's 5: at 1,000 events/s it cut p50
-            // commit-to-ack from 7 to 3 ms (0 ms: 1 ms, but more CPU per
-            // event at 5,000/s); under a backlog batches fill regardless.
-            .set("linger.ms", "1")
-            // Bound librdkafka's own buffer; the relay's window bounds the rest.
-            .set("queue.buffering.max.kbytes", "32768")
-            .set(
-                "queue.buffering.max.messages",
-                (max_in_flight + 1024).max(10_000).to_string(),
-            );
-        for (k, v) in &cfg.options {
-            client.set(k, v);
-        }
+        let client = producer_config(cfg, max_in_flight);
         let ledger = Ledger::new(metrics);
-        let producer: Producer = client
-            .create_with_context(Deliveries::new(ledger.clone()))
-            .map_err(|e| {
-                Error::Config(format!(
-                    "the kafka producer settings are refused: {}",
-                    redact_config_error(&e, &cfg.options)
-                ))
-            })?;
+        let (producer, reports) = make_producer(&client, &ledger, &cfg.options)?;
         let admin: AdminClient<DefaultClientContext> =
             client.create().map_err(|e| Error::Kafka {
                 context: "creating the kafka admin client".into(),
                 source: Box::new(e),
             })?;
-        let producer = Arc::new(producer);
-        let reports = ReportServer::start(producer.clone())?;
         Ok(Self {
             producer,
-            _reports: reports,
+            reports,
+            client,
             ledger,
+            suspects: HashSet::new(),
             admin,
             cfg: cfg.clone(),
             template,
@@ -208,6 +178,71 @@ impl Publisher {
             last_topic: None,
             timeout,
         })
+    }
+
+    /// Waits until the producer holds no record of an earlier session and
+    /// every delivery report was served, so that nothing from that session
+    /// can reach Kafka after the next one starts resending from the slot.
+    /// Refused records found on the way become suspects. Then, if the
+    /// producer hit a fatal error, replaces it. Returns `Ok(false)` when
+    /// `token` was cancelled first.
+    pub async fn drain(&mut self, token: &CancellationToken) -> Result<bool> {
+        let started = Instant::now();
+        let mut logged = None::<Instant>;
+        while self.producer.in_flight_count() > 0 {
+            if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
+                && started.elapsed() >= Duration::from_secs(1)
+            {
+                tracing::warn!(
+                    records = self.producer.in_flight_count(),
+                    waited = ?started.elapsed(),
+                    "waiting for kafka to acknowledge the previous session's records before resending from the slot"
+                );
+                logged = Some(Instant::now());
+            }
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return Ok(false),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        for refused in self.ledger.take_all_refused() {
+            if let Refused::Record { error, letter, .. } = refused
+                && is_suspect(&error)
+            {
+                self.suspects.insert(letter.event_id);
+            }
+        }
+        if let Some(fatal) = self.producer.client().fatal_error() {
+            tracing::warn!(
+                code = ?fatal.0,
+                reason = %fatal.1,
+                "the kafka producer stopped for good; replacing it"
+            );
+            let (producer, reports) = make_producer(&self.client, &self.ledger, &self.cfg.options)?;
+            // The old one holds nothing (drained above): dropping it loses nothing.
+            self.reports = reports;
+            self.producer = producer;
+        }
+        // Topics may have been deleted or created meanwhile: check again.
+        self.known_topics.clear();
+        self.last_topic = None;
+        Ok(true)
+    }
+
+    /// Whether an event was refused in a batch and must be sent on its own.
+    pub fn is_suspect(&self, event_id: &str) -> bool {
+        !self.suspects.is_empty() && self.suspects.contains(event_id)
+    }
+
+    /// Marks an event as no longer suspect (it was sent on its own).
+    pub fn clear_suspect(&mut self, event_id: &str) {
+        self.suspects.remove(event_id);
+    }
+
+    /// Records handed to the producer without a delivery report served yet.
+    pub fn in_flight(&self) -> usize {
+        self.producer.in_flight_count().max(0) as usize
     }
 
     /// Fails with a clear error when no broker answers within the timeout.
@@ -266,6 +301,11 @@ impl Publisher {
     }
 
     async fn topic_exists(&self, topic: &str) -> Result<bool> {
+        Ok(self.topic_partitions(topic).await? > 0)
+    }
+
+    /// How many partitions the topic has (0: it does not exist).
+    async fn topic_partitions(&self, topic: &str) -> Result<usize> {
         let producer = self.producer.clone();
         let timeout = self.timeout;
         let name = topic.to_owned();
@@ -281,14 +321,16 @@ impl Publisher {
         Ok(metadata
             .topics()
             .iter()
-            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len()))
     }
 
     async fn create_topic(&self, topic: &str) -> Result<()> {
+        // -1: the broker's defaults (num.partitions, default.replication.factor).
         let new = NewTopic::new(
             topic,
-            self.cfg.topic_partitions,
-            TopicReplication::Fixed(self.cfg.topic_replication_factor),
+            self.cfg.topic_partitions.unwrap_or(-1),
+            TopicReplication::Fixed(self.cfg.topic_replication_factor.unwrap_or(-1)),
         );
         let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
         let results = self
@@ -299,13 +341,10 @@ impl Publisher {
                 context: format!("creating kafka topic `{topic}`"),
                 source: Box::new(source),
             })?;
+        let mut created = false;
         for result in results {
             match result {
-                Ok(_) => tracing::info!(
-                    topic,
-                    partitions = self.cfg.topic_partitions,
-                    "created kafka topic"
-                ),
+                Ok(_) => created = true,
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((_, code)) => {
                     return Err(Error::Kafka {
@@ -318,7 +357,11 @@ impl Publisher {
         // Wait until the new topic shows up in metadata, so the first records
         // are not held back by librdkafka's unknown-topic handling.
         let deadline = tokio::time::Instant::now() + self.timeout;
-        while !self.topic_exists(topic).await? {
+        let partitions = loop {
+            let n = self.topic_partitions(topic).await?;
+            if n > 0 {
+                break n;
+            }
             if tokio::time::Instant::now() > deadline {
                 return Err(Error::Kafka {
                     context: format!(
@@ -328,6 +371,17 @@ impl Publisher {
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if created {
+            tracing::info!(
+                topic,
+                partitions,
+                replication_factor = %self
+                    .cfg
+                    .topic_replication_factor
+                    .map_or("broker default".to_owned(), |r| r.to_string()),
+                "created kafka topic (--create-topics)"
+            );
         }
         Ok(())
     }
@@ -437,6 +491,81 @@ impl Publisher {
     }
 }
 
+/// The producer's settings: the relay's delivery settings, then the user's
+/// `--kafka-option`s (which cannot weaken them: see `config`).
+fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", "outbox-relay")
+        // Idempotence gives acks=all and retries that keep per-partition order.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        // librdkafka never gives up on a record by itself. With a finite
+        // timeout, a long outage fails the oldest records, bumps the
+        // idempotent producer's epoch and sends the records queued behind
+        // them first: an aggregate's events reordered. The relay reports
+        // a stalled delivery instead (log and metric) and keeps waiting.
+        .set("message.timeout.ms", "0")
+        // A record refused after it was sent leaves a gap in its
+        // partition; without this librdkafka bumps the epoch and sends
+        // the records behind it anyway. With it, the producer stops
+        // (a fatal error) and the relay replays from its confirmed
+        // position, sending the refused records one by one (see `stream`).
+        .set("enable.gapless.guarantee", "true")
+        // 1 ms, not librdkafka's 5: at 1,000 events/s it cut p50
+        // commit-to-ack from 7 to 3 ms (0 ms: 1 ms, but more CPU per
+        // event at 5,000/s); under a backlog batches fill regardless.
+        .set("linger.ms", "1")
+        // Bound librdkafka's own buffer; the relay's window bounds the rest.
+        .set("queue.buffering.max.kbytes", "32768")
+        .set(
+            "queue.buffering.max.messages",
+            (max_in_flight + 1024).max(10_000).to_string(),
+        );
+    for (k, v) in &cfg.options {
+        client.set(k, v);
+    }
+    client
+}
+
+/// Creates a producer settling tickets in `ledger`, and starts serving its
+/// delivery reports.
+fn make_producer(
+    client: &ClientConfig,
+    ledger: &Arc<Ledger>,
+    options: &[(String, String)],
+) -> Result<(Arc<Producer>, ReportServer)> {
+    let producer: Producer = client
+        .create_with_context(Deliveries::new(ledger.clone()))
+        .map_err(|e| {
+            Error::Config(format!(
+                "the kafka producer settings are refused: {}",
+                redact_config_error(&e, options)
+            ))
+        })?;
+    let producer = Arc::new(producer);
+    let reports = ReportServer::start(producer.clone())?;
+    Ok((producer, reports))
+}
+
+/// Whether a refusal in a delivery report makes its record a suspect: any
+/// refusal except those that only follow from another record's (a purged
+/// queue, the producer's fatal error).
+fn is_suspect(error: &Error) -> bool {
+    match error {
+        Error::Delivery { source, .. } => !matches!(
+            **source,
+            KafkaError::MessageProduction(
+                RDKafkaErrorCode::PurgeQueue
+                    | RDKafkaErrorCode::PurgeInflight
+                    | RDKafkaErrorCode::Fatal
+            )
+        ),
+        _ => false,
+    }
+}
+
 /// librdkafka echoes the offending value in configuration errors; replace any
 /// option value (which may be a password) before it reaches a log.
 fn redact_config_error(err: &KafkaError, options: &[(String, String)]) -> String {
@@ -452,6 +581,33 @@ fn redact_config_error(err: &KafkaError, options: &[(String, String)]) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Path 2 of issue 9 (the default): librdkafka never fails a record by
+    /// itself, and a refused record stops the producer rather than letting
+    /// the records behind it through; librdkafka accepts the combination.
+    #[test]
+    fn the_producer_never_gives_up_and_never_skips_a_refused_record() {
+        let cfg = KafkaConfig {
+            brokers: "127.0.0.1:1".into(),
+            options: vec![("linger.ms".into(), "5".into())],
+            create_topics: false,
+            topic_partitions: None,
+            topic_replication_factor: None,
+        };
+        let client = producer_config(&cfg, 100);
+        for (key, want) in [
+            ("message.timeout.ms", "0"),
+            ("enable.gapless.guarantee", "true"),
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "5"),
+        ] {
+            assert_eq!(client.get(key), Some(want), "{key}");
+        }
+        client
+            .create::<rdkafka::producer::BaseProducer>()
+            .expect("librdkafka accepts the relay's settings");
+    }
 
     #[test]
     fn redacts_option_values_in_errors() {

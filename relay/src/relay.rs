@@ -10,9 +10,10 @@ use tracing::Instrument;
 
 use crate::config::RelayConfig;
 use crate::connection::{Connection, Mode};
+use crate::lock::SlotLock;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::{Result, slot, stream};
+use crate::{Error, Result, slot, stream};
 
 /// Runs until `token` is cancelled (then returns `Ok` after flushing) or a
 /// fatal error. Retryable failures (PostgreSQL restarts, dropped connections,
@@ -59,11 +60,36 @@ pub async fn run_with_metrics(
         metrics.clone(),
     )?;
     let mut backoff = Backoff::new(cfg.max_backoff);
+    let mut lock = SlotLock::new();
     // The brokers are checked once, at the first session that reaches that
     // point: an unreachable broker at start is a configuration problem, later
     // outages are waited out.
     let mut brokers_checked = false;
     let result = loop {
+        // No record of an earlier session may reach Kafka after this one
+        // starts resending from the slot's confirmed position: it would land
+        // after records that follow it (see `Publisher::drain`).
+        match publisher.drain(&token).await {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(err) => break Err(err),
+        }
+        // One instance works the slot at a time, the backfill included.
+        match lock.ensure(&cfg, &token).await {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(err) if err.is_retryable() => {
+                let wait = backoff.next();
+                tracing::warn!(error = %err, retry_in = ?wait, "cannot take the slot lock; retrying");
+                tokio::select! {
+                    biased;
+                    _ = token.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            Err(err) => break Err(err),
+        }
         let span = tracing::info_span!("session", slot = %cfg.slot);
         let outcome = session(&cfg, &mut publisher, &token, &mut brokers_checked, &metrics)
             .instrument(span)
@@ -73,8 +99,12 @@ pub async fn run_with_metrics(
             // Interrupted by the shutdown itself (for example mid-backfill):
             // nothing was confirmed past what Kafka acknowledged.
             Err(err) if err.is_retryable() && token.is_cancelled() => {
-                tracing::info!(error = %err, "stopped during start-up");
+                tracing::info!(error = %err, "stopped");
                 break Ok(());
+            }
+            // Not a failure of the relay's connections: resend at once.
+            Err(err @ Error::BatchRefused { .. }) => {
+                tracing::warn!(error = %err, "relay interrupted; resuming from the slot");
             }
             Err(err) if err.is_retryable() => {
                 let wait = backoff.next();
@@ -88,11 +118,24 @@ pub async fn run_with_metrics(
             Err(err) => break Err(err),
         }
     };
-    // Dropping a producer purges what it still holds: flush first.
-    if let Err(err) = publisher.flush(cfg.shutdown_timeout).await {
-        tracing::warn!(error = %err, "flushing the producer at exit failed");
+    // Dropping a producer purges what it still holds: flush first. After a
+    // refusal the producer holds nothing behind the refused record (the
+    // gapless guarantee stops it), so this sends only records before it.
+    let flushed = publisher.flush(cfg.shutdown_timeout).await;
+    lock.release().await;
+    let outstanding = publisher.in_flight();
+    match (result, flushed) {
+        (Err(err), _) => Err(err),
+        (Ok(()), _) if outstanding > 0 => Err(Error::Unacknowledged {
+            outstanding,
+            timeout: cfg.shutdown_timeout,
+        }),
+        (Ok(()), Err(err)) => {
+            tracing::warn!(error = %err, "flushing the producer at exit failed");
+            Ok(())
+        }
+        (Ok(()), Ok(())) => Ok(()),
     }
-    result
 }
 
 async fn session(

@@ -141,10 +141,21 @@ impl Layout {
     /// dead-letter topic: the id, the aggregate id as key, the payload as
     /// value, the other text columns as headers.
     pub fn dead_letter(&self, tuple: &[Cell], err: &Error) -> DeadLetter {
-        let text = |i: usize| match tuple.get(i) {
-            Some(Cell::Text(b)) => Some(b.clone()),
-            _ => None,
-        };
+        self.salvage(
+            |i| match tuple.get(i) {
+                Some(Cell::Text(b)) => Some(b.clone()),
+                _ => None,
+            },
+            err,
+        )
+    }
+
+    /// [`dead_letter`](Self::dead_letter) for a row of a query result.
+    pub fn dead_letter_from_row(&self, row: &Row, columns: &[String], err: &Error) -> DeadLetter {
+        self.salvage(|i| row.get_bytes(&columns[i]).cloned(), err)
+    }
+
+    fn salvage(&self, text: impl Fn(usize) -> Option<Bytes>, err: &Error) -> DeadLetter {
         let names = ["id", "aggregate_type", "aggregate_id", "event_type"];
         let headers = names
             .iter()
@@ -160,7 +171,7 @@ impl Layout {
             headers,
             original_topic: self
                 .topic
-                .and_then(text)
+                .and_then(&text)
                 .map(|b| String::from_utf8_lossy(&b).into_owned()),
             reason: err.to_string(),
         }

@@ -2,6 +2,12 @@
 //! health), creating the slot with an exported snapshot and a backfill of the
 //! rows already in the outbox, and the bookkeeping that makes that backfill
 //! crash-safe (table `outbox_relay_slot`).
+//!
+//! The relay never drops a slot. Until the backfill is recorded as complete
+//! nothing is streamed, so the slot's confirmed position stays at its
+//! consistent point and keeps every transaction committed since; a failed or
+//! stopped backfill is retried (see `backfill`) and the stream then starts
+//! from that point.
 
 use tokio_util::sync::CancellationToken;
 
@@ -94,26 +100,38 @@ pub async fn prepare(
                     .replace("<slot>", slot),
             ));
         }
-        match bookkeeping {
-            Some(Bookkeeping { backfilled: false }) => {
-                // A previous start created the slot but did not finish the
-                // backfill: start over, or the rows it missed would be lost.
-                tracing::warn!(slot = %slot, "slot exists but its backfill never completed; dropping and recreating it");
-                conn.query(&format!(
-                    "SELECT pg_drop_replication_slot({})",
-                    quote_literal(slot)
-                ))
-                .await?;
-            }
-            _ => {
-                let lsn = row
-                    .get("confirmed_flush_lsn")
-                    .and_then(|s| s.parse::<Lsn>().ok());
-                tracing::info!(slot = %slot, confirmed_flush_lsn = %lsn.unwrap_or_default(), "resuming from existing slot");
-                return Ok(lsn);
-            }
+        let lsn = row
+            .get("confirmed_flush_lsn")
+            .and_then(|s| s.parse::<Lsn>().ok());
+        if let Some(Bookkeeping {
+            backfilled: false,
+            done,
+        }) = bookkeeping
+        {
+            // A previous start created the slot but its backfill did not
+            // complete. The slot has kept every change since its consistent
+            // point (nothing was confirmed), so only the rows that were
+            // already in the table are missing: read them again, under a
+            // fresh snapshot, after what was acknowledged.
+            tracing::warn!(
+                slot = %slot,
+                consistent_point = %lsn.unwrap_or_default(),
+                "the slot's backfill did not complete; continuing it under a fresh snapshot \
+                 (events already in Kafka may be sent again)"
+            );
+            let mut sql = Connection::connect(&cfg.pg, Mode::Sql).await?;
+            let published = backfill::run(&mut sql, cfg, None, done, publisher, token).await?;
+            mark_backfilled(&mut sql, slot).await?;
+            sql.terminate().await;
+            tracing::info!(slot = %slot, events = published, "backfill complete");
+        } else {
+            tracing::info!(slot = %slot, confirmed_flush_lsn = %lsn.unwrap_or_default(), "resuming from existing slot");
         }
-    } else if let Some(Bookkeeping { backfilled: true }) = bookkeeping {
+        return Ok(lsn);
+    } else if let Some(Bookkeeping {
+        backfilled: true, ..
+    }) = bookkeeping
+    {
         return Err(Error::SlotUnusable {
             slot: slot.clone(),
             reason: format!(
@@ -132,24 +150,53 @@ pub async fn prepare(
 
 struct Bookkeeping {
     backfilled: bool,
+    /// Progress of an incomplete backfill.
+    done: backfill::Done,
 }
 
 async fn bookkeeping(conn: &mut Connection, slot: &str) -> Result<Option<Bookkeeping>> {
     let rows = conn
         .query(&format!(
-            "SELECT (backfilled_at IS NOT NULL)::text AS backfilled FROM outbox_relay_slot WHERE slot_name = {}",
+            "SELECT (backfilled_at IS NOT NULL)::text AS backfilled, backfill_progress::text AS progress \
+             FROM outbox_relay_slot WHERE slot_name = {}",
             quote_literal(slot)
         ))
         .await
         .map_err(|e| match e {
-            Error::Server { source, .. } if source.code == "42P01" => Error::Config(
-                "table outbox_relay_slot does not exist; apply the migrations with `outbox-relay migrate`".into(),
-            ),
+            Error::Server { source, .. } if source.code == "42P01" || source.code == "42703" => {
+                Error::Config(
+                    "the relay's bookkeeping table outbox_relay_slot is missing or out of date; apply \
+                     the migrations with `outbox-relay migrate`"
+                        .into(),
+                )
+            }
             other => other,
         })?;
-    Ok(rows.first().map(|r| Bookkeeping {
-        backfilled: r.get("backfilled") == Some("true"),
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let done = match row.get("progress") {
+        None => backfill::Done::new(),
+        Some(text) => serde_json::from_str(text).map_err(|e| {
+            Error::Config(format!(
+                "outbox_relay_slot.backfill_progress of slot `{slot}` is not a JSON object of \
+                 table names to numbers ({e}); set it to '{{}}' to backfill from the start"
+            ))
+        })?,
+    };
+    Ok(Some(Bookkeeping {
+        backfilled: row.get("backfilled") == Some("true"),
+        done,
     }))
+}
+
+async fn mark_backfilled(sql: &mut Connection, slot: &str) -> Result<()> {
+    sql.query(&format!(
+        "UPDATE outbox_relay_slot SET backfilled_at = now() WHERE slot_name = {}",
+        quote_literal(slot)
+    ))
+    .await?;
+    Ok(())
 }
 
 async fn create_with_backfill(
@@ -160,12 +207,15 @@ async fn create_with_backfill(
 ) -> Result<Lsn> {
     let slot = &cfg.slot;
     let mut sql = Connection::connect(&cfg.pg, Mode::Sql).await?;
-    // Recorded before the slot exists: if we crash anywhere from here until
-    // the backfill is marked done, the next start drops and recreates the slot.
+    // Recorded before the slot exists, so a slot of ours always has its
+    // bookkeeping row: if we stop anywhere from here until the backfill is
+    // marked done, the next start continues the backfill (or creates the
+    // slot, if it was not created). A new slot starts its backfill from the
+    // beginning: progress recorded against an earlier slot does not apply.
     sql.query(&format!(
         "INSERT INTO outbox_relay_slot (slot_name, publication_name) VALUES ({}, {}) \
          ON CONFLICT (slot_name) DO UPDATE SET publication_name = EXCLUDED.publication_name, \
-         created_at = now(), backfilled_at = NULL",
+         created_at = now(), backfilled_at = NULL, backfill_progress = '{{}}'",
         quote_literal(slot),
         quote_literal(&cfg.publication)
     ))
@@ -195,12 +245,16 @@ async fn create_with_backfill(
         .to_owned();
     tracing::info!(slot = %slot, consistent_point = %consistent_point, "created replication slot");
 
-    let published = backfill::run(&mut sql, cfg, &snapshot, publisher, token).await?;
-    sql.query(&format!(
-        "UPDATE outbox_relay_slot SET backfilled_at = now() WHERE slot_name = {}",
-        quote_literal(slot)
-    ))
+    let published = backfill::run(
+        &mut sql,
+        cfg,
+        Some(&snapshot),
+        backfill::Done::new(),
+        publisher,
+        token,
+    )
     .await?;
+    mark_backfilled(&mut sql, slot).await?;
     sql.terminate().await;
     tracing::info!(slot = %slot, events = published, "backfill complete");
     Ok(consistent_point)

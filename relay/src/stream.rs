@@ -15,10 +15,10 @@ use crate::connection::{Backend, Connection, quote_ident, quote_literal};
 use crate::decode::{self, LogicalMessage, ReplicationMessage};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::progress::{Progress, Refused};
+use crate::progress::Progress;
 use crate::publish::{DeadLetter, Publisher};
 use crate::row::Layout;
-use crate::{Error, Result};
+use crate::{Error, Result, route};
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -57,12 +57,7 @@ pub async fn run(
     }
     tracing::info!(slot = %cfg.slot, start_lsn = %start_lsn, "streaming");
 
-    let progress = Progress::start(
-        publisher.ledger(),
-        start_lsn,
-        cfg.max_in_flight,
-        cfg.dead_letter_topic.is_some(),
-    );
+    let progress = Progress::start(publisher.ledger(), start_lsn, cfg.max_in_flight);
     metrics.session_started();
     let mut session = Session {
         conn,
@@ -75,6 +70,8 @@ pub async fn run(
         last_position: start_lsn,
         last_sent: None,
         last_sent_at: Instant::now(),
+        isolated: None,
+        stall: Stall::default(),
     };
     let ended = session.pump(publisher, token).await;
     session.finish(publisher, ended).await
@@ -94,6 +91,18 @@ struct Session<'a> {
     last_position: Lsn,
     last_sent: Option<Lsn>,
     last_sent_at: Instant,
+    /// The ticket of a record sent on its own, while it waits for its report.
+    isolated: Option<crate::progress::Ticket>,
+    stall: Stall,
+}
+
+/// Whether the oldest record handed to Kafka has waited too long.
+#[derive(Default)]
+struct Stall {
+    /// The settled watermark last seen, and since when it has not moved.
+    watermark: u64,
+    since: Option<Instant>,
+    warned_at: Option<Instant>,
 }
 
 impl Session<'_> {
@@ -131,6 +140,7 @@ impl Session<'_> {
                 _ = self.progress.changed(), if !room => self.act_on_refusals(publisher).await?,
                 _ = tick.tick() => {
                     self.act_on_refusals(publisher).await?;
+                    self.check_stall();
                     let lsn = self.progress.confirmable();
                     let due = self.last_sent != Some(lsn)
                         || self.last_sent_at.elapsed() >= self.cfg.status_interval;
@@ -141,7 +151,7 @@ impl Session<'_> {
                 // Reading WAL only with room in the window is the backpressure:
                 // a full window stops the stream until acknowledgements arrive.
                 msg = self.conn.recv(), if room => {
-                    self.handle(msg?, publisher).await?;
+                    self.handle(msg?, publisher, token).await?;
                     if self.progress.any_refused() {
                         self.act_on_refusals(publisher).await?;
                     }
@@ -153,23 +163,135 @@ impl Session<'_> {
         }
     }
 
-    /// Sends the dead letters due and fails on the first fatal refusal.
-    async fn act_on_refusals(&mut self, publisher: &Publisher) -> Result<()> {
-        while let Some(refused) = self.progress.take_refused() {
-            match refused {
-                Refused::DeadLetter { ticket, letter } => {
-                    let topic = self.cfg.dead_letter_topic.as_deref().ok_or_else(|| {
-                        Error::Protocol("a dead letter is due without a dead-letter topic".into())
-                    })?;
-                    publisher.send_dead_letter(topic, &letter, ticket).await?;
+    /// Acts on refusals from delivery reports (see [`route::act_on_refusals`]).
+    async fn act_on_refusals(&mut self, publisher: &mut Publisher) -> Result<()> {
+        route::act_on_refusals(
+            &self.progress,
+            publisher,
+            self.cfg.dead_letter_topic.as_deref(),
+            self.isolated,
+        )
+        .await
+    }
+
+    /// Reports a delivery that has not moved for `--stall-warning`: Kafka
+    /// never gives up on a record by itself, so a long outage shows here.
+    fn check_stall(&mut self) {
+        let (outstanding, watermark) = self.progress.outstanding();
+        if outstanding == 0 || watermark != self.stall.watermark || self.stall.since.is_none() {
+            if self.stall.warned_at.is_some() && outstanding == 0 {
+                tracing::info!("kafka acknowledges again; the stalled delivery resumed");
+            }
+            self.stall = Stall {
+                watermark,
+                since: (outstanding > 0).then(Instant::now),
+                warned_at: None,
+            };
+            self.metrics.stalled(0.0);
+            return;
+        }
+        let waited = self.stall.since.map(|t| t.elapsed()).unwrap_or_default();
+        if waited < self.cfg.stall_warning {
+            return;
+        }
+        self.metrics.stalled(waited.as_secs_f64());
+        if self
+            .stall
+            .warned_at
+            .is_none_or(|t| t.elapsed() >= self.cfg.stall_warning)
+        {
+            tracing::warn!(
+                waited = ?waited,
+                records = outstanding,
+                "kafka has not acknowledged the oldest event handed to it; the relay keeps waiting \
+                 (records are never given up) and confirms nothing past it; check the brokers"
+            );
+            self.stall.warned_at = Some(Instant::now());
+        }
+    }
+
+    /// Waits until every record handed out is settled, acting on refusals
+    /// and keeping the server's `wal_sender_timeout` from firing with status
+    /// updates. Returns `Ok(false)` when `token` is cancelled first.
+    async fn wait_settled(
+        &mut self,
+        publisher: &mut Publisher,
+        token: &CancellationToken,
+    ) -> Result<bool> {
+        let heartbeat = self.cfg.status_interval.min(Duration::from_secs(1));
+        loop {
+            self.act_on_refusals(publisher).await?;
+            if self.progress.all_settled() {
+                return Ok(true);
+            }
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return Ok(false),
+                _ = self.progress.changed() => {}
+                _ = tokio::time::sleep(heartbeat) => {
+                    self.check_stall();
+                    let lsn = self.progress.confirmable();
+                    self.send_status(lsn, false).await?;
                 }
-                Refused::Fatal(err) => return Err(err),
             }
         }
+    }
+
+    /// Sends an event Kafka refused as part of a batch on its own, with
+    /// nothing else in flight, so its report says whether the event itself
+    /// is refused. Nothing after it is read until it is settled.
+    async fn send_alone(
+        &mut self,
+        event: crate::row::OutboxEvent,
+        publisher: &mut Publisher,
+        token: &CancellationToken,
+    ) -> Result<()> {
+        let context = format!("sending event {} on its own", event.id);
+        let interrupted = || Error::Io {
+            context: context.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "stopped before kafka answered; it is sent again at the next start",
+            ),
+        };
+        tracing::info!(event_id = %event.id, "kafka refused a batch holding this event; sending it on its own");
+        if !self.wait_settled(publisher, token).await? {
+            return Err(interrupted());
+        }
+        let ticket = self.progress.ticket(self.commit_ts)?;
+        self.isolated = Some(ticket);
+        let dead_letter_topic = self.cfg.dead_letter_topic.clone();
+        let id = event.id.clone();
+        let salvage_topic = publisher.topic_for(&event).ok();
+        route::publish(
+            publisher,
+            ticket,
+            dead_letter_topic.as_deref(),
+            Ok(event),
+            |err| DeadLetter {
+                event_id: id.clone(),
+                original_topic: salvage_topic,
+                reason: err.to_string(),
+                ..DeadLetter::default()
+            },
+        )
+        .await?;
+        let settled = self.wait_settled(publisher, token).await;
+        self.isolated = None;
+        if !settled? {
+            return Err(interrupted());
+        }
+        publisher.clear_suspect(&id);
+        tracing::info!(event_id = %id, "the event sent on its own is settled");
         Ok(())
     }
 
-    async fn handle(&mut self, msg: Backend, publisher: &mut Publisher) -> Result<()> {
+    async fn handle(
+        &mut self,
+        msg: Backend,
+        publisher: &mut Publisher,
+        token: &CancellationToken,
+    ) -> Result<()> {
         let data = match msg {
             Backend::CopyData(data) => data,
             Backend::Error(source) => {
@@ -210,7 +332,8 @@ impl Session<'_> {
                     lsn: wal_start,
                     source,
                 })?;
-                self.handle_logical(msg, wal_start, publisher).await?;
+                self.handle_logical(msg, wal_start, publisher, token)
+                    .await?;
             }
             ReplicationMessage::Keepalive {
                 wal_end,
@@ -238,6 +361,7 @@ impl Session<'_> {
         msg: LogicalMessage,
         wal_start: Lsn,
         publisher: &mut Publisher,
+        token: &CancellationToken,
     ) -> Result<()> {
         match msg {
             LogicalMessage::Begin {
@@ -263,33 +387,25 @@ impl Session<'_> {
                         "insert into relation {rel_oid} before its Relation message"
                     ))
                 })?;
-                let ticket = self.progress.ticket(self.commit_ts)?;
-                let dead_letter_topic = self.cfg.dead_letter_topic.as_deref();
-                // A record refused at once (larger than message.max.bytes, an
-                // illegal topic) or a row that is not a valid event: under the
-                // dead-letter policy, park it in its own place in the order.
-                let letter = match layout.event(&tuple) {
-                    Ok(event) => match publisher.send(&event, ticket).await {
-                        Ok(()) => {
-                            tracing::debug!(event_id = %event.id, lsn = %wal_start, "published");
-                            None
-                        }
-                        Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => {
-                            let topic = publisher.topic_for(&event).ok();
-                            Some(DeadLetter::from_event(&event, topic, &err))
-                        }
-                        Err(err) => return Err(err),
-                    },
-                    Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => {
-                        Some(layout.dead_letter(&tuple, &err))
-                    }
-                    Err(err) => return Err(err),
-                };
-                if let (Some(letter), Some(topic)) = (letter, dead_letter_topic) {
-                    publisher
-                        .send_dead_letter(topic, &letter, ticket.for_dead_letter())
-                        .await?;
+                let event = layout.event(&tuple);
+                if let Ok(event) = &event
+                    && publisher.is_suspect(&event.id)
+                {
+                    let event = event.clone();
+                    return self.send_alone(event, publisher, token).await;
                 }
+                let ticket = self.progress.ticket(self.commit_ts)?;
+                if let Ok(event) = &event {
+                    tracing::debug!(event_id = %event.id, lsn = %wal_start, "published");
+                }
+                route::publish(
+                    publisher,
+                    ticket,
+                    self.cfg.dead_letter_topic.as_deref(),
+                    event,
+                    |err| layout.dead_letter(&tuple, err),
+                )
+                .await?;
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
@@ -332,28 +448,15 @@ impl Session<'_> {
 
     /// Waits (bounded by the shutdown timeout) until every record handed to
     /// the producer is settled, sending dead letters still due.
-    async fn settle_all(&mut self, publisher: &Publisher) -> Result<()> {
+    async fn settle_all(&mut self, publisher: &mut Publisher) -> Result<()> {
         let timeout = self.cfg.shutdown_timeout;
-        let wait = async {
-            loop {
-                self.act_on_refusals(publisher).await?;
-                if self.progress.all_settled() {
-                    // A refusal may have arrived just before the last report.
-                    return self.act_on_refusals(publisher).await;
-                }
-                self.progress.changed().await;
-            }
-        };
-        match tokio::time::timeout(timeout, wait).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::Kafka {
-                context: format!(
-                    "kafka did not acknowledge all events within the shutdown timeout of {timeout:?}; \
-                     unacknowledged events will be sent again at the next start"
-                ),
-                source: Box::new(rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::MessageTimedOut,
-                )),
+        // Cancelled already: the wait is bounded by the timeout alone.
+        let never = CancellationToken::new();
+        match tokio::time::timeout(timeout, self.wait_settled(publisher, &never)).await {
+            Ok(result) => result.map(|_| ()),
+            Err(_) => Err(Error::Unacknowledged {
+                outstanding: self.progress.outstanding().0 as usize,
+                timeout,
             }),
         }
     }
@@ -361,7 +464,7 @@ impl Session<'_> {
     /// Ends the session: on shutdown waits for outstanding deliveries
     /// (bounded by the shutdown timeout), confirms what was acknowledged, and
     /// closes the stream.
-    async fn finish(mut self, publisher: &Publisher, ended: Result<()>) -> Result<()> {
+    async fn finish(mut self, publisher: &mut Publisher, ended: Result<()>) -> Result<()> {
         let result = match ended {
             Ok(()) => self.settle_all(publisher).await,
             Err(e) => Err(e),

@@ -137,3 +137,45 @@ pub async fn consume_settle(
     }
     records
 }
+
+fn admin(brokers: &str) -> rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client")
+}
+
+/// Creates a topic (the relay runs without `--create-topics` in tests that
+/// need a topic to be missing first).
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let results = admin(brokers)
+        .create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e:?}"));
+    }
+}
+
+/// Deletes a topic.
+pub async fn delete_topic(brokers: &str, topic: &str) {
+    use rdkafka::admin::AdminOptions;
+    let results = admin(brokers)
+        .delete_topics(
+            &[topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("delete topics");
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("delete topic {t}: {e:?}"));
+    }
+}

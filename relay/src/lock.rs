@@ -1,0 +1,160 @@
+//! The slot lock: one relay instance works a slot at a time, from the
+//! backfill through streaming. It is a PostgreSQL session advisory lock keyed
+//! by the slot name, held on a connection of its own for as long as the
+//! instance works the slot; a second instance (a rolling deploy, a standby)
+//! waits for it and says so in its log.
+//!
+//! Why a lock and not the slot's own `active_pid`: a slot is active only
+//! while a walsender streams from it. During the first-start backfill nobody
+//! streams, and a second instance would start its own backfill beside the
+//! first one's.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::Result;
+use crate::config::RelayConfig;
+use crate::connection::{Connection, Mode, quote_literal};
+
+/// How often a waiting instance tries the lock again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How often a waiting instance repeats that it is waiting.
+const REPEAT_WAITING_LOG: Duration = Duration::from_secs(60);
+
+/// The lock on one slot, held while `conn` lives.
+pub struct SlotLock {
+    conn: Option<Connection>,
+}
+
+impl SlotLock {
+    /// Not held yet.
+    pub fn new() -> Self {
+        Self { conn: None }
+    }
+
+    /// Makes sure this instance holds the lock: checks that the connection
+    /// holding it is still alive (the lock dies with it, for example in a
+    /// PostgreSQL restart), and otherwise takes it again, waiting while
+    /// another instance has it. Returns `Ok(false)` when `token` was
+    /// cancelled before the lock was taken.
+    pub async fn ensure(&mut self, cfg: &RelayConfig, token: &CancellationToken) -> Result<bool> {
+        if let Some(conn) = &mut self.conn {
+            // A connection that died took the lock with it; another instance
+            // may hold it by now, so take it again through the waiting path.
+            let alive = matches!(
+                conn.query(&format!("SELECT pg_try_advisory_lock({}) AS held", key(&cfg.slot)))
+                    .await
+                    .as_deref(),
+                Ok([row]) if row.get("held") == Some("t")
+            );
+            if alive {
+                // Session advisory locks stack: release the extra one.
+                let _ = conn
+                    .query(&format!("SELECT pg_advisory_unlock({})", key(&cfg.slot)))
+                    .await;
+                return Ok(true);
+            }
+            tracing::warn!(slot = %cfg.slot, "the connection holding the slot lock was lost; taking the lock again");
+            self.conn = None;
+        }
+        let mut conn = Connection::connect(&cfg.pg, Mode::Sql).await?;
+        let mut last_log: Option<Instant> = None;
+        loop {
+            let rows = conn
+                .query(&format!(
+                    "SELECT pg_try_advisory_lock({}) AS held",
+                    key(&cfg.slot)
+                ))
+                .await?;
+            if rows.first().and_then(|r| r.get("held")) == Some("t") {
+                if last_log.is_some() {
+                    tracing::info!(slot = %cfg.slot, "took over the slot lock; this instance now works the slot");
+                }
+                self.conn = Some(conn);
+                return Ok(true);
+            }
+            if last_log.is_none_or(|t| t.elapsed() >= REPEAT_WAITING_LOG) {
+                let holder = holder(&mut conn, &cfg.slot).await;
+                tracing::info!(
+                    slot = %cfg.slot,
+                    holder = %holder,
+                    "another relay instance works this slot; waiting (standby) until it stops"
+                );
+                last_log = Some(Instant::now());
+            }
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => {
+                    conn.terminate().await;
+                    return Ok(false);
+                }
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
+            }
+        }
+    }
+
+    /// Releases the lock (closing its connection releases it too).
+    pub async fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.terminate().await;
+        }
+    }
+}
+
+impl Default for SlotLock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The advisory lock key of a slot: a 64-bit hash of a fixed prefix and the
+/// slot name, computed by the server (so every instance agrees).
+fn key(slot: &str) -> String {
+    format!(
+        "hashtextextended({}, 0)",
+        quote_literal(&format!("outbox-relay slot {slot}"))
+    )
+}
+
+/// Who holds the lock, for the log: the backend's pid, application name and
+/// client address (visible to the relay's role for its own sessions).
+async fn holder(conn: &mut Connection, slot: &str) -> String {
+    let sql = format!(
+        "SELECT l.pid::text AS pid, coalesce(a.application_name, '') AS app, \
+         coalesce(host(a.client_addr), 'local') AS addr \
+         FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+         AND ((l.classid::bigint << 32) | l.objid::bigint) = {}",
+        key(slot)
+    );
+    match conn.query(&sql).await {
+        Ok(rows) => rows
+            .first()
+            .map(|r| {
+                format!(
+                    "backend pid {} ({} from {})",
+                    r.get("pid").unwrap_or("?"),
+                    r.get("app").unwrap_or("?"),
+                    r.get("addr").unwrap_or("?")
+                )
+            })
+            .unwrap_or_else(|| "unknown (it may have just been released)".to_owned()),
+        Err(err) => format!("unknown ({err})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_computed_by_the_server_from_the_slot_name() {
+        assert_eq!(
+            key("outbox_relay"),
+            "hashtextextended('outbox-relay slot outbox_relay', 0)"
+        );
+        // Quoting: slot names are validated, but the key must be safe anyway.
+        assert!(key("a'b").contains("'outbox-relay slot a''b'"));
+    }
+}
