@@ -175,7 +175,13 @@ impl Backfill<'_> {
                 Ok(()) => Err(err),
                 Err(unacked) => Err(unacked),
             },
-            Err(err) => Err(err),
+            // Stopping on an error: give what was handed over a bounded
+            // chance to be acknowledged, so the retry need not resend it.
+            Err(err) => {
+                let timeout = self.cfg.shutdown_timeout;
+                let _ = tokio::time::timeout(timeout, self.settle(&progress)).await;
+                Err(err)
+            }
         };
         if table.has_seq {
             let reached = progress.confirmable().0 as i64;

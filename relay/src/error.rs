@@ -201,6 +201,19 @@ pub enum Error {
         source: Box<KafkaError>,
     },
 
+    /// Kafka refused an event sent on its own, under the dead-letter policy:
+    /// the next session parks it in its place.
+    #[error(
+        "kafka refused event {event_id} on its own ({source}); it goes to the dead-letter topic \
+         in its place once the producer restarts"
+    )]
+    RefusedAlone {
+        /// The refused event.
+        event_id: String,
+        /// The refusal (an `Error::Delivery`).
+        source: Box<Error>,
+    },
+
     /// A stop whose records were not all acknowledged in time.
     #[error(
         "kafka did not acknowledge {outstanding} event(s) within the shutdown timeout of \
@@ -252,7 +265,7 @@ impl Error {
                 )
             }
             // The batch is replayed with the suspect records sent one by one.
-            Error::BatchRefused { .. } => true,
+            Error::BatchRefused { .. } | Error::RefusedAlone { .. } => true,
             Error::DeadLetterFailed { source, .. } => source.is_retryable(),
             Error::Database { source, .. } => matches!(
                 **source,
@@ -352,7 +365,10 @@ pub fn kafka_fault(err: &KafkaError) -> KafkaFault {
         | C::WaitingForCoordinator
         | C::PurgeQueue
         | C::PurgeInflight
-        | C::BrokerDestroy => KafkaFault::Transient,
+        | C::BrokerDestroy
+        // The producer stopped for good (after a refusal, under the gapless
+        // guarantee): the relay replaces it and resends from the slot.
+        | C::Fatal => KafkaFault::Transient,
         _ => KafkaFault::Fatal,
     }
 }
@@ -436,6 +452,7 @@ mod tests {
             C::AllBrokersDown,
             C::NotLeaderForPartition,
             C::QueueFull,
+            C::Fatal,
         ] {
             assert_eq!(fault(code), KafkaFault::Transient, "{code:?}");
         }
@@ -443,7 +460,6 @@ mod tests {
             C::TopicAuthorizationFailed,
             C::ClusterAuthorizationFailed,
             C::InvalidRequest,
-            C::Fatal,
             C::GaplessGuarantee,
             C::InvalidTopic,
             C::UnsupportedVersion,

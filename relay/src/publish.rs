@@ -121,6 +121,9 @@ pub struct Publisher {
     /// Events Kafka refused as part of a batch: the next session sends each
     /// of them on its own, to learn whether the event itself is refused.
     suspects: HashSet<String>,
+    /// Events Kafka refused when sent on their own, under the dead-letter
+    /// policy: the next session parks each in its place.
+    condemned: std::collections::HashMap<String, DeadLetter>,
     admin: AdminClient<DefaultClientContext>,
     cfg: KafkaConfig,
     template: TopicTemplate,
@@ -171,6 +174,7 @@ impl Publisher {
             client,
             ledger,
             suspects: HashSet::new(),
+            condemned: std::collections::HashMap::new(),
             admin,
             cfg: cfg.clone(),
             template,
@@ -207,10 +211,8 @@ impl Publisher {
             }
         }
         for refused in self.ledger.take_all_refused() {
-            if let Refused::Record { error, letter, .. } = refused
-                && is_suspect(&error)
-            {
-                self.suspects.insert(letter.event_id);
+            if let Refused::Record { error, letter, .. } = refused {
+                self.suspect(&error, &letter.event_id);
             }
         }
         if let Some(fatal) = self.producer.client().fatal_error() {
@@ -228,6 +230,36 @@ impl Publisher {
         self.known_topics.clear();
         self.last_topic = None;
         Ok(true)
+    }
+
+    /// Notes a refusal of a record that was not sent on its own: unless it
+    /// only follows from another record's refusal, its event becomes a
+    /// suspect, sent on its own by the next session.
+    pub fn suspect(&mut self, error: &Error, event_id: &str) {
+        if is_suspect(error) {
+            self.suspects.insert(event_id.to_owned());
+        }
+    }
+
+    /// Notes that Kafka refused `letter`'s event on its own: the next session
+    /// sends the dead letter in its place. (It cannot be sent now: the
+    /// refusal stopped the producer.)
+    pub fn condemn(&mut self, letter: DeadLetter) {
+        self.suspects.remove(&letter.event_id);
+        self.condemned.insert(letter.event_id.clone(), letter);
+    }
+
+    /// Whether Kafka refused this event on its own.
+    pub fn is_condemned(&self, event_id: &str) -> bool {
+        !self.condemned.is_empty() && self.condemned.contains_key(event_id)
+    }
+
+    /// The dead letter due instead of this event, if Kafka refused it on its own.
+    pub fn take_condemned(&mut self, event_id: &str) -> Option<DeadLetter> {
+        if self.condemned.is_empty() {
+            return None;
+        }
+        self.condemned.remove(event_id)
     }
 
     /// Whether an event was refused in a batch and must be sent on its own.

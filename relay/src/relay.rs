@@ -103,7 +103,7 @@ pub async fn run_with_metrics(
                 break Ok(());
             }
             // Not a failure of the relay's connections: resend at once.
-            Err(err @ Error::BatchRefused { .. }) => {
+            Err(err @ (Error::BatchRefused { .. } | Error::RefusedAlone { .. })) => {
                 tracing::warn!(error = %err, "relay interrupted; resuming from the slot");
             }
             Err(err) if err.is_retryable() => {

@@ -26,6 +26,11 @@ pub async fn publish(
     // never sent, so it is known to be this record's own fault; so is a row
     // that is not a valid event.
     let letter = match event {
+        Ok(event) if dead_letter_topic.is_some() && publisher.is_condemned(&event.id) => {
+            publisher
+                .take_condemned(&event.id)
+                .expect("checked just above")
+        }
         Ok(event) => match publisher.send(&event, ticket).await {
             Ok(()) => return Ok(()),
             Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => {
@@ -63,14 +68,23 @@ pub async fn act_on_refusals(
                 error,
                 letter,
             } if Some(ticket) == isolated => match (error.is_undeliverable(), dead_letter_topic) {
-                (true, Some(topic)) => {
-                    publisher
-                        .send_dead_letter(topic, &letter, ticket.for_dead_letter())
-                        .await?;
+                // The refusal stopped the producer (gapless guarantee), so
+                // the dead letter goes out from the next session, in the
+                // event's place.
+                (true, Some(_)) => {
+                    let event_id = letter.event_id.clone();
+                    publisher.condemn(letter);
+                    return Err(Error::RefusedAlone {
+                        event_id,
+                        source: Box::new(error),
+                    });
                 }
                 _ => return Err(error),
             },
-            Refused::Record { error, .. } => return Err(batch_refused(error)),
+            Refused::Record { error, letter, .. } => {
+                publisher.suspect(&error, &letter.event_id);
+                return Err(batch_refused(error));
+            }
         }
     }
     Ok(())
