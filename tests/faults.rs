@@ -609,6 +609,18 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
         .arg("3s");
     let mut relay = builder.spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
+    // Warm up (connection, topic metadata), then take the broker down.
+    insert(&pool, &agg, 0, 0).await;
+    consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        1,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    let caught_up = current_lsn(&pool).await;
+    wait_confirmed(&url, &slot, &caught_up, "the slot to catch up").await;
     mock.broker_down(1).unwrap();
     let mark = current_lsn(&pool).await;
     insert(&pool, &agg, 1, 50).await;
@@ -630,11 +642,15 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
     let records = consume_settle(
         &mock.bootstrap_servers(),
         &[&topic],
-        50,
+        51,
         Duration::from_secs(60),
         Duration::from_secs(1),
     )
     .await;
+    let records: Vec<_> = records
+        .into_iter()
+        .filter(|r| r.value_json()["seq"] != 0)
+        .collect();
     assert_seqs(&records, 50);
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
@@ -649,7 +665,7 @@ async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
     mock.create_topic(&topic, 2, 1).unwrap();
-    insert(&pool, &agg, 1, 20_000).await;
+    insert(&pool, &agg, 1, 30_000).await;
     let slot = unique("slot");
     let builder = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
         .arg("--max-in-flight")
@@ -657,9 +673,15 @@ async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
         .arg("--shutdown-timeout")
         .arg("3s");
     let mut relay = builder.spawn();
-    relay
-        .wait_log("created replication slot", Duration::from_secs(60))
-        .await;
+    // The backfill is publishing (window of 10): take the broker down.
+    consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        10,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
     mock.broker_down(1).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -680,18 +702,25 @@ async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
         "the slot was dropped"
     );
     mock.broker_up(1).unwrap();
-    let mut relay = builder.spawn();
+    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot).spawn();
     relay
         .wait_log("backfill complete", Duration::from_secs(120))
         .await;
     let records = consume_settle(
         &mock.bootstrap_servers(),
         &[&topic],
-        20_000,
-        Duration::from_secs(120),
+        30_000,
+        Duration::from_secs(300),
         Duration::from_secs(1),
     )
     .await;
-    assert_seqs(&records, 20_000);
+    eprintln!(
+        "continued after: {:?}",
+        relay
+            .logs()
+            .lines()
+            .find(|l| l.contains("continuing an interrupted backfill"))
+    );
+    assert_seqs(&records, 30_000);
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }

@@ -395,9 +395,10 @@ impl Session<'_> {
                     return self.send_alone(event, publisher, token).await;
                 }
                 let ticket = self.progress.ticket(self.commit_ts)?;
-                if let Ok(event) = &event {
-                    tracing::debug!(event_id = %event.id, lsn = %wal_start, "published");
-                }
+                let id = match &event {
+                    Ok(event) if tracing::enabled!(tracing::Level::DEBUG) => Some(event.id.clone()),
+                    _ => None,
+                };
                 route::publish(
                     publisher,
                     ticket,
@@ -406,6 +407,9 @@ impl Session<'_> {
                     |err| layout.dead_letter(&tuple, err),
                 )
                 .await?;
+                if let Some(id) = id {
+                    tracing::debug!(event_id = %id, lsn = %wal_start, "published");
+                }
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
