@@ -11,8 +11,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use crate::support::fixture::Fixture;
-use crate::support::kafka::{consume_settle, create_topic, delete_topic};
-use crate::support::postgres::{confirmed_flush, lsn_after};
+use crate::support::kafka::{consume_settle, create_topic};
 use crate::support::{Record, unique};
 
 /// Inserts one event per `n` for `aggregate_id`, in one transaction, with
@@ -337,62 +336,4 @@ async fn the_backfill_dead_letters_a_bad_row_when_asked() {
         Some("no spaces allowed")
     );
     assert!(relay.stop().await.success(), "{}", relay.logs());
-}
-
-/// Path 6: a topic deleted while the relay runs is configuration, not a bad
-/// event: under the dead-letter policy too, the relay stops naming the topic
-/// (without `--create-topics`), parks nothing, and confirms nothing past the
-/// event.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_topic_deleted_while_running_stops_the_relay_and_parks_nothing() {
-    let f = Fixture::new().await;
-    let brokers = f.tansu.brokers();
-    let agg = unique("agg");
-    let topic = format!("outbox.event.{agg}");
-    let dlt = unique("dlt").replace('_', "-");
-    create_topic(&brokers, &topic, 1).await;
-    create_topic(&brokers, &dlt, 1).await;
-    let mut relay = f
-        .relay()
-        .without_create_topics()
-        .arg("--on-undeliverable=dead-letter")
-        .arg(format!("--dead-letter-topic={dlt}"))
-        .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
-    insert(&f.pool, &agg, "a", &[1]).await;
-    consume_settle(
-        &brokers,
-        &[&topic],
-        1,
-        Duration::from_secs(60),
-        Duration::ZERO,
-    )
-    .await;
-    delete_topic(&brokers, &topic).await;
-    let mark: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&f.pool)
-        .await
-        .unwrap();
-    insert(&f.pool, &agg, "a", &[2]).await;
-    let status = relay.wait_exit(Duration::from_secs(120)).await;
-    let logs = relay.logs();
-    assert_eq!(status.code(), Some(1), "{logs}");
-    assert!(
-        logs.contains(&format!("kafka topic `{topic}` does not exist")),
-        "{logs}"
-    );
-    let confirmed = confirmed_flush(&f.url, &f.slot).await.unwrap();
-    assert!(
-        !lsn_after(&f.url, &confirmed, &mark).await,
-        "confirmed {confirmed} past the event written at {mark}"
-    );
-    let letters = consume_settle(
-        &brokers,
-        &[&dlt],
-        0,
-        Duration::from_secs(30),
-        Duration::from_secs(2),
-    )
-    .await;
-    assert!(letters.is_empty(), "dead-lettered: {letters:?}");
 }

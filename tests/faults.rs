@@ -724,3 +724,65 @@ async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
     assert_seqs(&records, 30_000);
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
+
+/// Path 6 of issue 9: a topic that disappears while the relay runs (the
+/// broker answers "unknown topic" for it from now on) is configuration, not
+/// a bad event: under the dead-letter policy too (the old relay parked the
+/// event), the relay stops naming the topic, parks nothing, and confirms
+/// nothing past the event. The topic cache does not hide the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_disappears_stops_the_relay_and_parks_nothing() {
+    let (_pg, url, pool) = database().await;
+    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    let dlt = format!("{topic}.dlt");
+    mock.create_topic(&topic, 1, 1).unwrap();
+    mock.create_topic(&dlt, 1, 1).unwrap();
+    let slot = unique("slot");
+    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
+        .without_create_topics()
+        .arg("--on-undeliverable=dead-letter")
+        .arg(format!("--dead-letter-topic={dlt}"))
+        // How long librdkafka waits for a topic it was told is unknown to
+        // reappear before failing its records (30 s by default).
+        .arg("--kafka-option=topic.metadata.propagation.max.ms=2000")
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    insert(&pool, &agg, 1, 1).await;
+    consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        1,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    // Metadata says the topic is gone, and so do Produce requests.
+    let unknown = RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
+    mock.topic_error(&topic, unknown).unwrap();
+    mock.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &[unknown; 50]);
+    let mark = current_lsn(&pool).await;
+    insert(&pool, &agg, 2, 3).await;
+    let status = relay.wait_exit(Duration::from_secs(120)).await;
+    let logs = relay.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(
+        logs.contains(&format!("kafka topic `{topic}` does not exist")),
+        "{logs}"
+    );
+    let confirmed = confirmed_flush(&url, &slot).await.unwrap();
+    assert!(
+        !lsn_after(&url, &confirmed, &mark).await,
+        "confirmed {confirmed} past the events written at {mark}"
+    );
+    let letters = consume_settle(
+        &mock.bootstrap_servers(),
+        &[&dlt],
+        0,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(letters.is_empty(), "dead-lettered: {letters:?}");
+}

@@ -26,11 +26,9 @@ pub async fn publish(
     // never sent, so it is known to be this record's own fault; so is a row
     // that is not a valid event.
     let letter = match event {
-        Ok(event) if dead_letter_topic.is_some() && publisher.is_condemned(&event.id) => {
-            publisher
-                .take_condemned(&event.id)
-                .expect("checked just above")
-        }
+        Ok(event) if dead_letter_topic.is_some() && publisher.is_condemned(&event.id) => publisher
+            .take_condemned(&event.id)
+            .expect("checked just above"),
         Ok(event) => match publisher.send(&event, ticket).await {
             Ok(()) => return Ok(()),
             Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => {
@@ -48,19 +46,21 @@ pub async fn publish(
         .await
 }
 
-/// Acts on the refusals delivery reports brought. `isolated` is the ticket
-/// of a record sent on its own (nothing else in flight): its refusal is
-/// about the record itself, so under the dead-letter policy it is parked in
-/// its place, otherwise the relay stops naming it. Any other refusal may
-/// be a batch-mate's fault: the session ends with [`Error::BatchRefused`],
-/// and the next one sends each refused record on its own.
+/// Acts on the oldest refusal a delivery report brought. `isolated` is the
+/// ticket of a record sent on its own (nothing else in flight): its refusal
+/// is about the record itself, so under the dead-letter policy the next
+/// session parks it in its place ([`Error::RefusedAlone`]), otherwise the
+/// relay stops naming it. Any other refusal may be a batch-mate's fault:
+/// the session ends with [`Error::BatchRefused`], and the next one sends
+/// each refused record on its own. Either way the refusal stopped the
+/// producer (gapless guarantee), so nothing behind it was sent.
 pub async fn act_on_refusals(
     progress: &Progress,
     publisher: &mut Publisher,
     dead_letter_topic: Option<&str>,
     isolated: Option<Ticket>,
 ) -> Result<()> {
-    while let Some(refused) = progress.take_refused() {
+    if let Some(refused) = progress.take_refused() {
         match refused {
             Refused::Fatal(err) => return Err(err),
             Refused::Record {

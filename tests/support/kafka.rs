@@ -164,18 +164,3 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e:?}"));
     }
 }
-
-/// Deletes a topic.
-pub async fn delete_topic(brokers: &str, topic: &str) {
-    use rdkafka::admin::AdminOptions;
-    let results = admin(brokers)
-        .delete_topics(
-            &[topic],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("delete topics");
-    for r in results {
-        r.unwrap_or_else(|(t, e)| panic!("delete topic {t}: {e:?}"));
-    }
-}
