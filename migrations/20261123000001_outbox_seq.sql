@@ -11,15 +11,28 @@
 -- the same time, `seq` is the order of the inserts, not of the commits; the
 -- usual row lock on the aggregate makes the two the same.
 --
--- Adding the column to an existing table rewrites it under an exclusive lock:
--- on a large outbox, apply this migration at a quiet time.
-ALTER TABLE outbox ADD COLUMN IF NOT EXISTS seq bigint GENERATED ALWAYS AS IDENTITY;
+-- Rows already in the table are numbered in (created_at, id) order, the order
+-- the relay used before, not in the order they sit on disk; new rows continue
+-- after them. This runs in one transaction under an exclusive lock on the
+-- table: on a large outbox, apply it at a quiet time.
+ALTER TABLE outbox ADD COLUMN seq bigint;
+UPDATE outbox AS o SET seq = n.seq
+FROM (SELECT id, row_number() OVER (ORDER BY created_at, id) AS seq FROM outbox) AS n
+WHERE o.id = n.id;
+ALTER TABLE outbox ALTER COLUMN seq SET NOT NULL;
+ALTER TABLE outbox ALTER COLUMN seq ADD GENERATED ALWAYS AS IDENTITY;
+SELECT setval(pg_get_serial_sequence('outbox', 'seq'), coalesce(max(seq), 0) + 1, false) FROM outbox;
 
 -- How far an interrupted backfill got: per published table (`schema.table`),
 -- the highest `seq` that Kafka acknowledged, with every row before it. A
 -- retried backfill continues after it instead of republishing the table.
+-- A retry reads under a fresh snapshot, so it also records the first
+-- attempt's snapshot (the one the slot exported, in txid_current_snapshot()
+-- form): the retry publishes only rows that snapshot saw, and leaves the rows
+-- committed after the slot's consistent point to the stream, in commit order.
 ALTER TABLE outbox_relay_slot
-    ADD COLUMN IF NOT EXISTS backfill_progress jsonb NOT NULL DEFAULT '{}'::jsonb;
+    ADD COLUMN IF NOT EXISTS backfill_progress jsonb NOT NULL DEFAULT '{}'::jsonb,
+    ADD COLUMN IF NOT EXISTS backfill_snapshot text;
 
 -- Corrections to the comments of the earlier migrations (which cannot change
 -- once applied):
@@ -29,4 +42,4 @@ ALTER TABLE outbox_relay_slot
 --   until the relay logs `backfill complete`.
 -- * outbox_relay_slot: the relay never drops a slot. A backfill that did not
 --   complete is retried under a fresh snapshot from `backfill_progress`, while
---   the slot stays at its consistent point (duplicates, never loss).
+--   the slot stays at its consistent point.

@@ -31,7 +31,11 @@ async fn expect_failure(relay: RelayBuilder, needles: &[&str]) -> String {
     let mut relay = relay.spawn();
     let status = relay.wait_exit(Duration::from_secs(60)).await;
     let logs = relay.logs();
-    assert!(!status.success(), "the relay should have failed:\n{logs}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the relay should have failed (exit 1):\n{logs}"
+    );
     for needle in needles {
         assert!(logs.contains(needle), "expected {needle:?} in:\n{logs}");
     }
@@ -145,7 +149,7 @@ async fn a_missing_topic_stops_the_relay_without_skipping_the_event() {
     let written = f.write_tx(&[("t1".into(), 1)]).await;
     let mut relay = relay;
     let status = relay.wait_exit(Duration::from_secs(60)).await;
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(1));
     let logs = relay.logs();
     assert!(
         logs.contains(&format!("kafka topic `{}` does not exist", f.topic())),
@@ -344,7 +348,7 @@ async fn an_event_kafka_refuses_stops_the_relay_naming_it() {
     let mut relay = relay;
     let status = relay.wait_exit(Duration::from_secs(60)).await;
     let logs = relay.logs();
-    assert!(!status.success(), "{logs}");
+    assert_eq!(status.code(), Some(1), "{logs}");
     assert!(
         logs.contains(&format!("kafka did not accept event {}", big.id())),
         "{logs}"

@@ -120,7 +120,7 @@ async fn an_illegal_topic_override_stops_the_relay_by_default() {
     let mut relay = relay;
     let status = relay.wait_exit(Duration::from_secs(60)).await;
     let logs = relay.logs();
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(1));
     assert!(
         logs.contains(&format!("outbox event {bad} cannot be published")),
         "{logs}"
@@ -178,7 +178,7 @@ async fn dropping_a_required_column_stops_the_relay_clearly() {
     .unwrap();
     let status = relay.wait_exit(Duration::from_secs(60)).await;
     let logs = relay.logs();
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(1));
     assert!(
         logs.contains("table public.outbox is in the publication but is not an outbox table"),
         "{logs}"
@@ -283,6 +283,15 @@ async fn a_huge_transaction_is_streamed_with_bounded_memory() {
     .await;
     let peak_kib = peak_rss_kib(relay.pid());
     assert!(relay.stop().await.success(), "{}", relay.logs());
+    // Bounded by the window, not the transaction: at most 5,000 events in
+    // flight (about 1.2 MiB of payload) under librdkafka's 32 MiB queue cap,
+    // against 46 MiB of payload in the transaction. Measured: 26 MiB.
+    assert!(peak_kib > 0, "could not read the relay's peak RSS");
+    assert!(
+        peak_kib < 64 * 1024,
+        "peak RSS {} MiB through a 200,000-row transaction",
+        peak_kib / 1024
+    );
     let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.id()).collect();
     assert_eq!(
         ids.len(),

@@ -3,12 +3,14 @@
 //! the stream starts at the slot's consistent point.
 //!
 //! The first attempt reads under the snapshot the slot exported, so it ends
-//! exactly where the stream begins. A retried attempt (the first one failed
-//! or was stopped) has no such snapshot any more: it reads under a fresh one,
-//! which also holds rows the stream will send again (duplicates, never
-//! loss), and it continues after the last row Kafka acknowledged together
-//! with every row before it, recorded per table in
-//! `outbox_relay_slot.backfill_progress`.
+//! exactly where the stream begins, and records that snapshot (as
+//! `txid_current_snapshot()`) in `outbox_relay_slot.backfill_snapshot`. A
+//! retried attempt (the first one failed or was stopped) cannot import it
+//! any more: it reads under a fresh snapshot but publishes only the rows the
+//! first one saw, so rows committed after the slot's consistent point are
+//! left to the stream, which sends them in commit order. It continues after
+//! the last row Kafka acknowledged together with every row before it,
+//! recorded per table in `outbox_relay_slot.backfill_progress`.
 
 use std::collections::HashMap;
 
@@ -36,24 +38,50 @@ pub type Done = HashMap<String, i64>;
 pub async fn run(
     sql: &mut Connection,
     cfg: &RelayConfig,
-    snapshot: Option<&str>,
+    snapshot: Snapshot<'_>,
     done: Done,
     publisher: &mut Publisher,
     token: &CancellationToken,
 ) -> Result<u64> {
     sql.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
-    if let Some(snapshot) = snapshot {
-        sql.query(&format!(
-            "SET TRANSACTION SNAPSHOT {}",
-            quote_literal(snapshot)
-        ))
-        .await?;
-    }
     // Progress is recorded on a connection of its own: this one is in a
     // read-only transaction, and with an exported snapshot no other command
     // may run on the replication connection before the snapshot is imported.
-    let book = Connection::connect(&cfg.pg, Mode::Sql).await?;
+    let mut book = Connection::connect(&cfg.pg, Mode::Sql).await?;
+    let first_seen = match snapshot {
+        Snapshot::Exported(name) => {
+            sql.query(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name)))
+                .await?;
+            let rows = sql
+                .query("SELECT txid_current_snapshot()::text AS snapshot")
+                .await?;
+            let seen = rows
+                .first()
+                .and_then(|r| r.get("snapshot"))
+                .ok_or_else(|| Error::Protocol("txid_current_snapshot() returned nothing".into()))?
+                .to_owned();
+            // Recorded before anything is published, so a retry always has it.
+            book.query(&format!(
+                "UPDATE outbox_relay_slot SET backfill_snapshot = {} WHERE slot_name = {}",
+                quote_literal(&seen),
+                quote_literal(&cfg.slot)
+            ))
+            .await?;
+            None
+        }
+        Snapshot::Retry(Some(seen)) => Some(seen.to_owned()),
+        Snapshot::Retry(None) => {
+            tracing::warn!(
+                slot = %cfg.slot,
+                "the first backfill attempt's snapshot was not recorded (a relay before this version \
+                 started it): rows committed since the slot was created are published by the backfill \
+                 and again by the stream, and an aggregate written while the slot was created may \
+                 see such a row before older ones"
+            );
+            None
+        }
+    };
     let column = |name: &str| {
         format!(
             "EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = \
@@ -77,6 +105,7 @@ pub async fn run(
         publisher,
         token,
         done,
+        first_seen,
         published: 0,
     };
     for t in &tables {
@@ -91,6 +120,33 @@ pub async fn run(
     run.sql.query("COMMIT").await?;
     run.book.terminate().await;
     Ok(run.published)
+}
+
+/// Which snapshot the backfill reads under.
+#[derive(Debug, Clone, Copy)]
+pub enum Snapshot<'a> {
+    /// The first attempt: the snapshot the slot exported, by name.
+    Exported(&'a str),
+    /// A retry: a fresh snapshot, filtered to what the first attempt saw
+    /// (its `txid_current_snapshot()`, when it was recorded).
+    Retry(Option<&'a str>),
+}
+
+/// A condition keeping the rows a snapshot (in `txid_current_snapshot()`
+/// text form) saw: their inserting transaction was visible to it. `xmin` is
+/// 32 bits; it is placed in the 64-bit epoch nearest the snapshot's, which
+/// is right for rows inserted within two billion transactions of it (the
+/// backfill's retry window). Bootstrap and frozen ids (below 3) are visible.
+fn seen_by(snapshot: &str) -> String {
+    let snap = format!("{}::txid_snapshot", quote_literal(snapshot));
+    let xmax = format!("txid_snapshot_xmax({snap})");
+    let full = format!("(((({xmax}) >> 32) << 32) | xmin::text::bigint)");
+    format!(
+        "(xmin::text::bigint < 3 OR txid_visible_in_snapshot(CASE \
+         WHEN {full} > {xmax} + 2147483648 THEN {full} - 4294967296 \
+         WHEN {full} < {xmax} - 2147483648 THEN {full} + 4294967296 \
+         ELSE {full} END, {snap}))"
+    )
 }
 
 struct Table {
@@ -113,6 +169,8 @@ struct Backfill<'a> {
     publisher: &'a mut Publisher,
     token: &'a CancellationToken,
     done: Done,
+    /// On a retry: what the first attempt's snapshot saw.
+    first_seen: Option<String>,
     published: u64,
 }
 
@@ -136,9 +194,15 @@ impl Backfill<'_> {
             quote_ident(&table.schema),
             quote_ident(&table.name)
         );
-        let query = if table.has_seq {
-            let filter = after.map_or(String::new(), |seq| format!("WHERE seq > {seq} "));
-            format!("SELECT * FROM {quoted} {filter}ORDER BY seq")
+        let mut filters = Vec::new();
+        if let Some(seen) = &self.first_seen {
+            filters.push(seen_by(seen));
+        }
+        let order = if table.has_seq {
+            if let Some(seq) = after {
+                filters.push(format!("seq > {seq}"));
+            }
+            "seq"
         } else {
             tracing::warn!(
                 table = %key,
@@ -147,11 +211,17 @@ impl Backfill<'_> {
                  (`outbox-relay migrate`) or add `seq bigint GENERATED ALWAYS AS IDENTITY`"
             );
             if table.has_created_at {
-                format!("SELECT * FROM {quoted} ORDER BY created_at, id")
+                "created_at, id"
             } else {
-                format!("SELECT * FROM {quoted} ORDER BY id")
+                "id"
             }
         };
+        let filter = if filters.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {} ", filters.join(" AND "))
+        };
+        let query = format!("SELECT * FROM {quoted} {filter}ORDER BY {order}");
         if let Some(seq) = after {
             tracing::info!(table = %key, after_seq = seq, "continuing an interrupted backfill");
         }
@@ -348,4 +418,18 @@ impl Backfill<'_> {
 
 fn is_interruption(err: &Error) -> bool {
     matches!(err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_snapshot_filter_quotes_its_input() {
+        let f = seen_by("100:105:101,103");
+        assert!(f.contains("'100:105:101,103'::txid_snapshot"), "{f}");
+        assert!(f.starts_with("(xmin::text::bigint < 3 OR txid_visible_in_snapshot("));
+        let f = seen_by("1:2:'; DROP TABLE outbox; --");
+        assert!(f.contains("'1:2:''; DROP TABLE outbox; --'"), "{f}");
+    }
 }

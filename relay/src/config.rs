@@ -645,7 +645,13 @@ fn parse_kafka_option(option: &str) -> Result<(String, String)> {
 /// Producer settings that would break the relay's promise (nothing lost,
 /// nothing reordered), and why. The relay sets these itself.
 fn weakens_delivery(key: &str, value: &str) -> Option<&'static str> {
+    let value = value.to_ascii_lowercase();
+    let value = value.as_str();
     match key {
+        "partitioner" if value == "random" => Some(
+            "a random partitioner spreads one aggregate's events over partitions, so consumers \
+             see them out of order; the key (aggregate id) must pick the partition",
+        ),
         "enable.idempotence" if value != "true" => Some(
             "without idempotence a retried request can duplicate or reorder records within a partition",
         ),
@@ -787,6 +793,7 @@ mod tests {
             ("enable.gapless.guarantee=false", "refused"),
             ("retries=3", "retries"),
             ("transactional.id=x", "not transactional"),
+            ("partitioner=random", "random partitioner"),
         ] {
             let err = parse_kafka_option(option).unwrap_err().to_string();
             assert!(err.contains(why), "{option}: {err}");
@@ -794,6 +801,8 @@ mod tests {
         }
         for fine in [
             "enable.idempotence=true",
+            "enable.idempotence=True",
+            "partitioner=murmur2_random",
             "acks=all",
             "acks=-1",
             "message.timeout.ms=0",

@@ -398,6 +398,23 @@ impl Error {
         }
     }
 
+    /// Whether Kafka refused a record (as opposed to the relay being
+    /// interrupted): a stop during which this happened does not exit 0.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::BatchRefused { .. }
+            | Error::RefusedAlone { .. }
+            | Error::DeadLetterFailed { .. } => true,
+            Error::Delivery { source, .. } => !matches!(
+                **source,
+                KafkaError::MessageProduction(
+                    RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight
+                )
+            ),
+            _ => false,
+        }
+    }
+
     /// Whether the record was refused for its size (its value is then not
     /// repeated in the dead letter).
     pub fn is_too_large(&self) -> bool {

@@ -25,12 +25,19 @@ const REPEAT_WAITING_LOG: Duration = Duration::from_secs(60);
 /// The lock on one slot, held while `conn` lives.
 pub struct SlotLock {
     conn: Option<Connection>,
+    /// The server backend that held the lock for this instance: when its
+    /// connection is lost without the server noticing (a network cut), that
+    /// backend still holds the lock, and this instance ends it.
+    backend_pid: Option<String>,
 }
 
 impl SlotLock {
     /// Not held yet.
     pub fn new() -> Self {
-        Self { conn: None }
+        Self {
+            conn: None,
+            backend_pid: None,
+        }
     }
 
     /// Makes sure this instance holds the lock: checks that the connection
@@ -42,11 +49,12 @@ impl SlotLock {
         if let Some(conn) = &mut self.conn {
             // A connection that died took the lock with it; another instance
             // may hold it by now, so take it again through the waiting path.
+            // Bounded: a half-open connection would otherwise hang here.
+            let sql = format!("SELECT pg_try_advisory_lock({}) AS held", key(&cfg.slot));
+            let check = conn.query(&sql);
             let alive = matches!(
-                conn.query(&format!("SELECT pg_try_advisory_lock({}) AS held", key(&cfg.slot)))
-                    .await
-                    .as_deref(),
-                Ok([row]) if row.get("held") == Some("t")
+                tokio::time::timeout(cfg.connect_timeout, check).await,
+                Ok(Ok(rows)) if rows.len() == 1 && rows[0].get("held") == Some("t")
             );
             if alive {
                 // Session advisory locks stack: release the extra one.
@@ -71,11 +79,25 @@ impl SlotLock {
                 if last_log.is_some() {
                     tracing::info!(slot = %cfg.slot, "took over the slot lock; this instance now works the slot");
                 }
+                let pid = conn.query("SELECT pg_backend_pid()::text AS pid").await?;
+                self.backend_pid = pid.first().and_then(|r| r.get("pid")).map(str::to_owned);
                 self.conn = Some(conn);
                 return Ok(true);
             }
+            let (pid, holder) = holder(&mut conn, &cfg.slot).await;
+            if pid.is_some() && pid == self.backend_pid {
+                // Our own earlier backend, whose client connection is gone.
+                tracing::warn!(slot = %cfg.slot, holder = %holder, "this instance's earlier connection still holds the slot lock; ending it");
+                let _ = conn
+                    .query(&format!(
+                        "SELECT pg_terminate_backend({})",
+                        pid.as_deref().unwrap_or("0")
+                    ))
+                    .await;
+                self.backend_pid = None;
+                continue;
+            }
             if last_log.is_none_or(|t| t.elapsed() >= REPEAT_WAITING_LOG) {
-                let holder = holder(&mut conn, &cfg.slot).await;
                 tracing::info!(
                     slot = %cfg.slot,
                     holder = %holder,
@@ -117,9 +139,10 @@ fn key(slot: &str) -> String {
     )
 }
 
-/// Who holds the lock, for the log: the backend's pid, application name and
-/// client address (visible to the relay's role for its own sessions).
-async fn holder(conn: &mut Connection, slot: &str) -> String {
+/// Who holds the lock: the backend's pid (digits only), and a description
+/// for the log (pid, application name, client address; visible to the
+/// relay's role for its own sessions).
+async fn holder(conn: &mut Connection, slot: &str) -> (Option<String>, String) {
     let sql = format!(
         "SELECT l.pid::text AS pid, coalesce(a.application_name, '') AS app, \
          coalesce(host(a.client_addr), 'local') AS addr \
@@ -129,18 +152,23 @@ async fn holder(conn: &mut Connection, slot: &str) -> String {
         key(slot)
     );
     match conn.query(&sql).await {
-        Ok(rows) => rows
-            .first()
-            .map(|r| {
-                format!(
+        Ok(rows) => match rows.first() {
+            Some(r) => {
+                let pid = r
+                    .get("pid")
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                    .map(str::to_owned);
+                let text = format!(
                     "backend pid {} ({} from {})",
                     r.get("pid").unwrap_or("?"),
                     r.get("app").unwrap_or("?"),
                     r.get("addr").unwrap_or("?")
-                )
-            })
-            .unwrap_or_else(|| "unknown (it may have just been released)".to_owned()),
-        Err(err) => format!("unknown ({err})"),
+                );
+                (pid, text)
+            }
+            None => (None, "unknown (it may have just been released)".to_owned()),
+        },
+        Err(err) => (None, format!("unknown ({err})")),
     }
 }
 

@@ -85,11 +85,12 @@ impl DeadLetter {
     }
 }
 
-/// `send`, waiting while librdkafka's buffer is full.
+/// `send`, waiting while librdkafka's buffer is full (until `stop`).
 async fn send_with_backpressure<'a>(
     producer: &Producer,
     mut record: BaseRecord<'a, [u8], [u8], usize>,
     event_id: &str,
+    stop: &CancellationToken,
 ) -> Result<()> {
     loop {
         match producer.send(record) {
@@ -97,7 +98,19 @@ async fn send_with_backpressure<'a>(
             // librdkafka's buffer is full: wait for deliveries to free it.
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => {
+                        return Err(Error::Io {
+                            context: format!("handing event {event_id} to the kafka producer"),
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::Interrupted,
+                                "stopped while the producer's buffer was full; it is sent again at the next start",
+                            ),
+                        });
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                }
             }
             Err((source, r)) => {
                 return Err(Error::Delivery {
@@ -133,6 +146,8 @@ pub struct Publisher {
     /// for each one showed up in the relay's profile.
     last_topic: Option<TopicChoice>,
     timeout: Duration,
+    /// Ends waits for room in librdkafka's buffer (see [`Publisher::stop_on`]).
+    stop: CancellationToken,
 }
 
 /// A resolved topic, with the fields it was resolved from.
@@ -181,6 +196,7 @@ impl Publisher {
             known_topics: HashSet::new(),
             last_topic: None,
             timeout,
+            stop: CancellationToken::new(),
         })
     }
 
@@ -193,7 +209,26 @@ impl Publisher {
     pub async fn drain(&mut self, token: &CancellationToken) -> Result<bool> {
         let started = Instant::now();
         let mut logged = None::<Instant>;
+        let fatal = self.producer.client().fatal_error();
+        if let Some((code, reason)) = &fatal
+            && *code != RDKafkaErrorCode::GaplessGuarantee
+        {
+            // Not a refused batch (which a new producer gets past): the same
+            // cause would stop every new producer too.
+            return Err(Error::Kafka {
+                context: format!("the kafka producer stopped for good: {reason}"),
+                source: Box::new(KafkaError::MessageProduction(*code)),
+            });
+        }
         while self.producer.in_flight_count() > 0 {
+            if fatal.is_some() {
+                // A stopped producer sends nothing more, yet requeues records
+                // whose requests failed (batches behind the refused one), and
+                // without a message timeout they would wait forever. They
+                // were never written: the next session resends them.
+                self.producer
+                    .purge(rdkafka::producer::PurgeConfig::default().queue());
+            }
             if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
                 && started.elapsed() >= Duration::from_secs(1)
             {
@@ -215,7 +250,7 @@ impl Publisher {
                 self.suspect(&error, &letter.event_id);
             }
         }
-        if let Some(fatal) = self.producer.client().fatal_error() {
+        if let Some(fatal) = fatal {
             tracing::warn!(
                 code = ?fatal.0,
                 reason = %fatal.1,
@@ -230,6 +265,11 @@ impl Publisher {
         self.known_topics.clear();
         self.last_topic = None;
         Ok(true)
+    }
+
+    /// Waits for room in librdkafka's buffer end when `token` is cancelled.
+    pub fn stop_on(&mut self, token: CancellationToken) {
+        self.stop = token;
     }
 
     /// Notes a refusal of a record that was not sent on its own: unless it
@@ -457,7 +497,7 @@ impl Publisher {
             .key(event.aggregate_id.as_bytes())
             .payload(&event.payload[..])
             .headers(headers);
-        send_with_backpressure(&self.producer, record, &event.id).await
+        send_with_backpressure(&self.producer, record, &event.id, &self.stop).await
     }
 
     /// Hands a dead letter to the producer for `topic` with the refused
@@ -501,7 +541,7 @@ impl Publisher {
         if let Some(v) = &letter.value {
             record = record.payload(v.as_slice());
         }
-        send_with_backpressure(&self.producer, record, &letter.event_id)
+        send_with_backpressure(&self.producer, record, &letter.event_id, &self.stop)
             .await
             .map_err(|err| Error::DeadLetterFailed {
                 event_id: letter.event_id.clone(),

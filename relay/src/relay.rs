@@ -59,6 +59,7 @@ pub async fn run_with_metrics(
         cfg.connect_timeout,
         metrics.clone(),
     )?;
+    publisher.stop_on(token.clone());
     let mut backoff = Backoff::new(cfg.max_backoff);
     let mut lock = SlotLock::new();
     // The brokers are checked once, at the first session that reaches that
@@ -98,15 +99,12 @@ pub async fn run_with_metrics(
             Ok(()) => break Ok(()),
             // Interrupted by the shutdown itself (for example mid-backfill):
             // nothing was confirmed past what Kafka acknowledged.
-            Err(err) if err.is_retryable() && token.is_cancelled() => {
+            // A refusal is reported even when a stop is under way.
+            Err(err) if err.is_retryable() && token.is_cancelled() && !err.is_refusal() => {
                 tracing::info!(error = %err, "stopped");
                 break Ok(());
             }
-            // Not a failure of the relay's connections: resend at once.
-            Err(err @ (Error::BatchRefused { .. } | Error::RefusedAlone { .. })) => {
-                tracing::warn!(error = %err, "relay interrupted; resuming from the slot");
-            }
-            Err(err) if err.is_retryable() => {
+            Err(err) if err.is_retryable() && !token.is_cancelled() => {
                 let wait = backoff.next();
                 tracing::warn!(error = %err, retry_in = ?wait, "relay interrupted; resuming from the slot");
                 tokio::select! {

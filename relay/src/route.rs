@@ -97,14 +97,20 @@ fn batch_refused(error: Error) -> Error {
             event_id,
             topic,
             source,
-        } if crate::error::kafka_fault(&source) != KafkaFault::TopicUnknown => {
+        } if matches!(
+            crate::error::kafka_fault(&source),
+            KafkaFault::Record | KafkaFault::Fatal
+        ) =>
+        {
             Error::BatchRefused {
                 event_id,
                 topic,
                 source,
             }
         }
-        // A topic that is gone is checked again by the next session.
+        // A topic that is gone is checked again by the next session; a
+        // record purged because another one stopped the producer is only
+        // resent (the error names the cause when the producer is replaced).
         other => other,
     }
 }
@@ -133,5 +139,10 @@ mod tests {
         let err = batch_refused(delivery(C::UnknownTopicOrPartition));
         assert!(matches!(err, Error::Delivery { .. }), "{err}");
         assert!(err.is_retryable(), "the topic is checked again");
+        // Collateral of another record's refusal: resent, not a suspect.
+        let err = batch_refused(delivery(C::PurgeQueue));
+        assert!(matches!(err, Error::Delivery { .. }), "{err}");
+        assert!(err.is_retryable());
+        assert!(!err.is_refusal());
     }
 }

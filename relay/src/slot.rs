@@ -106,6 +106,7 @@ pub async fn prepare(
         if let Some(Bookkeeping {
             backfilled: false,
             done,
+            snapshot,
         }) = bookkeeping
         {
             // A previous start created the slot but its backfill did not
@@ -120,7 +121,15 @@ pub async fn prepare(
                  (events already in Kafka may be sent again)"
             );
             let mut sql = Connection::connect(&cfg.pg, Mode::Sql).await?;
-            let published = backfill::run(&mut sql, cfg, None, done, publisher, token).await?;
+            let published = backfill::run(
+                &mut sql,
+                cfg,
+                backfill::Snapshot::Retry(snapshot.as_deref()),
+                done,
+                publisher,
+                token,
+            )
+            .await?;
             mark_backfilled(&mut sql, slot).await?;
             sql.terminate().await;
             tracing::info!(slot = %slot, events = published, "backfill complete");
@@ -152,13 +161,15 @@ struct Bookkeeping {
     backfilled: bool,
     /// Progress of an incomplete backfill.
     done: backfill::Done,
+    /// What the first attempt's snapshot saw, as `txid_current_snapshot()`.
+    snapshot: Option<String>,
 }
 
 async fn bookkeeping(conn: &mut Connection, slot: &str) -> Result<Option<Bookkeeping>> {
     let rows = conn
         .query(&format!(
-            "SELECT (backfilled_at IS NOT NULL)::text AS backfilled, backfill_progress::text AS progress \
-             FROM outbox_relay_slot WHERE slot_name = {}",
+            "SELECT (backfilled_at IS NOT NULL)::text AS backfilled, backfill_progress::text AS progress, \
+             backfill_snapshot FROM outbox_relay_slot WHERE slot_name = {}",
             quote_literal(slot)
         ))
         .await
@@ -187,6 +198,7 @@ async fn bookkeeping(conn: &mut Connection, slot: &str) -> Result<Option<Bookkee
     Ok(Some(Bookkeeping {
         backfilled: row.get("backfilled") == Some("true"),
         done,
+        snapshot: row.get("backfill_snapshot").map(str::to_owned),
     }))
 }
 
@@ -215,7 +227,8 @@ async fn create_with_backfill(
     sql.query(&format!(
         "INSERT INTO outbox_relay_slot (slot_name, publication_name) VALUES ({}, {}) \
          ON CONFLICT (slot_name) DO UPDATE SET publication_name = EXCLUDED.publication_name, \
-         created_at = now(), backfilled_at = NULL, backfill_progress = '{{}}'",
+         created_at = now(), backfilled_at = NULL, backfill_progress = '{{}}', \
+         backfill_snapshot = NULL",
         quote_literal(slot),
         quote_literal(&cfg.publication)
     ))
@@ -248,7 +261,7 @@ async fn create_with_backfill(
     let published = backfill::run(
         &mut sql,
         cfg,
-        Some(&snapshot),
+        backfill::Snapshot::Exported(&snapshot),
         backfill::Done::new(),
         publisher,
         token,
