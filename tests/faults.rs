@@ -786,3 +786,61 @@ async fn a_topic_that_disappears_stops_the_relay_and_parks_nothing() {
     .await;
     assert!(letters.is_empty(), "dead-lettered: {letters:?}");
 }
+
+/// Path 8 of issue 9: while the relay waits on Kafka (broker down, window
+/// full), standby status updates keep flowing, so a short
+/// `wal_sender_timeout` never drops a healthy relay's stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_on_kafka_keeps_the_walsender_from_timing_out() {
+    crate::support::init_logging();
+    let pg = Postgres::start_with(crate::support::postgres::Settings {
+        extra: vec![("wal_sender_timeout".into(), "3s".into())],
+        ..Default::default()
+    });
+    let url = pg.create_migrated_database(&unique("db")).await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    mock.create_topic(&topic, 1, 1).unwrap();
+    let slot = unique("slot");
+    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
+        .arg("--max-in-flight")
+        .arg("20")
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    insert(&pool, &agg, 1, 1).await;
+    consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        1,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    mock.broker_down(1).unwrap();
+    // More than the window: the stream stops reading and waits.
+    insert(&pool, &agg, 2, 200).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    mock.broker_up(1).unwrap();
+    let records = consume_settle(
+        &mock.bootstrap_servers(),
+        &[&topic],
+        200,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_seqs(&records, 200);
+    let logs = relay.logs();
+    assert!(
+        !logs.contains("resuming from the slot"),
+        "the stream was dropped while waiting:\n{logs}"
+    );
+    assert!(
+        !pg.log().contains("terminating walsender process due to replication timeout"),
+        "{}",
+        pg.log()
+    );
+    assert!(relay.stop().await.success(), "{logs}");
+}
