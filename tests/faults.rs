@@ -838,7 +838,8 @@ async fn waiting_on_kafka_keeps_the_walsender_from_timing_out() {
         "the stream was dropped while waiting:\n{logs}"
     );
     assert!(
-        !pg.log().contains("terminating walsender process due to replication timeout"),
+        !pg.log()
+            .contains("terminating walsender process due to replication timeout"),
         "{}",
         pg.log()
     );

@@ -3,14 +3,16 @@
 //! the stream starts at the slot's consistent point.
 //!
 //! The first attempt reads under the snapshot the slot exported, so it ends
-//! exactly where the stream begins, and records that snapshot (as
-//! `txid_current_snapshot()`) in `outbox_relay_slot.backfill_snapshot`. A
-//! retried attempt (the first one failed or was stopped) cannot import it
-//! any more: it reads under a fresh snapshot but publishes only the rows the
-//! first one saw, so rows committed after the slot's consistent point are
-//! left to the stream, which sends them in commit order. It continues after
-//! the last row Kafka acknowledged together with every row before it,
-//! recorded per table in `outbox_relay_slot.backfill_progress`.
+//! exactly where the stream begins, and records what that snapshot saw: the
+//! transactions in progress (`txid_current_snapshot()`) and, per table, the
+//! highest `seq`. A retried attempt (the first one failed or was stopped)
+//! cannot import the snapshot any more: it reads under a fresh one but
+//! publishes only rows up to that `seq` that those transactions did not
+//! insert. Every such row was committed before the slot's consistent point
+//! (a transaction that started later got a higher `seq`); rows committed
+//! after it are left to the stream, which sends them in commit order. The
+//! retry continues after the last row Kafka acknowledged together with every
+//! row before it, recorded per table in `outbox_relay_slot.backfill_progress`.
 
 use std::collections::HashMap;
 
@@ -31,10 +33,10 @@ const FETCH_SIZE: usize = 1000;
 pub type Done = HashMap<String, i64>;
 
 /// Publishes every row of every table in the publication (after what `done`
-/// says was acknowledged already), as of `snapshot` (the slot's exported
-/// snapshot) or, without one, a fresh snapshot. Waits until Kafka
-/// acknowledged all of them and records progress as it goes. Returns how
-/// many rows it published.
+/// says was acknowledged already), as of the slot's exported snapshot or,
+/// on a retry, of what that snapshot saw. Waits until Kafka acknowledged
+/// all of them and records progress as it goes. Returns how many rows it
+/// published.
 pub async fn run(
     sql: &mut Connection,
     cfg: &RelayConfig,
@@ -45,43 +47,14 @@ pub async fn run(
 ) -> Result<u64> {
     sql.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
+    if let Snapshot::Exported(name) = snapshot {
+        sql.query(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name)))
+            .await?;
+    }
     // Progress is recorded on a connection of its own: this one is in a
     // read-only transaction, and with an exported snapshot no other command
     // may run on the replication connection before the snapshot is imported.
     let mut book = Connection::connect(&cfg.pg, Mode::Sql).await?;
-    let first_seen = match snapshot {
-        Snapshot::Exported(name) => {
-            sql.query(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name)))
-                .await?;
-            let rows = sql
-                .query("SELECT txid_current_snapshot()::text AS snapshot")
-                .await?;
-            let seen = rows
-                .first()
-                .and_then(|r| r.get("snapshot"))
-                .ok_or_else(|| Error::Protocol("txid_current_snapshot() returned nothing".into()))?
-                .to_owned();
-            // Recorded before anything is published, so a retry always has it.
-            book.query(&format!(
-                "UPDATE outbox_relay_slot SET backfill_snapshot = {} WHERE slot_name = {}",
-                quote_literal(&seen),
-                quote_literal(&cfg.slot)
-            ))
-            .await?;
-            None
-        }
-        Snapshot::Retry(Some(seen)) => Some(seen.to_owned()),
-        Snapshot::Retry(None) => {
-            tracing::warn!(
-                slot = %cfg.slot,
-                "the first backfill attempt's snapshot was not recorded (a relay before this version \
-                 started it): rows committed since the slot was created are published by the backfill \
-                 and again by the stream, and an aggregate written while the slot was created may \
-                 see such a row before older ones"
-            );
-            None
-        }
-    };
     let column = |name: &str| {
         format!(
             "EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = \
@@ -89,7 +62,7 @@ pub async fn run(
              AND NOT a.attisdropped)::text AS has_{name}"
         )
     };
-    let tables = sql
+    let rows = sql
         .query(&format!(
             "SELECT schemaname, tablename, {}, {} FROM pg_publication_tables WHERE pubname = {} \
              ORDER BY schemaname, tablename",
@@ -98,6 +71,41 @@ pub async fn run(
             quote_literal(&cfg.publication)
         ))
         .await?;
+    let tables: Vec<Table> = rows
+        .iter()
+        .map(|t| Table {
+            schema: t.get("schemaname").unwrap_or_default().to_owned(),
+            name: t.get("tablename").unwrap_or_default().to_owned(),
+            has_seq: t.get("has_seq") == Some("true"),
+            has_created_at: t.get("has_created_at") == Some("true"),
+        })
+        .collect();
+    let first_seen = match snapshot {
+        Snapshot::Exported(_) => {
+            let seen = FirstSeen::read(sql, &tables).await?;
+            // Recorded before anything is published, so a retry always has it.
+            book.query(&format!(
+                "UPDATE outbox_relay_slot SET backfill_snapshot = {}, backfill_max_seq = {}::jsonb \
+                 WHERE slot_name = {}",
+                quote_literal(&seen.snapshot),
+                quote_literal(&serde_json::to_string(&seen.max_seq).unwrap_or_default()),
+                quote_literal(&cfg.slot)
+            ))
+            .await?;
+            None
+        }
+        Snapshot::Retry(Some(seen)) => Some(seen),
+        Snapshot::Retry(None) => {
+            tracing::warn!(
+                slot = %cfg.slot,
+                "what the first backfill attempt saw was not recorded (a relay before this version \
+                 started it): rows committed since the slot was created are published by the backfill \
+                 and again by the stream, and an aggregate written while the slot was created may \
+                 see such a row before older ones"
+            );
+            None
+        }
+    };
     let mut run = Backfill {
         sql,
         book,
@@ -108,14 +116,8 @@ pub async fn run(
         first_seen,
         published: 0,
     };
-    for t in &tables {
-        let table = Table {
-            schema: t.get("schemaname").unwrap_or_default().to_owned(),
-            name: t.get("tablename").unwrap_or_default().to_owned(),
-            has_seq: t.get("has_seq") == Some("true"),
-            has_created_at: t.get("has_created_at") == Some("true"),
-        };
-        run.table(&table).await?;
+    for table in &tables {
+        run.table(table).await?;
     }
     run.sql.query("COMMIT").await?;
     run.book.terminate().await;
@@ -123,30 +125,78 @@ pub async fn run(
 }
 
 /// Which snapshot the backfill reads under.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Snapshot<'a> {
     /// The first attempt: the snapshot the slot exported, by name.
     Exported(&'a str),
     /// A retry: a fresh snapshot, filtered to what the first attempt saw
-    /// (its `txid_current_snapshot()`, when it was recorded).
-    Retry(Option<&'a str>),
+    /// (when that was recorded).
+    Retry(Option<FirstSeen>),
 }
 
-/// A condition keeping the rows a snapshot (in `txid_current_snapshot()`
-/// text form) saw: their inserting transaction was visible to it. `xmin` is
-/// 32 bits; it is placed in the 64-bit epoch nearest the snapshot's, which
-/// is right for rows inserted within two billion transactions of it (the
-/// backfill's retry window). Bootstrap and frozen ids (below 3) are visible.
-fn seen_by(snapshot: &str) -> String {
-    let snap = format!("{}::txid_snapshot", quote_literal(snapshot));
-    let xmax = format!("txid_snapshot_xmax({snap})");
-    let full = format!("(((({xmax}) >> 32) << 32) | xmin::text::bigint)");
-    format!(
-        "(xmin::text::bigint < 3 OR txid_visible_in_snapshot(CASE \
-         WHEN {full} > {xmax} + 2147483648 THEN {full} - 4294967296 \
-         WHEN {full} < {xmax} - 2147483648 THEN {full} + 4294967296 \
-         ELSE {full} END, {snap}))"
-    )
+/// What the first attempt's snapshot (the slot's) saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstSeen {
+    /// Its `txid_current_snapshot()`: `xmin:xmax:in-progress,...`.
+    pub snapshot: String,
+    /// Per table with `seq`, the highest `seq` it saw (0: none).
+    pub max_seq: Done,
+}
+
+impl FirstSeen {
+    async fn read(sql: &mut Connection, tables: &[Table]) -> Result<Self> {
+        let rows = sql
+            .query("SELECT txid_current_snapshot()::text AS snapshot")
+            .await?;
+        let snapshot = rows
+            .first()
+            .and_then(|r| r.get("snapshot"))
+            .ok_or_else(|| Error::Protocol("txid_current_snapshot() returned nothing".into()))?
+            .to_owned();
+        let mut max_seq = Done::new();
+        for t in tables.iter().filter(|t| t.has_seq) {
+            let rows = sql
+                .query(&format!(
+                    "SELECT coalesce(max(seq), 0)::text AS seq FROM {}",
+                    t.quoted()
+                ))
+                .await?;
+            let seq = rows
+                .first()
+                .and_then(|r| r.get("seq"))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            max_seq.insert(t.key(), seq);
+        }
+        Ok(Self { snapshot, max_seq })
+    }
+
+    /// A condition keeping, of a table's rows now, those the first snapshot
+    /// saw: up to the highest `seq` it saw (a transaction that started after
+    /// it got a higher one), and not inserted by a transaction it saw in
+    /// progress (those committed after the slot's consistent point, so the
+    /// stream sends them). `xmin` is compared in its 32-bit form; a row
+    /// updated since has a new `xmin` and is kept.
+    fn filter(&self, table: &Table) -> Option<String> {
+        let max = self.max_seq.get(&table.key())?;
+        let in_progress: Vec<String> = self
+            .snapshot
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|x| x.trim().parse::<u64>().ok())
+            .map(|x| (x & 0xffff_ffff).to_string())
+            .collect();
+        Some(if in_progress.is_empty() {
+            format!("seq <= {max}")
+        } else {
+            format!(
+                "seq <= {max} AND xmin::text::bigint NOT IN ({})",
+                in_progress.join(", ")
+            )
+        })
+    }
 }
 
 struct Table {
@@ -160,6 +210,10 @@ impl Table {
     fn key(&self) -> String {
         format!("{}.{}", self.schema, self.name)
     }
+
+    fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
 }
 
 struct Backfill<'a> {
@@ -170,7 +224,7 @@ struct Backfill<'a> {
     token: &'a CancellationToken,
     done: Done,
     /// On a retry: what the first attempt's snapshot saw.
-    first_seen: Option<String>,
+    first_seen: Option<FirstSeen>,
     published: u64,
 }
 
@@ -196,7 +250,14 @@ impl Backfill<'_> {
         );
         let mut filters = Vec::new();
         if let Some(seen) = &self.first_seen {
-            filters.push(seen_by(seen));
+            match seen.filter(table) {
+                Some(filter) => filters.push(filter),
+                None => tracing::warn!(
+                    table = %key,
+                    "the first backfill attempt did not record this table's `seq`: all its rows are \
+                     published again, including those the stream also sends"
+                ),
+            }
         }
         let order = if table.has_seq {
             if let Some(seq) = after {
@@ -425,11 +486,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_first_snapshot_filter_quotes_its_input() {
-        let f = seen_by("100:105:101,103");
-        assert!(f.contains("'100:105:101,103'::txid_snapshot"), "{f}");
-        assert!(f.starts_with("(xmin::text::bigint < 3 OR txid_visible_in_snapshot("));
-        let f = seen_by("1:2:'; DROP TABLE outbox; --");
-        assert!(f.contains("'1:2:''; DROP TABLE outbox; --'"), "{f}");
+    fn a_retry_keeps_what_the_first_snapshot_saw() {
+        let table = Table {
+            schema: "public".into(),
+            name: "outbox".into(),
+            has_seq: true,
+            has_created_at: true,
+        };
+        let seen = FirstSeen {
+            // Epoch 1: the in-progress ids are compared in their 32-bit form.
+            snapshot: "4294967396:4294967401:4294967397,4294967399".into(),
+            max_seq: Done::from([("public.outbox".to_owned(), 42)]),
+        };
+        assert_eq!(
+            seen.filter(&table).unwrap(),
+            "seq <= 42 AND xmin::text::bigint NOT IN (101, 103)"
+        );
+        let none_running = FirstSeen {
+            snapshot: "100:100:".into(),
+            max_seq: Done::from([("public.outbox".to_owned(), 0)]),
+        };
+        assert_eq!(none_running.filter(&table).unwrap(), "seq <= 0");
+        let other = Table {
+            name: "other".into(),
+            ..table
+        };
+        assert_eq!(seen.filter(&other), None, "a table it did not record");
     }
 }

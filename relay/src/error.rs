@@ -402,9 +402,12 @@ impl Error {
     /// interrupted): a stop during which this happened does not exit 0.
     pub fn is_refusal(&self) -> bool {
         match self {
-            Error::BatchRefused { .. }
-            | Error::RefusedAlone { .. }
-            | Error::DeadLetterFailed { .. } => true,
+            Error::BatchRefused { .. } | Error::RefusedAlone { .. } => true,
+            // A dead letter that could not be handed over because of a stop
+            // is not a refusal.
+            Error::DeadLetterFailed { source, .. } => {
+                source.is_refusal() || matches!(**source, Error::Delivery { .. })
+            }
             Error::Delivery { source, .. } => !matches!(
                 **source,
                 KafkaError::MessageProduction(

@@ -22,13 +22,22 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// How often a waiting instance repeats that it is waiting.
 const REPEAT_WAITING_LOG: Duration = Duration::from_secs(60);
 
+/// What one try at the lock found.
+enum Attempt {
+    Taken,
+    EndedOwnOrphan,
+    HeldBy(String),
+}
+
 /// The lock on one slot, held while `conn` lives.
 pub struct SlotLock {
     conn: Option<Connection>,
-    /// The server backend that held the lock for this instance: when its
-    /// connection is lost without the server noticing (a network cut), that
-    /// backend still holds the lock, and this instance ends it.
-    backend_pid: Option<String>,
+    /// The server backend that held the lock for this instance (pid and
+    /// start time, which together name one backend even across server
+    /// restarts): when its connection is lost without the server noticing
+    /// (a network cut), that backend still holds the lock, and this instance
+    /// ends it.
+    backend: Option<(String, String)>,
 }
 
 impl SlotLock {
@@ -36,7 +45,7 @@ impl SlotLock {
     pub fn new() -> Self {
         Self {
             conn: None,
-            backend_pid: None,
+            backend: None,
         }
     }
 
@@ -69,41 +78,42 @@ impl SlotLock {
         let mut conn = Connection::connect(&cfg.pg, Mode::Sql).await?;
         let mut last_log: Option<Instant> = None;
         loop {
-            let rows = conn
-                .query(&format!(
-                    "SELECT pg_try_advisory_lock({}) AS held",
-                    key(&cfg.slot)
-                ))
-                .await?;
-            if rows.first().and_then(|r| r.get("held")) == Some("t") {
-                if last_log.is_some() {
-                    tracing::info!(slot = %cfg.slot, "took over the slot lock; this instance now works the slot");
+            // Each round is bounded and gives way to a stop: a half-open
+            // connection must not hang the relay.
+            let round = tokio::time::timeout(cfg.connect_timeout, self.try_once(&mut conn, cfg));
+            let outcome = tokio::select! {
+                biased;
+                _ = token.cancelled() => {
+                    conn.terminate().await;
+                    return Ok(false);
                 }
-                let pid = conn.query("SELECT pg_backend_pid()::text AS pid").await?;
-                self.backend_pid = pid.first().and_then(|r| r.get("pid")).map(str::to_owned);
-                self.conn = Some(conn);
-                return Ok(true);
-            }
-            let (pid, holder) = holder(&mut conn, &cfg.slot).await;
-            if pid.is_some() && pid == self.backend_pid {
-                // Our own earlier backend, whose client connection is gone.
-                tracing::warn!(slot = %cfg.slot, holder = %holder, "this instance's earlier connection still holds the slot lock; ending it");
-                let _ = conn
-                    .query(&format!(
-                        "SELECT pg_terminate_backend({})",
-                        pid.as_deref().unwrap_or("0")
-                    ))
-                    .await;
-                self.backend_pid = None;
-                continue;
-            }
-            if last_log.is_none_or(|t| t.elapsed() >= REPEAT_WAITING_LOG) {
-                tracing::info!(
-                    slot = %cfg.slot,
-                    holder = %holder,
-                    "another relay instance works this slot; waiting (standby) until it stops"
-                );
-                last_log = Some(Instant::now());
+                outcome = round => outcome.map_err(|_| crate::Error::Io {
+                    context: format!("taking the lock of slot `{}`", cfg.slot),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {:?}", cfg.connect_timeout),
+                    ),
+                })??,
+            };
+            match outcome {
+                Attempt::Taken => {
+                    if last_log.is_some() {
+                        tracing::info!(slot = %cfg.slot, "took over the slot lock; this instance now works the slot");
+                    }
+                    self.conn = Some(conn);
+                    return Ok(true);
+                }
+                Attempt::EndedOwnOrphan => continue,
+                Attempt::HeldBy(holder) => {
+                    if last_log.is_none_or(|t| t.elapsed() >= REPEAT_WAITING_LOG) {
+                        tracing::info!(
+                            slot = %cfg.slot,
+                            holder = %holder,
+                            "another relay instance works this slot; waiting (standby) until it stops"
+                        );
+                        last_log = Some(Instant::now());
+                    }
+                }
             }
             tokio::select! {
                 biased;
@@ -114,6 +124,39 @@ impl SlotLock {
                 _ = tokio::time::sleep(RETRY_EVERY) => {}
             }
         }
+    }
+
+    /// One try at the lock.
+    async fn try_once(&mut self, conn: &mut Connection, cfg: &RelayConfig) -> Result<Attempt> {
+        let rows = conn
+            .query(&format!(
+                "SELECT pg_try_advisory_lock({}) AS held, pg_backend_pid()::text AS pid, \
+                 (SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()) AS started",
+                key(&cfg.slot)
+            ))
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(Attempt::HeldBy("unknown".into()));
+        };
+        if row.get("held") == Some("t") {
+            self.backend = row
+                .get("pid")
+                .zip(row.get("started"))
+                .map(|(p, s)| (p.to_owned(), s.to_owned()));
+            return Ok(Attempt::Taken);
+        }
+        let (backend, holder) = holder(conn, &cfg.slot).await;
+        if backend.is_some() && backend == self.backend {
+            // Our own earlier backend, whose client connection is gone.
+            tracing::warn!(slot = %cfg.slot, holder = %holder, "this instance's earlier connection still holds the slot lock; ending it");
+            let pid = backend.map(|(pid, _)| pid).unwrap_or_default();
+            let _ = conn
+                .query(&format!("SELECT pg_terminate_backend({pid})"))
+                .await;
+            self.backend = None;
+            return Ok(Attempt::EndedOwnOrphan);
+        }
+        Ok(Attempt::HeldBy(holder))
     }
 
     /// Releases the lock (closing its connection releases it too).
@@ -139,13 +182,13 @@ fn key(slot: &str) -> String {
     )
 }
 
-/// Who holds the lock: the backend's pid (digits only), and a description
-/// for the log (pid, application name, client address; visible to the
-/// relay's role for its own sessions).
-async fn holder(conn: &mut Connection, slot: &str) -> (Option<String>, String) {
+/// Who holds the lock: the backend (pid, digits only, and start time), and a
+/// description for the log (pid, application name, client address; visible
+/// to the relay's role for its own sessions).
+async fn holder(conn: &mut Connection, slot: &str) -> (Option<(String, String)>, String) {
     let sql = format!(
-        "SELECT l.pid::text AS pid, coalesce(a.application_name, '') AS app, \
-         coalesce(host(a.client_addr), 'local') AS addr \
+        "SELECT l.pid::text AS pid, a.backend_start::text AS started, \
+         coalesce(a.application_name, '') AS app, coalesce(host(a.client_addr), 'local') AS addr \
          FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
          AND ((l.classid::bigint << 32) | l.objid::bigint) = {}",
@@ -156,15 +199,17 @@ async fn holder(conn: &mut Connection, slot: &str) -> (Option<String>, String) {
             Some(r) => {
                 let pid = r
                     .get("pid")
-                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-                    .map(str::to_owned);
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+                let backend = pid
+                    .zip(r.get("started"))
+                    .map(|(p, s)| (p.to_owned(), s.to_owned()));
                 let text = format!(
                     "backend pid {} ({} from {})",
                     r.get("pid").unwrap_or("?"),
                     r.get("app").unwrap_or("?"),
                     r.get("addr").unwrap_or("?")
                 );
-                (pid, text)
+                (backend, text)
             }
             None => (None, "unknown (it may have just been released)".to_owned()),
         },

@@ -209,18 +209,22 @@ impl Publisher {
     pub async fn drain(&mut self, token: &CancellationToken) -> Result<bool> {
         let started = Instant::now();
         let mut logged = None::<Instant>;
-        let fatal = self.producer.client().fatal_error();
-        if let Some((code, reason)) = &fatal
-            && *code != RDKafkaErrorCode::GaplessGuarantee
-        {
-            // Not a refused batch (which a new producer gets past): the same
-            // cause would stop every new producer too.
-            return Err(Error::Kafka {
-                context: format!("the kafka producer stopped for good: {reason}"),
-                source: Box::new(KafkaError::MessageProduction(*code)),
-            });
-        }
-        while self.producer.in_flight_count() > 0 {
+        let mut fatal = None;
+        loop {
+            // Read on every round: the producer may stop while we wait.
+            fatal = self.producer.client().fatal_error().or(fatal);
+            if let Some((code, reason)) = &fatal
+                && !replaceable(*code)
+            {
+                // A new producer would stop for the same reason.
+                return Err(Error::Kafka {
+                    context: format!("the kafka producer stopped for good: {reason}"),
+                    source: Box::new(KafkaError::MessageProduction(*code)),
+                });
+            }
+            if self.producer.in_flight_count() == 0 {
+                break;
+            }
             if fatal.is_some() {
                 // A stopped producer sends nothing more, yet requeues records
                 // whose requests failed (batches behind the refused one), and
@@ -310,6 +314,19 @@ impl Publisher {
     /// Marks an event as no longer suspect (it was sent on its own).
     pub fn clear_suspect(&mut self, event_id: &str) {
         self.suspects.remove(event_id);
+    }
+
+    /// Refusals not acted on (after the final flush): a stop during which
+    /// Kafka refused a record does not exit 0.
+    pub fn refused_at_exit(&self) -> Option<Error> {
+        self.ledger
+            .take_all_refused()
+            .into_iter()
+            .find_map(|r| match r {
+                Refused::Record { error, .. } if error.is_refusal() => Some(error),
+                Refused::Fatal(error) if error.is_refusal() => Some(error),
+                _ => None,
+            })
     }
 
     /// Records handed to the producer without a delivery report served yet.
@@ -619,6 +636,28 @@ fn make_producer(
     let producer = Arc::new(producer);
     let reports = ReportServer::start(producer.clone())?;
     Ok((producer, reports))
+}
+
+/// Whether a producer that stopped with this error is replaced (and the
+/// session resent), rather than the relay stopping: yes for errors tied to
+/// the stopped producer's id and sequence numbers, which a new producer does
+/// not inherit; no for authorization, authentication and version errors,
+/// which would stop every new producer too.
+fn replaceable(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    !matches!(
+        code,
+        C::ClusterAuthorizationFailed
+            | C::TopicAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication
+            | C::UnsupportedVersion
+            | C::UnsupportedForMessageFormat
+            | C::UnsupportedFeature
+            | C::InvalidConfig
+            | C::InvalidArgument
+    )
 }
 
 /// Whether a refusal in a delivery report makes its record a suspect: any

@@ -59,7 +59,20 @@ pub async fn run_with_metrics(
         cfg.connect_timeout,
         metrics.clone(),
     )?;
-    publisher.stop_on(token.clone());
+    // Waits for room in librdkafka's buffer end half a shutdown timeout
+    // after the stop request: a stop inside a transaction reads on to its
+    // commit for that long (see `stream`), which may need the buffer.
+    let hand_over = CancellationToken::new();
+    {
+        let (token, hand_over, grace) =
+            (token.clone(), hand_over.clone(), cfg.shutdown_timeout / 2);
+        tokio::spawn(async move {
+            token.cancelled().await;
+            tokio::time::sleep(grace).await;
+            hand_over.cancel();
+        });
+    }
+    publisher.stop_on(hand_over);
     let mut backoff = Backoff::new(cfg.max_backoff);
     let mut lock = SlotLock::new();
     // The brokers are checked once, at the first session that reaches that
@@ -122,8 +135,10 @@ pub async fn run_with_metrics(
     let flushed = publisher.flush(cfg.shutdown_timeout).await;
     lock.release().await;
     let outstanding = publisher.in_flight();
+    let refused = publisher.refused_at_exit();
     match (result, flushed) {
         (Err(err), _) => Err(err),
+        (Ok(()), _) if refused.is_some() => Err(refused.expect("checked")),
         (Ok(()), _) if outstanding > 0 => Err(Error::Unacknowledged {
             outstanding,
             timeout: cfg.shutdown_timeout,

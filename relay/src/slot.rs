@@ -106,7 +106,7 @@ pub async fn prepare(
         if let Some(Bookkeeping {
             backfilled: false,
             done,
-            snapshot,
+            first_seen,
         }) = bookkeeping
         {
             // A previous start created the slot but its backfill did not
@@ -124,7 +124,7 @@ pub async fn prepare(
             let published = backfill::run(
                 &mut sql,
                 cfg,
-                backfill::Snapshot::Retry(snapshot.as_deref()),
+                backfill::Snapshot::Retry(first_seen),
                 done,
                 publisher,
                 token,
@@ -161,15 +161,15 @@ struct Bookkeeping {
     backfilled: bool,
     /// Progress of an incomplete backfill.
     done: backfill::Done,
-    /// What the first attempt's snapshot saw, as `txid_current_snapshot()`.
-    snapshot: Option<String>,
+    /// What the first attempt's snapshot saw.
+    first_seen: Option<backfill::FirstSeen>,
 }
 
 async fn bookkeeping(conn: &mut Connection, slot: &str) -> Result<Option<Bookkeeping>> {
     let rows = conn
         .query(&format!(
             "SELECT (backfilled_at IS NOT NULL)::text AS backfilled, backfill_progress::text AS progress, \
-             backfill_snapshot FROM outbox_relay_slot WHERE slot_name = {}",
+             backfill_snapshot, backfill_max_seq::text AS max_seq FROM outbox_relay_slot WHERE slot_name = {}",
             quote_literal(slot)
         ))
         .await
@@ -198,7 +198,18 @@ async fn bookkeeping(conn: &mut Connection, slot: &str) -> Result<Option<Bookkee
     Ok(Some(Bookkeeping {
         backfilled: row.get("backfilled") == Some("true"),
         done,
-        snapshot: row.get("backfill_snapshot").map(str::to_owned),
+        first_seen: match (row.get("backfill_snapshot"), row.get("max_seq")) {
+            (Some(snapshot), Some(max_seq)) => Some(backfill::FirstSeen {
+                snapshot: snapshot.to_owned(),
+                max_seq: serde_json::from_str(max_seq).map_err(|e| {
+                    Error::Config(format!(
+                        "outbox_relay_slot.backfill_max_seq of slot `{slot}` is not a JSON object of \
+                         table names to numbers ({e})"
+                    ))
+                })?,
+            }),
+            _ => None,
+        },
     }))
 }
 
@@ -228,7 +239,7 @@ async fn create_with_backfill(
         "INSERT INTO outbox_relay_slot (slot_name, publication_name) VALUES ({}, {}) \
          ON CONFLICT (slot_name) DO UPDATE SET publication_name = EXCLUDED.publication_name, \
          created_at = now(), backfilled_at = NULL, backfill_progress = '{{}}', \
-         backfill_snapshot = NULL",
+         backfill_snapshot = NULL, backfill_max_seq = NULL",
         quote_literal(slot),
         quote_literal(&cfg.publication)
     ))
