@@ -114,6 +114,12 @@ impl Fixture {
         out
     }
 
+    /// Everything in the topic, once the relay has stopped: read to the high
+    /// watermarks, so late duplicates are counted too.
+    pub async fn read_to_end(&self) -> Vec<Record> {
+        super::kafka::consume_to_end(&self.tansu.brokers(), &[&self.topic()]).await
+    }
+
     /// Reads the topic until `expected` records (plus a settle time for duplicates).
     pub async fn read(&self, expected: usize) -> Vec<Record> {
         consume(

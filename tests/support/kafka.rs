@@ -164,3 +164,41 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e:?}"));
     }
 }
+
+/// Reads every partition of the topics from the start to its high watermark
+/// as of this call, then for two more seconds: with the producer stopped the
+/// log no longer changes, so duplicates cannot hide behind a settle time
+/// that ended while the relay was still sending.
+pub async fn consume_to_end(brokers: &str, topics: &[&str]) -> Vec<Record> {
+    let probe: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", super::unique("test-watermarks"))
+        .create()
+        .expect("consumer");
+    let mut total = 0usize;
+    let mut partitions = 0usize;
+    for topic in topics {
+        let md = probe
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        for t in md.topics().iter().filter(|t| t.name() == *topic) {
+            for p in t.partitions() {
+                let (low, high) = probe
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                    .expect("watermarks");
+                total += (high - low).max(0) as usize;
+                partitions += 1;
+            }
+        }
+    }
+    // Brokers differ on whether the high watermark is the next offset or the
+    // last one, so the count is a floor; the settle reads what remains.
+    consume_settle(
+        brokers,
+        topics,
+        total.saturating_sub(partitions),
+        Duration::from_secs(120),
+        Duration::from_secs(2),
+    )
+    .await
+}
