@@ -139,10 +139,22 @@ async fn verify_full_needs_the_ca_and_require_does_not() {
     assert!(logs.contains("tls: handshake with localhost"), "{logs}");
     assert!(logs.contains("sslrootcert"), "{logs}");
 
-    // require: encrypted, not verified.
+    // require: encrypted, not verified. The server says the walsender's
+    // connection is encrypted (pg_stat_ssl), not just that it streams.
     let url = format!("{base}?sslmode=require");
-    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot")).spawn();
+    let slot = unique("slot");
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &slot).spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let pool = sqlx::PgPool::connect(&plain).await.unwrap();
+    let encrypted: Option<bool> = sqlx::query_scalar(
+        "SELECT l.ssl FROM pg_replication_slots s JOIN pg_stat_ssl l ON l.pid = s.active_pid \
+         WHERE s.slot_name = $1",
+    )
+    .bind(&slot)
+    .fetch_optional(&pool)
+    .await
+    .unwrap();
+    assert_eq!(encrypted, Some(true), "{}", relay.logs());
     assert!(relay.stop().await.success());
 
     let _ = std::fs::remove_dir_all(&dir);
