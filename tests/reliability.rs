@@ -200,12 +200,23 @@ async fn secrets_never_reach_the_output_even_at_trace_level() {
         .env("OUTBOX_LOG", "trace")
         .arg("--kafka-option")
         .arg(format!("sasl.password={sasl_secret}"))
+        // librdkafka's own debug output, its configuration dump included.
+        .arg("--kafka-option")
+        .arg("debug=all")
         .spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
     let written = f.write_tx(&[("s".into(), 1)]).await;
     assert_exactly_once(&written, &f.read(1).await);
-    assert!(relay.stop().await.success());
+    let status = relay.stop().await;
     let logs = relay.logs();
+    assert!(
+        status.success(),
+        "{}",
+        logs.lines()
+            .filter(|l| !l.contains("DEBUG") && !l.contains("TRACE"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert!(logs.len() > 1000, "trace output expected");
     assert!(!logs.contains(PASSWORD), "the database password leaked");
     assert!(!logs.contains(sasl_secret), "the SASL password leaked");
@@ -221,6 +232,24 @@ async fn secrets_never_reach_the_output_even_at_trace_level() {
         !logs.contains("Wr0ng-but-secret") && !logs.contains(PASSWORD),
         "{logs}"
     );
+
+    // A failing SASL login (the broker does not speak SASL here), with
+    // librdkafka's debug output on, leaks nothing either.
+    let mut relay = f
+        .relay()
+        .env("OUTBOX_LOG", "trace")
+        .arg("--kafka-option=security.protocol=SASL_PLAINTEXT")
+        .arg("--kafka-option=sasl.mechanism=PLAIN")
+        .arg("--kafka-option=sasl.username=relay")
+        .arg(format!("--kafka-option=sasl.password={sasl_secret}"))
+        .arg("--kafka-option=debug=all")
+        .spawn();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(logs.contains("cannot reach the kafka brokers"), "{logs}");
+    assert!(logs.contains("sasl"), "librdkafka's debug output expected");
+    assert!(!logs.contains(sasl_secret), "the SASL password leaked");
 }
 
 #[tokio::test]

@@ -40,6 +40,11 @@ impl Deliveries {
     pub fn new(ledger: Arc<Ledger>) -> Self {
         Self { ledger }
     }
+
+    /// The ledger reports go to.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
 }
 
 impl ClientContext for Deliveries {}
@@ -50,6 +55,7 @@ impl ProducerContext for Deliveries {
     // Runs once per record, wherever the producer is polled: keep it short.
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let ticket = Ticket::from_opaque(opaque);
+        self.ledger.reported();
         match result {
             Ok(message) => {
                 if tracing::enabled!(tracing::Level::TRACE) {

@@ -16,7 +16,7 @@
 //! uncontended lock and a store.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -102,6 +102,12 @@ pub struct Ledger {
     changed: Notify,
     /// Whether `state.refused` is non-empty, readable without the lock.
     any_refused: AtomicBool,
+    /// Records (and dead letters) handed to the producer, and delivery
+    /// reports served for them, over the process's life: the difference is
+    /// what the producer still holds. (librdkafka's own `outq_len` also
+    /// counts queued callbacks and debug events, so it is not this.)
+    handed: AtomicU64,
+    reported: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -145,6 +151,8 @@ impl Ledger {
             }),
             changed: Notify::new(),
             any_refused: AtomicBool::new(false),
+            handed: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
             metrics,
         })
     }
@@ -153,6 +161,23 @@ impl Ledger {
         // A panic while holding the lock cannot leave the counters in a state
         // worse than a crash would; keep going rather than poison the relay.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A record or dead letter was handed to the producer.
+    pub fn handed(&self) {
+        self.handed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A delivery report was served (acknowledgement or failure, of any
+    /// session).
+    pub fn reported(&self) {
+        self.reported.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Records handed to the producer whose delivery report was not served.
+    pub fn unreported(&self) -> u64 {
+        let reported = self.reported.load(Ordering::Acquire);
+        self.handed.load(Ordering::Acquire).saturating_sub(reported)
     }
 
     /// Kafka acknowledged the record (or dead letter) holding `ticket`.

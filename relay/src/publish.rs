@@ -94,7 +94,10 @@ async fn send_with_backpressure<'a>(
 ) -> Result<()> {
     loop {
         match producer.send(record) {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                producer.context().ledger().handed();
+                return Ok(());
+            }
             // librdkafka's buffer is full: wait for deliveries to free it.
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
@@ -222,7 +225,7 @@ impl Publisher {
                     source: Box::new(KafkaError::MessageProduction(*code)),
                 });
             }
-            if self.producer.in_flight_count() == 0 {
+            if self.ledger.unreported() == 0 {
                 break;
             }
             if fatal.is_some() {
@@ -237,7 +240,7 @@ impl Publisher {
                 && started.elapsed() >= Duration::from_secs(1)
             {
                 tracing::warn!(
-                    records = self.producer.in_flight_count(),
+                    records = self.ledger.unreported(),
                     waited = ?started.elapsed(),
                     "waiting for kafka to acknowledge the previous session's records before resending from the slot"
                 );
@@ -331,7 +334,7 @@ impl Publisher {
 
     /// Records handed to the producer without a delivery report served yet.
     pub fn in_flight(&self) -> usize {
-        self.producer.in_flight_count().max(0) as usize
+        self.ledger.unreported() as usize
     }
 
     /// Fails with a clear error when no broker answers within the timeout.
