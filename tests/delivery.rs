@@ -249,7 +249,7 @@ pub async fn survive_restart(mode: &str) {
 }
 
 /// `GET /metrics` on the relay's metrics address.
-async fn scrape(port: u16) -> Option<String> {
+pub async fn scrape(port: u16) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -262,7 +262,7 @@ async fn scrape(port: u16) -> Option<String> {
     Some(body)
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
+pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())

@@ -192,9 +192,12 @@ async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
     let topic = format!("outbox.event.{agg}");
     mock.create_topic(&topic, 3, 1).unwrap();
     let slot = unique("slot");
+    let port = crate::support::free_port();
     let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
         .arg("--stall-warning")
         .arg("3s")
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{port}"))
         .spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
 
@@ -228,6 +231,13 @@ async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
             .contains("kafka has not acknowledged the oldest event handed to it"),
         "the stall was not reported:\n{}",
         relay.logs()
+    );
+    let stalled = crate::delivery::scrape(port)
+        .await
+        .and_then(|text| crate::delivery::metric(&text, "outbox_relay_delivery_stalled_seconds"));
+    assert!(
+        stalled.is_some_and(|s| s >= 3.0),
+        "outbox_relay_delivery_stalled_seconds = {stalled:?}"
     );
     mock.broker_up(1).unwrap();
     let records = consume_settle(
