@@ -665,9 +665,10 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
 
-/// Paths 1 and 8 of issue 9: SIGTERM during a first-start backfill that
-/// waits on a full window (the broker is down) is honoured within the
-/// shutdown timeout; the slot stays, and the next start delivers every row.
+/// Paths 1, 2 and 8 of issue 9: a first-start backfill that waits on a full
+/// window (the broker is down) reports the stall, SIGTERM is honoured within
+/// the shutdown timeout, the slot stays, and the next start delivers every
+/// row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
     let (_pg, url, pool) = database().await;
@@ -681,7 +682,9 @@ async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
         .arg("--max-in-flight")
         .arg("10")
         .arg("--shutdown-timeout")
-        .arg("3s");
+        .arg("3s")
+        .arg("--stall-warning")
+        .arg("1s");
     let mut relay = builder.spawn();
     // The backfill is publishing (window of 10): take the broker down.
     consume_settle(
@@ -693,7 +696,13 @@ async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
     )
     .await;
     mock.broker_down(1).unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The backfill reports the stall like the stream does.
+    relay
+        .wait_log(
+            "kafka has not acknowledged the oldest event handed to it",
+            Duration::from_secs(30),
+        )
+        .await;
     assert!(
         !relay.logs().contains("backfill complete"),
         "{}",

@@ -15,13 +15,14 @@
 //! row before it, recorded per table in `outbox_relay_slot.backfill_progress`.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
 use crate::connection::{Connection, Mode, Row, quote_ident, quote_literal};
 use crate::lsn::Lsn;
-use crate::progress::{Progress, Ticket};
+use crate::progress::{Progress, StallWatch, Ticket};
 use crate::publish::Publisher;
 use crate::row::{Layout, OutboxEvent};
 use crate::{Error, Result, route};
@@ -106,6 +107,7 @@ pub async fn run(
             None
         }
     };
+    let stall = StallWatch::new(cfg.stall_warning, publisher.ledger().metrics());
     let mut run = Backfill {
         sql,
         book,
@@ -114,6 +116,7 @@ pub async fn run(
         token,
         done,
         first_seen,
+        stall,
         published: 0,
     };
     for table in &tables {
@@ -225,6 +228,7 @@ struct Backfill<'a> {
     done: Done,
     /// On a retry: what the first attempt's snapshot saw.
     first_seen: Option<FirstSeen>,
+    stall: StallWatch,
     published: u64,
 }
 
@@ -425,6 +429,7 @@ impl Backfill<'_> {
                 biased;
                 _ = self.token.cancelled() => return Err(interrupted()),
                 _ = progress.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => self.stall.check(progress),
             }
         }
     }
@@ -435,6 +440,7 @@ impl Backfill<'_> {
     async fn settle(&mut self, progress: &Progress) -> Result<()> {
         let timeout = self.cfg.shutdown_timeout;
         let publisher = &mut *self.publisher;
+        let stall = &mut self.stall;
         let dead_letter_topic = self.cfg.dead_letter_topic.as_deref();
         let wait = async {
             loop {
@@ -442,7 +448,10 @@ impl Backfill<'_> {
                 if progress.all_settled() {
                     return Ok(());
                 }
-                progress.changed().await;
+                tokio::select! {
+                    _ = progress.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => stall.check(progress),
+                }
             }
         };
         if self.token.is_cancelled() {

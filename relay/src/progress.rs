@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -369,7 +370,68 @@ impl Progress {
     }
 }
 
+/// Watches for a delivery that does not move: Kafka never gives up on a
+/// record by itself (no message timeout), so a long outage shows here, as a
+/// warning repeated every `threshold` and the
+/// `outbox_relay_delivery_stalled_seconds` metric.
+#[derive(Debug)]
+pub struct StallWatch {
+    threshold: Duration,
+    metrics: Arc<Metrics>,
+    /// The settled watermark last seen, and since when it has not moved.
+    watermark: u64,
+    since: Option<Instant>,
+    warned_at: Option<Instant>,
+}
+
+impl StallWatch {
+    /// Reports stalls longer than `threshold` into `metrics` and the log.
+    pub fn new(threshold: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            threshold,
+            metrics,
+            watermark: 0,
+            since: None,
+            warned_at: None,
+        }
+    }
+
+    /// Call periodically (about once a second or more often).
+    pub fn check(&mut self, progress: &Progress) {
+        let (outstanding, watermark) = progress.outstanding();
+        if outstanding == 0 || watermark != self.watermark || self.since.is_none() {
+            if self.warned_at.is_some() {
+                tracing::info!("kafka acknowledges again; the stalled delivery resumed");
+            }
+            self.watermark = watermark;
+            self.since = (outstanding > 0).then(Instant::now);
+            self.warned_at = None;
+            self.metrics.stalled(0.0);
+            return;
+        }
+        let waited = self.since.map(|t| t.elapsed()).unwrap_or_default();
+        if waited < self.threshold {
+            return;
+        }
+        self.metrics.stalled(waited.as_secs_f64());
+        if self.warned_at.is_none_or(|t| t.elapsed() >= self.threshold) {
+            tracing::warn!(
+                waited = ?waited,
+                records = outstanding,
+                "kafka has not acknowledged the oldest event handed to it; the relay keeps waiting \
+                 (records are never given up) and confirms nothing past it; check the brokers"
+            );
+            self.warned_at = Some(Instant::now());
+        }
+    }
+}
+
 impl Ledger {
+    /// The metrics delivery reports count into.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// Takes every refusal not acted on, for the relay to learn which
     /// records to send on their own in the next session.
     pub fn take_all_refused(&self) -> Vec<Refused> {

@@ -15,7 +15,7 @@ use crate::connection::{Backend, Connection, quote_ident, quote_literal};
 use crate::decode::{self, LogicalMessage, ReplicationMessage};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::progress::Progress;
+use crate::progress::{Progress, StallWatch};
 use crate::publish::{DeadLetter, Publisher};
 use crate::row::Layout;
 use crate::{Error, Result, route};
@@ -71,7 +71,7 @@ pub async fn run(
         last_sent: None,
         last_sent_at: Instant::now(),
         isolated: None,
-        stall: Stall::default(),
+        stall: StallWatch::new(cfg.stall_warning, metrics.clone()),
     };
     let ended = session.pump(publisher, token).await;
     session.finish(publisher, ended).await
@@ -93,16 +93,7 @@ struct Session<'a> {
     last_sent_at: Instant,
     /// The ticket of a record sent on its own, while it waits for its report.
     isolated: Option<crate::progress::Ticket>,
-    stall: Stall,
-}
-
-/// Whether the oldest record handed to Kafka has waited too long.
-#[derive(Default)]
-struct Stall {
-    /// The settled watermark last seen, and since when it has not moved.
-    watermark: u64,
-    since: Option<Instant>,
-    warned_at: Option<Instant>,
+    stall: StallWatch,
 }
 
 impl Session<'_> {
@@ -174,40 +165,9 @@ impl Session<'_> {
         .await
     }
 
-    /// Reports a delivery that has not moved for `--stall-warning`: Kafka
-    /// never gives up on a record by itself, so a long outage shows here.
+    /// Reports a delivery that has not moved for `--stall-warning`.
     fn check_stall(&mut self) {
-        let (outstanding, watermark) = self.progress.outstanding();
-        if outstanding == 0 || watermark != self.stall.watermark || self.stall.since.is_none() {
-            if self.stall.warned_at.is_some() && outstanding == 0 {
-                tracing::info!("kafka acknowledges again; the stalled delivery resumed");
-            }
-            self.stall = Stall {
-                watermark,
-                since: (outstanding > 0).then(Instant::now),
-                warned_at: None,
-            };
-            self.metrics.stalled(0.0);
-            return;
-        }
-        let waited = self.stall.since.map(|t| t.elapsed()).unwrap_or_default();
-        if waited < self.cfg.stall_warning {
-            return;
-        }
-        self.metrics.stalled(waited.as_secs_f64());
-        if self
-            .stall
-            .warned_at
-            .is_none_or(|t| t.elapsed() >= self.cfg.stall_warning)
-        {
-            tracing::warn!(
-                waited = ?waited,
-                records = outstanding,
-                "kafka has not acknowledged the oldest event handed to it; the relay keeps waiting \
-                 (records are never given up) and confirms nothing past it; check the brokers"
-            );
-            self.stall.warned_at = Some(Instant::now());
-        }
+        self.stall.check(&self.progress);
     }
 
     /// Waits until every record handed out is settled, acting on refusals
