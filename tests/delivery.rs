@@ -111,10 +111,15 @@ async fn a_kill_without_grace_loses_nothing_and_replays_only_the_tail() {
     let mut relay = f.relay().spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
 
+    // Kill while the writes are still going on, so the relay dies with an
+    // unconfirmed tail (the old test killed after every write committed).
     let mut seq = 0;
-    let mut written = f.write_many(400, 10, 8, &mut seq).await;
-    relay.wait_log("published", Duration::from_secs(60)).await;
-    relay.kill9().await;
+    let writes = f.write_many(400, 10, 8, &mut seq);
+    let kill = async {
+        relay.wait_log("published", Duration::from_secs(60)).await;
+        relay.kill9().await;
+    };
+    let (mut written, ()) = tokio::join!(writes, kill);
     // What the first run got into Kafka (its producer is dead, so this is final).
     let first_run = consume_settle(
         &f.tansu.brokers(),
