@@ -314,9 +314,12 @@ async fn connections_cut_to_postgres_and_kafka_lose_nothing() {
 
     let mut next = 1;
     for round in 0..6 {
+        // Counted before the insert: the relay may publish the whole round
+        // before the test reads its log again (the old order then waited for
+        // a publish that never came).
+        let before = count_published(&relay.logs());
         insert(&pool, &agg, next, next + 199).await;
         next += 200;
-        let before = count_published(&relay.logs());
         wait_for("the relay to publish", Duration::from_secs(60), || async {
             (count_published(&relay.logs()) > before).then_some(())
         })
