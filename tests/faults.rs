@@ -324,11 +324,18 @@ async fn connections_cut_to_postgres_and_kafka_lose_nothing() {
             (count_published(&relay.logs()) > before).then_some(())
         })
         .await;
-        let cut = if round % 2 == 0 {
-            pg_proxy.cut()
+        // After a cut the relay reconnects with backoff, and the publish seen
+        // above may be its replay: wait until it is connected again.
+        let proxy = if round % 2 == 0 {
+            &pg_proxy
         } else {
-            kafka_proxy.cut()
+            &kafka_proxy
         };
+        wait_for("a connection to cut", Duration::from_secs(60), || async {
+            (proxy.live() > 0).then_some(())
+        })
+        .await;
+        let cut = proxy.cut();
         assert!(cut > 0, "round {round}: no connection to cut");
     }
     let records = consume_settle(

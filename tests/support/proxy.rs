@@ -43,6 +43,12 @@ impl Proxy {
         }
     }
 
+    /// How many connections through the proxy are open.
+    pub fn live(&self) -> usize {
+        let conns = self.conns.lock().unwrap();
+        conns.iter().filter(|h| !h.is_finished()).count()
+    }
+
     /// Drops every open connection: both peers see the connection reset.
     pub fn cut(&self) -> usize {
         let mut conns = self.conns.lock().unwrap();
