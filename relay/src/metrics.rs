@@ -108,6 +108,11 @@ impl Metrics {
         self.sessions.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Replication sessions started so far.
+    pub fn sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
     /// The position last confirmed to PostgreSQL.
     pub fn confirmed(&self, lsn: u64) {
         self.confirmed_lsn.store(lsn, Ordering::Relaxed);

@@ -105,9 +105,15 @@ pub async fn run_with_metrics(
             Err(err) => break Err(err),
         }
         let span = tracing::info_span!("session", slot = %cfg.slot);
+        let streamed_before = metrics.sessions();
         let outcome = session(&cfg, &mut publisher, &token, &mut brokers_checked, &metrics)
             .instrument(span)
             .await;
+        // A session that reached streaming was healthy: the next failure
+        // starts the backoff again from its shortest wait.
+        if metrics.sessions() > streamed_before {
+            backoff.reset();
+        }
         match outcome {
             Ok(()) => break Ok(()),
             // Interrupted by the shutdown itself (for example mid-backfill):
@@ -188,6 +194,10 @@ impl Backoff {
         }
     }
 
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+
     fn next(&mut self) -> Duration {
         let now = self.next;
         self.next = (self.next * 2).min(self.max);
@@ -204,5 +214,7 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(500));
         let waits: Vec<u128> = (0..5).map(|_| b.next().as_millis()).collect();
         assert_eq!(waits, vec![100, 200, 400, 500, 500]);
+        b.reset();
+        assert_eq!(b.next().as_millis(), 100, "a healthy session resets it");
     }
 }
