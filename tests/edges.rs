@@ -81,6 +81,23 @@ fn assert_delivered_in_order(records: &[Record], expected: &HashMap<(String, Str
     }
 }
 
+/// Reads `topic` until the events `ns` of aggregate `key` arrived, and
+/// checks they are all there, in that order.
+async fn assert_aggregate_in_order(brokers: &str, topic: &str, key: &str, ns: &[i64]) {
+    let records = consume_settle(
+        brokers,
+        &[topic],
+        ns.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_delivered_in_order(
+        &records,
+        &HashMap::from([((topic.to_owned(), key.to_owned()), ns.to_vec())]),
+    );
+}
+
 /// Path 1: a first-start backfill that fails (a row for a topic that does
 /// not exist yet) leaves the slot where it was. While the relay is down, 100
 /// transactions insert an event and delete its row; then the topic is
@@ -200,18 +217,7 @@ async fn a_second_instance_waits_and_takes_over() {
         .wait_log("took over the slot lock", Duration::from_secs(30))
         .await;
     insert(&f.pool, &agg, "a", &[5]).await;
-    let records = consume_settle(
-        &f.tansu.brokers(),
-        &[&topic],
-        5,
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-    )
-    .await;
-    assert_delivered_in_order(
-        &records,
-        &HashMap::from([((topic.clone(), "a".to_owned()), vec![1, 2, 3, 4, 5])]),
-    );
+    assert_aggregate_in_order(&f.tansu.brokers(), &topic, "a", &[1, 2, 3, 4, 5]).await;
     assert!(second.stop().await.success(), "{}", second.logs());
 }
 
@@ -312,18 +318,7 @@ async fn the_backfill_dead_letters_a_bad_row_when_asked() {
     relay
         .wait_log("backfill complete", Duration::from_secs(60))
         .await;
-    let records = consume_settle(
-        &f.tansu.brokers(),
-        &[&topic],
-        2,
-        Duration::from_secs(60),
-        Duration::from_secs(1),
-    )
-    .await;
-    assert_delivered_in_order(
-        &records,
-        &HashMap::from([((topic.clone(), "a".to_owned()), vec![1, 2])]),
-    );
+    assert_aggregate_in_order(&f.tansu.brokers(), &topic, "a", &[1, 2]).await;
     let letters = consume_settle(
         &f.tansu.brokers(),
         &[&dlt],

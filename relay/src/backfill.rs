@@ -420,8 +420,7 @@ impl Backfill<'_> {
                 self.publisher,
                 self.cfg.dead_letter_topic.as_deref(),
                 isolated,
-            )
-            .await?;
+            )?;
             if ready(progress) {
                 return Ok(());
             }
@@ -444,7 +443,7 @@ impl Backfill<'_> {
         let dead_letter_topic = self.cfg.dead_letter_topic.as_deref();
         let wait = async {
             loop {
-                route::act_on_refusals(progress, publisher, dead_letter_topic, None).await?;
+                route::act_on_refusals(progress, publisher, dead_letter_topic, None)?;
                 if progress.all_settled() {
                     return Ok(());
                 }

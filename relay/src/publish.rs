@@ -296,11 +296,6 @@ impl Publisher {
         self.condemned.insert(letter.event_id.clone(), letter);
     }
 
-    /// Whether Kafka refused this event on its own.
-    pub fn is_condemned(&self, event_id: &str) -> bool {
-        !self.condemned.is_empty() && self.condemned.contains_key(event_id)
-    }
-
     /// The dead letter due instead of this event, if Kafka refused it on its own.
     pub fn take_condemned(&mut self, event_id: &str) -> Option<DeadLetter> {
         if self.condemned.is_empty() {

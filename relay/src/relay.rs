@@ -93,12 +93,11 @@ pub async fn run_with_metrics(
             Ok(true) => {}
             Ok(false) => break Ok(()),
             Err(err) if err.is_retryable() => {
-                let wait = backoff.next();
-                tracing::warn!(error = %err, retry_in = ?wait, "cannot take the slot lock; retrying");
-                tokio::select! {
-                    biased;
-                    _ = token.cancelled() => break Ok(()),
-                    _ = tokio::time::sleep(wait) => {}
+                if !backoff
+                    .wait(&err, "cannot take the slot lock; retrying", &token)
+                    .await
+                {
+                    break Ok(());
                 }
                 continue;
             }
@@ -124,12 +123,11 @@ pub async fn run_with_metrics(
                 break Ok(());
             }
             Err(err) if err.is_retryable() && !token.is_cancelled() => {
-                let wait = backoff.next();
-                tracing::warn!(error = %err, retry_in = ?wait, "relay interrupted; resuming from the slot");
-                tokio::select! {
-                    biased;
-                    _ = token.cancelled() => break Ok(()),
-                    _ = tokio::time::sleep(wait) => {}
+                if !backoff
+                    .wait(&err, "relay interrupted; resuming from the slot", &token)
+                    .await
+                {
+                    break Ok(());
                 }
             }
             Err(err) => break Err(err),
@@ -202,6 +200,18 @@ impl Backoff {
         let now = self.next;
         self.next = (self.next * 2).min(self.max);
         now
+    }
+
+    /// Logs `err` with `what` and the wait, then waits. Returns `false` when
+    /// `token` was cancelled first.
+    async fn wait(&mut self, err: &Error, what: &str, token: &CancellationToken) -> bool {
+        let wait = self.next();
+        tracing::warn!(error = %err, retry_in = ?wait, "{what}");
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
     }
 }
 

@@ -25,11 +25,15 @@ pub async fn publish(
     // A record refused at hand-over (larger than message.max.bytes) was
     // never sent, so it is known to be this record's own fault; so is a row
     // that is not a valid event.
-    let letter = match event {
-        Ok(event) if dead_letter_topic.is_some() && publisher.is_condemned(&event.id) => publisher
-            .take_condemned(&event.id)
-            .expect("checked just above"),
-        Ok(event) => match publisher.send(&event, ticket).await {
+    // An event Kafka refused on its own before (only under the dead-letter
+    // policy) is replaced by its dead letter.
+    let condemned = match &event {
+        Ok(event) => publisher.take_condemned(&event.id),
+        Err(_) => None,
+    };
+    let letter = match (condemned, event) {
+        (Some(letter), _) => letter,
+        (None, Ok(event)) => match publisher.send(&event, ticket).await {
             Ok(()) => return Ok(()),
             Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => {
                 let topic = publisher.topic_for(&event).ok();
@@ -37,10 +41,10 @@ pub async fn publish(
             }
             Err(err) => return Err(err),
         },
-        Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => salvage(&err),
-        Err(err) => return Err(err),
+        (None, Err(err)) if err.is_undeliverable() && dead_letter_topic.is_some() => salvage(&err),
+        (None, Err(err)) => return Err(err),
     };
-    let topic = dead_letter_topic.expect("checked above");
+    let topic = dead_letter_topic.expect("dead letters are made only under the dead-letter policy");
     publisher
         .send_dead_letter(topic, &letter, ticket.for_dead_letter())
         .await
@@ -54,7 +58,7 @@ pub async fn publish(
 /// the session ends with [`Error::BatchRefused`], and the next one sends
 /// each refused record on its own. Either way the refusal stopped the
 /// producer (gapless guarantee), so nothing behind it was sent.
-pub async fn act_on_refusals(
+pub fn act_on_refusals(
     progress: &Progress,
     publisher: &mut Publisher,
     dead_letter_topic: Option<&str>,

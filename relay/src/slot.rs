@@ -120,19 +120,9 @@ pub async fn prepare(
                 "the slot's backfill did not complete; continuing it under a fresh snapshot \
                  (events already in Kafka may be sent again)"
             );
-            let mut sql = Connection::connect(&cfg.pg, Mode::Sql).await?;
-            let published = backfill::run(
-                &mut sql,
-                cfg,
-                backfill::Snapshot::Retry(first_seen),
-                done,
-                publisher,
-                token,
-            )
-            .await?;
-            mark_backfilled(&mut sql, slot).await?;
-            sql.terminate().await;
-            tracing::info!(slot = %slot, events = published, "backfill complete");
+            let sql = Connection::connect(&cfg.pg, Mode::Sql).await?;
+            let snapshot = backfill::Snapshot::Retry(first_seen);
+            backfill_and_mark(sql, cfg, snapshot, done, publisher, token).await?;
         } else {
             tracing::info!(slot = %slot, confirmed_flush_lsn = %lsn.unwrap_or_default(), "resuming from existing slot");
         }
@@ -213,15 +203,6 @@ async fn bookkeeping(conn: &mut Connection, slot: &str) -> Result<Option<Bookkee
     }))
 }
 
-async fn mark_backfilled(sql: &mut Connection, slot: &str) -> Result<()> {
-    sql.query(&format!(
-        "UPDATE outbox_relay_slot SET backfilled_at = now() WHERE slot_name = {}",
-        quote_literal(slot)
-    ))
-    .await?;
-    Ok(())
-}
-
 async fn create_with_backfill(
     conn: &mut Connection,
     cfg: &RelayConfig,
@@ -269,17 +250,28 @@ async fn create_with_backfill(
         .to_owned();
     tracing::info!(slot = %slot, consistent_point = %consistent_point, "created replication slot");
 
-    let published = backfill::run(
-        &mut sql,
-        cfg,
-        backfill::Snapshot::Exported(&snapshot),
-        backfill::Done::new(),
-        publisher,
-        token,
-    )
-    .await?;
-    mark_backfilled(&mut sql, slot).await?;
-    sql.terminate().await;
-    tracing::info!(slot = %slot, events = published, "backfill complete");
+    let snapshot = backfill::Snapshot::Exported(&snapshot);
+    backfill_and_mark(sql, cfg, snapshot, backfill::Done::new(), publisher, token).await?;
     Ok(consistent_point)
+}
+
+/// Runs the backfill on `sql` and, once Kafka acknowledged every row, marks
+/// it complete so the slot may stream.
+async fn backfill_and_mark(
+    mut sql: Connection,
+    cfg: &RelayConfig,
+    snapshot: backfill::Snapshot<'_>,
+    done: backfill::Done,
+    publisher: &mut Publisher,
+    token: &CancellationToken,
+) -> Result<()> {
+    let published = backfill::run(&mut sql, cfg, snapshot, done, publisher, token).await?;
+    sql.query(&format!(
+        "UPDATE outbox_relay_slot SET backfilled_at = now() WHERE slot_name = {}",
+        quote_literal(&cfg.slot)
+    ))
+    .await?;
+    sql.terminate().await;
+    tracing::info!(slot = %cfg.slot, events = published, "backfill complete");
+    Ok(())
 }

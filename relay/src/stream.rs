@@ -128,9 +128,9 @@ impl Session<'_> {
                 // Waiting for room in a full window (or a refusal). With room,
                 // refusals are picked up after each message and at each tick:
                 // waiting on the notification for every message cost CPU.
-                _ = self.progress.changed(), if !room => self.act_on_refusals(publisher).await?,
+                _ = self.progress.changed(), if !room => self.act_on_refusals(publisher)?,
                 _ = tick.tick() => {
-                    self.act_on_refusals(publisher).await?;
+                    self.act_on_refusals(publisher)?;
                     self.check_stall();
                     let lsn = self.progress.confirmable();
                     let due = self.last_sent != Some(lsn)
@@ -144,7 +144,7 @@ impl Session<'_> {
                 msg = self.conn.recv(), if room => {
                     self.handle(msg?, publisher, token).await?;
                     if self.progress.any_refused() {
-                        self.act_on_refusals(publisher).await?;
+                        self.act_on_refusals(publisher)?;
                     }
                     if draining && !self.in_transaction {
                         return Ok(());
@@ -155,14 +155,13 @@ impl Session<'_> {
     }
 
     /// Acts on refusals from delivery reports (see [`route::act_on_refusals`]).
-    async fn act_on_refusals(&mut self, publisher: &mut Publisher) -> Result<()> {
+    fn act_on_refusals(&mut self, publisher: &mut Publisher) -> Result<()> {
         route::act_on_refusals(
             &self.progress,
             publisher,
             self.cfg.dead_letter_topic.as_deref(),
             self.isolated,
         )
-        .await
     }
 
     /// Reports a delivery that has not moved for `--stall-warning`.
@@ -180,7 +179,7 @@ impl Session<'_> {
     ) -> Result<bool> {
         let heartbeat = self.cfg.status_interval.min(Duration::from_secs(1));
         loop {
-            self.act_on_refusals(publisher).await?;
+            self.act_on_refusals(publisher)?;
             if self.progress.all_settled() {
                 return Ok(true);
             }
