@@ -5,7 +5,7 @@ use std::fmt;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use crate::decode::DecodeError;
+use crate::pgoutput::decode::DecodeError;
 
 /// Result of relay operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -82,7 +82,7 @@ pub enum Error {
     #[error("decoding the replication stream failed at {lsn}: {source}")]
     Decode {
         /// Position of the offending message.
-        lsn: crate::lsn::Lsn,
+        lsn: crate::postgres::lsn::Lsn,
         /// What was wrong.
         source: DecodeError,
     },

@@ -4,24 +4,14 @@
 //!
 //! See docs/architecture.md for the path of an event and the confirmation rule.
 
-pub mod backfill;
-pub mod config;
-pub mod connection;
-pub mod decode;
-pub mod delivery;
+pub mod cli;
 pub mod error;
-pub mod lock;
-pub mod lsn;
+pub mod kafka;
 pub mod metrics;
 pub mod migrate;
-pub mod progress;
-pub mod publish;
-pub mod relay;
-pub mod route;
-pub mod row;
-pub mod slot;
-pub mod stream;
-pub mod tls;
+pub mod pgoutput;
+pub mod pipeline;
+pub mod postgres;
 
 pub use error::{Error, Result};
-pub use relay::{run, run_with_metrics};
+pub use pipeline::{run, run_with_metrics};

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use outbox_relay::config::{Cli, Command, LogFormat, RelayConfig};
+use outbox_relay::cli::{Cli, Command, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -51,7 +51,7 @@ async fn dispatch(command: Command) -> outbox_relay::Result<()> {
     match command {
         Command::Migrate(args) => outbox_relay::migrate::run(&args.database_url).await,
         Command::Run(args) => {
-            let cfg = RelayConfig::from_args(&args)?;
+            let cfg = args.relay_config()?;
             let token = CancellationToken::new();
             tokio::spawn(cancel_on_signal(token.clone()));
             outbox_relay::run(cfg, token).await

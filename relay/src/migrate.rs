@@ -7,7 +7,7 @@ use crate::{Error, Result};
 pub async fn run(database_url: &str) -> Result<()> {
     // Parse with our own parser first so a malformed URL gets the same clear,
     // password-free message as `run` gives.
-    let cfg = crate::config::PgConfig::from_url(database_url)?;
+    let cfg = crate::postgres::config::PgConfig::from_url(database_url)?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(database_url)

@@ -11,11 +11,12 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RelayConfig;
-use crate::connection::{Connection, Mode, quote_ident, quote_literal};
-use crate::lsn::Lsn;
-use crate::publish::Publisher;
-use crate::{Error, Result, backfill};
+use crate::pipeline::backfill;
+use crate::pipeline::config::RelayConfig;
+use crate::pipeline::publish::Publisher;
+use crate::postgres::connection::{Connection, Mode, quote_ident, quote_literal};
+use crate::postgres::lsn::Lsn;
+use crate::{Error, Result};
 
 /// Checks that the server can do logical decoding.
 pub async fn check_wal_level(conn: &mut Connection) -> Result<()> {

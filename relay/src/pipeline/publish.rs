@@ -14,11 +14,12 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{KafkaConfig, TopicTemplate};
-use crate::delivery::{Deliveries, Producer, ReportServer};
+use crate::kafka::config::KafkaConfig;
+use crate::kafka::delivery::{Deliveries, Producer, ReportServer};
 use crate::metrics::Metrics;
-use crate::progress::{Ledger, Refused, Ticket};
-use crate::row::OutboxEvent;
+use crate::pipeline::progress::{Ledger, Refused, Ticket};
+use crate::pipeline::row::OutboxEvent;
+use crate::pipeline::topic::TopicTemplate;
 use crate::{Error, Result};
 
 /// An event Kafka will not take (or a row that is not a valid event), to be

@@ -10,15 +10,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, BytesMut};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RelayConfig;
-use crate::connection::{Backend, Connection, quote_ident, quote_literal};
-use crate::decode::{self, LogicalMessage, ReplicationMessage};
-use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::progress::{Progress, StallWatch};
-use crate::publish::{DeadLetter, Publisher};
-use crate::row::Layout;
-use crate::{Error, Result, route};
+use crate::pgoutput::decode::{self, LogicalMessage, ReplicationMessage};
+use crate::pipeline::config::RelayConfig;
+use crate::pipeline::progress::{Progress, StallWatch};
+use crate::pipeline::publish::{DeadLetter, Publisher};
+use crate::pipeline::route;
+use crate::pipeline::row::Layout;
+use crate::postgres::connection::{Backend, Connection, quote_ident, quote_literal};
+use crate::postgres::lsn::Lsn;
+use crate::{Error, Result};
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -92,7 +93,7 @@ struct Session<'a> {
     last_sent: Option<Lsn>,
     last_sent_at: Instant,
     /// The ticket of a record sent on its own, while it waits for its report.
-    isolated: Option<crate::progress::Ticket>,
+    isolated: Option<crate::pipeline::progress::Ticket>,
     stall: StallWatch,
 }
 
@@ -201,7 +202,7 @@ impl Session<'_> {
     /// is refused. Nothing after it is read until it is settled.
     async fn send_alone(
         &mut self,
-        event: crate::row::OutboxEvent,
+        event: crate::pipeline::row::OutboxEvent,
         publisher: &mut Publisher,
         token: &CancellationToken,
     ) -> Result<()> {

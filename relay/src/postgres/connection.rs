@@ -12,8 +12,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::{PgConfig, PgHost, SslMode};
 use crate::error::PgError;
+use crate::postgres::config::{PgConfig, PgHost, SslMode};
 use crate::{Error, Result};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -405,7 +405,8 @@ impl Connection {
 }
 
 async fn negotiate_tls(mut tcp: TcpStream, cfg: &PgConfig, host: &str) -> Result<Box<dyn Io>> {
-    let Some(tls) = crate::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())? else {
+    let Some(tls) = crate::postgres::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())?
+    else {
         return Ok(Box::new(tcp));
     };
     let io_err = |source| Error::Io {

@@ -6,9 +6,9 @@
 //! record.
 
 use crate::error::KafkaFault;
-use crate::progress::{Progress, Refused, Ticket};
-use crate::publish::{DeadLetter, Publisher};
-use crate::row::OutboxEvent;
+use crate::pipeline::progress::{Progress, Refused, Ticket};
+use crate::pipeline::publish::{DeadLetter, Publisher};
+use crate::pipeline::row::OutboxEvent;
 use crate::{Error, Result};
 
 /// Hands one row to the producer with `ticket`: the event, or its dead

@@ -4,9 +4,9 @@
 
 use bytes::Bytes;
 
-use crate::connection::Row;
-use crate::decode::{Cell, Relation};
-use crate::publish::DeadLetter;
+use crate::pgoutput::decode::{Cell, Relation};
+use crate::pipeline::publish::DeadLetter;
+use crate::postgres::connection::Row;
 use crate::{Error, Result};
 
 /// One event read from the outbox, ready to publish.
@@ -244,7 +244,7 @@ fn parse_headers(raw: &[u8]) -> std::result::Result<Vec<(String, String)>, &'sta
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::RelationColumn;
+    use crate::pgoutput::decode::RelationColumn;
 
     fn relation(cols: &[&str]) -> Relation {
         Relation {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::Result;
-use crate::config::RelayConfig;
-use crate::connection::{Connection, Mode, quote_literal};
+use crate::pipeline::config::RelayConfig;
+use crate::postgres::connection::{Connection, Mode, quote_literal};
 
 /// How often a waiting instance tries the lock again.
 const RETRY_EVERY: Duration = Duration::from_secs(1);

@@ -8,12 +8,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::RelayConfig;
-use crate::connection::{Connection, Mode};
-use crate::lock::SlotLock;
 use crate::metrics::Metrics;
-use crate::publish::Publisher;
-use crate::{Error, Result, slot, stream};
+use crate::pipeline::config::RelayConfig;
+use crate::pipeline::lock::SlotLock;
+use crate::pipeline::publish::Publisher;
+use crate::pipeline::{slot, stream};
+use crate::postgres::connection::{Connection, Mode};
+use crate::{Error, Result};
 
 /// Runs until `token` is cancelled (then returns `Ok` after flushing) or a
 /// fatal error. Retryable failures (PostgreSQL restarts, dropped connections,

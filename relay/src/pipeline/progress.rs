@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::publish::DeadLetter;
+use crate::pipeline::publish::DeadLetter;
+use crate::postgres::lsn::Lsn;
 use crate::{Error, Result};
 
 // Tickets travel through librdkafka as a pointer-sized opaque value.
@@ -201,7 +201,7 @@ impl Ledger {
         } else {
             s.totals.delivered += 1;
             self.metrics
-                .delivered(commit_ts.map(|ts| crate::stream::pg_now_us() - ts));
+                .delivered(commit_ts.map(|ts| crate::pipeline::stream::pg_now_us() - ts));
         }
         while s.settled_below < s.next {
             let i = (s.settled_below % len) as usize;

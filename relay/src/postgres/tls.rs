@@ -14,7 +14,7 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::config::SslMode;
+use crate::postgres::config::SslMode;
 use crate::{Error, Result};
 
 /// Builds the client configuration for `mode`; `None` for `disable`.

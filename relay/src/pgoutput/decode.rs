@@ -4,7 +4,7 @@
 
 use bytes::{Buf, Bytes};
 
-use crate::lsn::Lsn;
+use crate::postgres::lsn::Lsn;
 
 /// A malformed or unexpected message from the server.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

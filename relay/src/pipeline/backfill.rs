@@ -19,13 +19,14 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::RelayConfig;
-use crate::connection::{Connection, Mode, Row, quote_ident, quote_literal};
-use crate::lsn::Lsn;
-use crate::progress::{Progress, StallWatch, Ticket};
-use crate::publish::Publisher;
-use crate::row::{Layout, OutboxEvent};
-use crate::{Error, Result, route};
+use crate::pipeline::config::RelayConfig;
+use crate::pipeline::progress::{Progress, StallWatch, Ticket};
+use crate::pipeline::publish::Publisher;
+use crate::pipeline::route;
+use crate::pipeline::row::{Layout, OutboxEvent};
+use crate::postgres::connection::{Connection, Mode, Row, quote_ident, quote_literal};
+use crate::postgres::lsn::Lsn;
+use crate::{Error, Result};
 
 const FETCH_SIZE: usize = 1000;
 

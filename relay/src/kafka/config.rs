@@ -1,0 +1,152 @@
+//! Kafka producer settings: the brokers, the user's `--kafka-option`s (refused
+//! when they would weaken delivery), and what created topics look like.
+//! Option values may be secrets: only their names are ever printed.
+
+use std::fmt;
+
+use crate::{Error, Result};
+
+/// Kafka producer settings.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Extra librdkafka settings, applied after the relay's defaults.
+    pub options: Vec<(String, String)>,
+    /// Create missing topics.
+    pub create_topics: bool,
+    /// Partitions for created topics; `None`: the broker's default.
+    pub topic_partitions: Option<i32>,
+    /// Replication factor for created topics; `None`: the broker's default.
+    pub topic_replication_factor: Option<i32>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Options may hold SASL passwords or key material: print names only.
+        let names: Vec<&str> = self.options.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("options", &names)
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication_factor", &self.topic_replication_factor)
+            .finish()
+    }
+}
+
+/// Parses one `--kafka-option` (`key=value`), refusing the bootstrap servers
+/// (set with `--kafka-brokers`) and settings that weaken delivery.
+pub fn parse_kafka_option(option: &str) -> Result<(String, String)> {
+    let (key, value) = option.split_once('=').ok_or_else(|| {
+        // Only the key part is echoed: the value may be a secret.
+        let key = option.split('=').next().unwrap_or_default();
+        Error::Config(format!(
+            "--kafka-option `{key}` must be written as key=value"
+        ))
+    })?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(Error::Config(
+            "--kafka-option has an empty key; write key=value".into(),
+        ));
+    }
+    if key == "bootstrap.servers" || key == "metadata.broker.list" {
+        return Err(Error::Config(format!(
+            "set the brokers with --kafka-brokers, not --kafka-option {key}=..."
+        )));
+    }
+    if let Some(why) = weakens_delivery(key, value.trim()) {
+        return Err(Error::Config(format!(
+            "--kafka-option {key}={} is refused: {why}",
+            value.trim()
+        )));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// Producer settings that would break the relay's promise (nothing lost,
+/// nothing reordered), and why. The relay sets these itself.
+fn weakens_delivery(key: &str, value: &str) -> Option<&'static str> {
+    let value = value.to_ascii_lowercase();
+    let value = value.as_str();
+    match key {
+        "partitioner" if value == "random" => Some(
+            "a random partitioner spreads one aggregate's events over partitions, so consumers \
+             see them out of order; the key (aggregate id) must pick the partition",
+        ),
+        "enable.idempotence" if value != "true" => Some(
+            "without idempotence a retried request can duplicate or reorder records within a partition",
+        ),
+        "acks" | "request.required.acks" if !matches!(value, "all" | "-1") => Some(
+            "only acks=all makes an acknowledged record survive the loss of the partition leader, \
+             and the relay confirms WAL positions on acknowledgement",
+        ),
+        "message.timeout.ms" | "delivery.timeout.ms" if value != "0" => Some(
+            "a finite timeout makes librdkafka fail the oldest records during a long outage and \
+             send the records behind them first (an aggregate's events reordered); the relay waits \
+             without a timeout and reports stalls (--stall-warning)",
+        ),
+        "enable.gapless.guarantee" if value != "true" => Some(
+            "without it, records behind one the broker refused are still sent, ahead of the refused \
+             record's place",
+        ),
+        "retries" | "message.send.max.retries" => Some(
+            "limiting retries makes librdkafka give up on records during an outage; the relay \
+             retries without limit",
+        ),
+        "transactional.id" => Some("the relay's producer is idempotent, not transactional"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        assert_eq!(
+            parse_kafka_option("linger.ms=5").unwrap(),
+            ("linger.ms".into(), "5".into())
+        );
+        let err = parse_kafka_option("sasl.password").unwrap_err().to_string();
+        assert!(err.contains("key=value"));
+        let err = parse_kafka_option("bootstrap.servers=x:1")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--kafka-brokers"));
+    }
+
+    /// Path 9 of issue 9: options that silently weakened the guarantees.
+    #[test]
+    fn options_that_weaken_delivery_are_refused() {
+        for (option, why) in [
+            ("enable.idempotence=false", "without idempotence"),
+            ("acks=1", "acks=all"),
+            ("request.required.acks=0", "acks=all"),
+            ("message.timeout.ms=300000", "finite timeout"),
+            ("delivery.timeout.ms=1000", "finite timeout"),
+            ("enable.gapless.guarantee=false", "refused"),
+            ("retries=3", "retries"),
+            ("transactional.id=x", "not transactional"),
+            ("partitioner=random", "random partitioner"),
+        ] {
+            let err = parse_kafka_option(option).unwrap_err().to_string();
+            assert!(err.contains(why), "{option}: {err}");
+            assert!(err.contains("is refused"), "{option}: {err}");
+        }
+        for fine in [
+            "enable.idempotence=true",
+            "enable.idempotence=True",
+            "partitioner=murmur2_random",
+            "acks=all",
+            "acks=-1",
+            "message.timeout.ms=0",
+            "linger.ms=5",
+            "compression.type=zstd",
+        ] {
+            assert!(parse_kafka_option(fine).is_ok(), "{fine}");
+        }
+    }
+}

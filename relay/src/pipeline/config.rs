@@ -1,0 +1,69 @@
+//! The settings the pipeline runs with, validated by the command line layer
+//! before any connection is made.
+
+use std::time::Duration;
+
+use crate::kafka::config::KafkaConfig;
+use crate::pipeline::topic::TopicTemplate;
+use crate::postgres::config::PgConfig;
+use crate::{Error, Result};
+
+/// Everything `outbox-relay run` needs, validated.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// PostgreSQL connection.
+    pub pg: PgConfig,
+    /// Replication slot.
+    pub slot: String,
+    /// Publication.
+    pub publication: String,
+    /// Topic template.
+    pub topic_template: TopicTemplate,
+    /// Kafka.
+    pub kafka: KafkaConfig,
+    /// In-flight window.
+    pub max_in_flight: usize,
+    /// Status update interval.
+    pub status_interval: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff ceiling.
+    pub max_backoff: Duration,
+    /// Shutdown grace.
+    pub shutdown_timeout: Duration,
+    /// When to report a stalled delivery.
+    pub stall_warning: Duration,
+    /// The dead-letter topic, when undeliverable events are parked rather than fatal.
+    pub dead_letter_topic: Option<String>,
+    /// Where to serve metrics.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Postgres slot names: 1 to 63 of lowercase letters, digits and underscores.
+pub fn validate_slot_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(Error::Config(format!(
+            "slot name `{name}` is not valid; PostgreSQL allows 1 to 63 lowercase letters, digits and `_`"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names() {
+        assert!(validate_slot_name("outbox_relay_1").is_ok());
+        for bad in ["", "Outbox", "a-b", "a b", &"x".repeat(64)] {
+            let err = validate_slot_name(bad).unwrap_err().to_string();
+            assert!(err.contains("lowercase letters"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The relay itself, joining PostgreSQL to Kafka: the slot and its backfill,
+//! the stream session, the progress ledger that decides what may be
+//! confirmed, the mapping of a row or message to an event, and dead-letter
+//! routing. `run` supervises sessions until stopped.
+
+pub mod backfill;
+pub mod config;
+pub mod lock;
+pub mod progress;
+pub mod publish;
+pub mod route;
+pub mod row;
+pub mod run;
+pub mod slot;
+pub mod stream;
+pub mod topic;
+
+pub use run::{run, run_with_metrics};
