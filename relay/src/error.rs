@@ -5,8 +5,6 @@ use std::fmt;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use crate::pgoutput::decode::DecodeError;
-
 /// Result of relay operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -81,10 +79,11 @@ pub enum Error {
     /// A replication message could not be decoded.
     #[error("decoding the replication stream failed at {lsn}: {source}")]
     Decode {
-        /// Position of the offending message.
-        lsn: crate::postgres::lsn::Lsn,
-        /// What was wrong.
-        source: DecodeError,
+        /// Position of the offending message, as PostgreSQL prints it.
+        lsn: String,
+        /// What was wrong (a `pgoutput` decoding error). Boxed so that this
+        /// module, which every layer uses, depends on none of them.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 
     /// The database is not set up for logical decoding.

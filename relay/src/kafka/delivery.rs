@@ -23,8 +23,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::progress::{Ledger, Refused, Ticket};
-use crate::pipeline::publish::DeadLetter;
 use crate::{Error, Result};
 
 /// The relay's producer: delivery reports go to the ledger.

@@ -20,10 +20,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::config::RelayConfig;
+use crate::pipeline::event::{Layout, OutboxEvent};
 use crate::pipeline::progress::{Progress, StallWatch, Ticket};
 use crate::pipeline::publish::Publisher;
 use crate::pipeline::route;
-use crate::pipeline::row::{Layout, OutboxEvent};
 use crate::postgres::connection::{Connection, Mode, Row, quote_ident, quote_literal};
 use crate::postgres::lsn::Lsn;
 use crate::{Error, Result};

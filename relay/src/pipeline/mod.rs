@@ -5,11 +5,12 @@
 
 pub mod backfill;
 pub mod config;
+pub mod dead_letter;
+pub mod event;
 pub mod lock;
 pub mod progress;
 pub mod publish;
 pub mod route;
-pub mod row;
 pub mod run;
 pub mod slot;
 pub mod stream;

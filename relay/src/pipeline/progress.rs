@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::pipeline::publish::DeadLetter;
+use crate::pipeline::dead_letter::DeadLetter;
 use crate::postgres::lsn::Lsn;
+use crate::postgres::time::pg_now_us;
 use crate::{Error, Result};
 
 // Tickets travel through librdkafka as a pointer-sized opaque value.
@@ -200,8 +201,7 @@ impl Ledger {
             self.metrics.dead_lettered();
         } else {
             s.totals.delivered += 1;
-            self.metrics
-                .delivered(commit_ts.map(|ts| crate::pipeline::stream::pg_now_us() - ts));
+            self.metrics.delivered(commit_ts.map(|ts| pg_now_us() - ts));
         }
         while s.settled_below < s.next {
             let i = (s.settled_below % len) as usize;

@@ -10,81 +10,18 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::config::KafkaConfig;
 use crate::kafka::delivery::{Deliveries, Producer, ReportServer};
 use crate::metrics::Metrics;
+use crate::pipeline::dead_letter::DeadLetter;
+use crate::pipeline::event::OutboxEvent;
 use crate::pipeline::progress::{Ledger, Refused, Ticket};
-use crate::pipeline::row::OutboxEvent;
 use crate::pipeline::topic::TopicTemplate;
 use crate::{Error, Result};
-
-/// An event Kafka will not take (or a row that is not a valid event), to be
-/// parked in the dead-letter topic under `--on-undeliverable dead-letter`.
-#[derive(Debug, Clone, Default)]
-pub struct DeadLetter {
-    /// The event id, when known.
-    pub event_id: String,
-    /// The original record key (aggregate id), when known.
-    pub key: Option<Vec<u8>>,
-    /// The original value, unless it is the reason (too large).
-    pub value: Option<Vec<u8>>,
-    /// The original headers, when known.
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// Where the event was meant to go, when known.
-    pub original_topic: Option<String>,
-    /// Why it is here.
-    pub reason: String,
-}
-
-impl DeadLetter {
-    /// From an event the relay could not send, and why.
-    pub fn from_event(event: &OutboxEvent, original_topic: Option<String>, err: &Error) -> Self {
-        let headers = event
-            .record_headers()
-            .map(|(k, v)| (k.to_owned(), v.to_vec()))
-            .collect();
-        Self {
-            event_id: event.id.clone(),
-            key: Some(event.aggregate_id.as_bytes().to_vec()),
-            value: (!err.is_too_large()).then(|| event.payload.to_vec()),
-            headers,
-            original_topic,
-            reason: err.to_string(),
-        }
-    }
-
-    /// From a record Kafka refused, as returned in its delivery report.
-    pub fn from_message<M: Message>(message: &M, err: &Error) -> Self {
-        let headers = message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|x| (x.key.to_owned(), x.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let event_id = match err {
-            Error::Delivery { event_id, .. } => event_id.clone(),
-            _ => String::new(),
-        };
-        Self {
-            event_id,
-            key: message.key().map(<[u8]>::to_vec),
-            value: if err.is_too_large() {
-                None
-            } else {
-                message.payload().map(<[u8]>::to_vec)
-            },
-            headers,
-            original_topic: Some(message.topic().to_owned()),
-            reason: err.to_string(),
-        }
-    }
-}
 
 /// `send`, waiting while librdkafka's buffer is full (until `stop`).
 async fn send_with_backpressure<'a>(

@@ -6,9 +6,10 @@
 //! record.
 
 use crate::error::KafkaFault;
+use crate::pipeline::dead_letter::DeadLetter;
+use crate::pipeline::event::OutboxEvent;
 use crate::pipeline::progress::{Progress, Refused, Ticket};
-use crate::pipeline::publish::{DeadLetter, Publisher};
-use crate::pipeline::row::OutboxEvent;
+use crate::pipeline::publish::Publisher;
 use crate::{Error, Result};
 
 /// Hands one row to the producer with `ticket`: the event, or its dead
@@ -37,7 +38,7 @@ pub async fn publish(
             Ok(()) => return Ok(()),
             Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => {
                 let topic = publisher.topic_for(&event).ok();
-                DeadLetter::from_event(&event, topic, &err)
+                event.dead_letter(topic, &err)
             }
             Err(err) => return Err(err),
         },

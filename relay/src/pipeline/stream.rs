@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use tokio_util::sync::CancellationToken;
@@ -13,16 +13,15 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::pgoutput::decode::{self, LogicalMessage, ReplicationMessage};
 use crate::pipeline::config::RelayConfig;
+use crate::pipeline::dead_letter::DeadLetter;
+use crate::pipeline::event::Layout;
 use crate::pipeline::progress::{Progress, StallWatch};
-use crate::pipeline::publish::{DeadLetter, Publisher};
+use crate::pipeline::publish::Publisher;
 use crate::pipeline::route;
-use crate::pipeline::row::Layout;
 use crate::postgres::connection::{Backend, Connection, quote_ident, quote_literal};
 use crate::postgres::lsn::Lsn;
+use crate::postgres::time::pg_now_us;
 use crate::{Error, Result};
-
-/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 /// Streams from the slot until `token` is cancelled (returns `Ok`) or a
 /// failure (returns it; retryable ones are resumed by the caller).
@@ -202,7 +201,7 @@ impl Session<'_> {
     /// is refused. Nothing after it is read until it is settled.
     async fn send_alone(
         &mut self,
-        event: crate::pipeline::row::OutboxEvent,
+        event: crate::pipeline::event::OutboxEvent,
         publisher: &mut Publisher,
         token: &CancellationToken,
     ) -> Result<()> {
@@ -279,9 +278,10 @@ impl Session<'_> {
             }
         };
         let at = self.last_position;
-        match decode::replication_message(data)
-            .map_err(|source| Error::Decode { lsn: at, source })?
-        {
+        match decode::replication_message(data).map_err(|source| Error::Decode {
+            lsn: at.to_string(),
+            source: Box::new(source),
+        })? {
             ReplicationMessage::XLogData {
                 wal_start,
                 wal_end,
@@ -289,8 +289,8 @@ impl Session<'_> {
             } => {
                 self.metrics.server_position(wal_end.0);
                 let msg = decode::logical_message(data).map_err(|source| Error::Decode {
-                    lsn: wal_start,
-                    source,
+                    lsn: wal_start.to_string(),
+                    source: Box::new(source),
                 })?;
                 self.handle_logical(msg, wal_start, publisher, token)
                     .await?;
@@ -457,13 +457,4 @@ impl Session<'_> {
         );
         result
     }
-}
-
-/// Now, in PostgreSQL's clock format: microseconds since 2000-01-01.
-pub fn pg_now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default()
-        - PG_EPOCH_OFFSET_US
 }

@@ -6,4 +6,5 @@
 pub mod config;
 pub mod connection;
 pub mod lsn;
+pub mod time;
 pub mod tls;

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 
 use crate::pgoutput::decode::{Cell, Relation};
-use crate::pipeline::publish::DeadLetter;
+use crate::pipeline::dead_letter::DeadLetter;
 use crate::postgres::connection::Row;
 use crate::{Error, Result};
 
@@ -48,6 +48,22 @@ impl OutboxEvent {
                 .map(|tp| ("traceparent", tp.as_bytes())),
         )
         .chain(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+    }
+
+    /// The dead letter for this event, which the relay could not send, and why.
+    pub fn dead_letter(&self, original_topic: Option<String>, err: &Error) -> DeadLetter {
+        let headers = self
+            .record_headers()
+            .map(|(k, v)| (k.to_owned(), v.to_vec()))
+            .collect();
+        DeadLetter {
+            event_id: self.id.clone(),
+            key: Some(self.aggregate_id.as_bytes().to_vec()),
+            value: (!err.is_too_large()).then(|| self.payload.to_vec()),
+            headers,
+            original_topic,
+            reason: err.to_string(),
+        }
     }
 }
 
