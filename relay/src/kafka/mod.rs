@@ -3,4 +3,6 @@
 //! PostgreSQL or outboxes.
 
 pub mod config;
-pub mod delivery;
+pub mod producer;
+pub mod reports;
+pub mod topics;

@@ -6,6 +6,7 @@
 pub mod backfill;
 pub mod config;
 pub mod dead_letter;
+pub mod deliveries;
 pub mod event;
 pub mod lock;
 pub mod progress;

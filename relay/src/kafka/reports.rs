@@ -1,6 +1,6 @@
-//! Delivery reports: the producer context that turns each report into a
-//! settled ticket (or a refusal) in the [`Ledger`], and the task that serves
-//! librdkafka's report queue on the relay's own runtime.
+//! Serving a producer's delivery reports: a task on the relay's own runtime
+//! that polls librdkafka's report queue when librdkafka says it holds
+//! something. What a report means is the producer context's business.
 //!
 //! Why not rdkafka's `ThreadedProducer` (or `FutureProducer`, built on it):
 //! its polling thread frees every record librdkafka allocated on the stream's
@@ -16,96 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::bindings as rd;
-use rdkafka::client::ClientContext;
-use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{BaseProducer, DeliveryResult, Producer as _, ProducerContext};
+use rdkafka::producer::{BaseProducer, Producer as _, ProducerContext};
 use tokio::io::unix::AsyncFd;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::pipeline::dead_letter::DeadLetter;
-use crate::pipeline::progress::{Ledger, Refused, Ticket};
 use crate::{Error, Result};
-
-/// The relay's producer: delivery reports go to the ledger.
-pub type Producer = BaseProducer<Deliveries>;
-
-/// The producer's context: routes delivery reports to the ledger.
-pub struct Deliveries {
-    ledger: Arc<Ledger>,
-}
-
-impl Deliveries {
-    /// A context settling tickets in `ledger`.
-    pub fn new(ledger: Arc<Ledger>) -> Self {
-        Self { ledger }
-    }
-
-    /// The ledger reports go to.
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
-    }
-}
-
-impl ClientContext for Deliveries {}
-
-impl ProducerContext for Deliveries {
-    type DeliveryOpaque = usize;
-
-    // Runs once per record, wherever the producer is polled: keep it short.
-    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
-        let ticket = Ticket::from_opaque(opaque);
-        self.ledger.reported();
-        match result {
-            Ok(message) => {
-                if tracing::enabled!(tracing::Level::TRACE) {
-                    tracing::trace!(
-                        event_id = %header(message, "id").unwrap_or_default(),
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        "delivered"
-                    );
-                }
-                self.ledger.acknowledged(ticket);
-            }
-            Err((source, message)) => {
-                let event_id = header(message, "id").unwrap_or_else(|| "unknown".into());
-                let err = Error::Delivery {
-                    event_id: event_id.clone(),
-                    topic: message.topic().to_owned(),
-                    source: Box::new(source.clone()),
-                };
-                let refusal = if ticket.is_dead_letter() {
-                    Refused::Fatal(Error::DeadLetterFailed {
-                        event_id,
-                        reason: header(message, "outbox.error").unwrap_or_default(),
-                        source: Box::new(err),
-                    })
-                } else {
-                    // Whether this record is at fault, or only shares a
-                    // refused batch, is decided by the stream.
-                    Refused::Record {
-                        ticket,
-                        letter: DeadLetter::from_message(message, &err),
-                        error: err,
-                    }
-                };
-                self.ledger.refused(ticket, refusal);
-            }
-        }
-    }
-}
-
-/// The value of a record header, as text.
-fn header<M: Message>(message: &M, name: &str) -> Option<String> {
-    message.headers().and_then(|h| {
-        h.iter()
-            .find(|x| x.key == name)
-            .and_then(|x| x.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    })
-}
 
 /// librdkafka's main (report) queue, writing to a pipe when it goes from
 /// empty to non-empty.
@@ -123,7 +39,7 @@ unsafe impl Send for ReportQueue {}
 unsafe impl Sync for ReportQueue {}
 
 impl ReportQueue {
-    fn new(producer: &Producer) -> std::io::Result<Self> {
+    fn new<C: ProducerContext>(producer: &BaseProducer<C>) -> std::io::Result<Self> {
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two new descriptors into `fds` on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -195,7 +111,7 @@ pub struct ReportServer {
 
 impl ReportServer {
     /// Starts serving `producer`'s reports. Call from within the runtime.
-    pub fn start(producer: Arc<Producer>) -> Result<Self> {
+    pub fn start<C: ProducerContext + 'static>(producer: Arc<BaseProducer<C>>) -> Result<Self> {
         let queue = ReportQueue::new(&producer).map_err(|source| Error::Io {
             context: "setting up the kafka delivery report queue".into(),
             source,
@@ -214,12 +130,12 @@ impl Drop for ReportServer {
 
 /// What the task owns. Fields drop in order: the queue handle is released
 /// before (possibly) the last reference to the producer.
-struct Served {
+struct Served<C: ProducerContext> {
     queue: ReportQueue,
-    producer: Arc<Producer>,
+    producer: Arc<BaseProducer<C>>,
 }
 
-async fn serve(served: Served) {
+async fn serve<C: ProducerContext>(served: Served<C>) {
     let Served { queue, producer } = &served;
     loop {
         // Serving the queue re-arms librdkafka's wake-up, so a report queued

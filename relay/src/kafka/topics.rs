@@ -1,0 +1,162 @@
+//! Kafka topics: checking that a topic exists before the first record goes
+//! to it, and creating it (`--create-topics`) when it does not.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, Producer as _, ProducerContext};
+
+use crate::kafka::config::KafkaConfig;
+use crate::{Error, Result};
+
+/// Which topics are known to exist, and how to create missing ones.
+pub struct Topics {
+    admin: AdminClient<DefaultClientContext>,
+    create: bool,
+    partitions: Option<i32>,
+    replication_factor: Option<i32>,
+    timeout: Duration,
+    known: HashSet<String>,
+}
+
+impl Topics {
+    /// An admin client with the producer's settings; nothing is known yet.
+    pub fn new(client: &ClientConfig, cfg: &KafkaConfig, timeout: Duration) -> Result<Self> {
+        let admin = client.create().map_err(|e| Error::Kafka {
+            context: "creating the kafka admin client".into(),
+            source: Box::new(e),
+        })?;
+        Ok(Self {
+            admin,
+            create: cfg.create_topics,
+            partitions: cfg.topic_partitions,
+            replication_factor: cfg.topic_replication_factor,
+            timeout,
+            known: HashSet::new(),
+        })
+    }
+
+    /// Forgets what is known: topics may have been deleted or created since.
+    pub fn forget(&mut self) {
+        self.known.clear();
+    }
+
+    /// Makes sure a topic exists, creating it when allowed. Checked once per
+    /// topic and process, because producing to a missing topic only fails after
+    /// a long timeout with an error that does not name the topic.
+    /// `needed_by` says what needs it, for the error: `event <id>` or the
+    /// dead-letter setting.
+    pub async fn ensure<C: ProducerContext + 'static>(
+        &mut self,
+        producer: &Arc<BaseProducer<C>>,
+        topic: &str,
+        needed_by: &str,
+    ) -> Result<()> {
+        if self.known.contains(topic) {
+            return Ok(());
+        }
+        if partitions(producer, topic, self.timeout).await? == 0 {
+            if !self.create {
+                return Err(Error::TopicMissing {
+                    topic: topic.to_owned(),
+                    needed_by: needed_by.to_owned(),
+                });
+            }
+            self.create(producer, topic).await?;
+        }
+        self.known.insert(topic.to_owned());
+        Ok(())
+    }
+
+    async fn create<C: ProducerContext + 'static>(
+        &self,
+        producer: &Arc<BaseProducer<C>>,
+        topic: &str,
+    ) -> Result<()> {
+        // -1: the broker's defaults (num.partitions, default.replication.factor).
+        let new = NewTopic::new(
+            topic,
+            self.partitions.unwrap_or(-1),
+            TopicReplication::Fixed(self.replication_factor.unwrap_or(-1)),
+        );
+        let opts = AdminOptions::new().operation_timeout(Some(self.timeout));
+        let results = self
+            .admin
+            .create_topics([&new], &opts)
+            .await
+            .map_err(|source| Error::Kafka {
+                context: format!("creating kafka topic `{topic}`"),
+                source: Box::new(source),
+            })?;
+        let mut created = false;
+        for result in results {
+            match result {
+                Ok(_) => created = true,
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(Error::Kafka {
+                        context: format!("creating kafka topic `{topic}`"),
+                        source: Box::new(KafkaError::AdminOp(code)),
+                    });
+                }
+            }
+        }
+        // Wait until the new topic shows up in metadata, so the first records
+        // are not held back by librdkafka's unknown-topic handling.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let partitions = loop {
+            let n = partitions(producer, topic, self.timeout).await?;
+            if n > 0 {
+                break n;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::Kafka {
+                    context: format!(
+                        "kafka topic `{topic}` was created but does not appear in metadata"
+                    ),
+                    source: Box::new(KafkaError::AdminOp(RDKafkaErrorCode::RequestTimedOut)),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if created {
+            tracing::info!(
+                topic,
+                partitions,
+                replication_factor = %self
+                    .replication_factor
+                    .map_or("broker default".to_owned(), |r| r.to_string()),
+                "created kafka topic (--create-topics)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How many partitions the topic has (0: it does not exist).
+async fn partitions<C: ProducerContext + 'static>(
+    producer: &Arc<BaseProducer<C>>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<usize> {
+    let producer = producer.clone();
+    let name = topic.to_owned();
+    let metadata =
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&name), timeout))
+            .await
+            .expect("metadata lookup does not panic")
+            .map_err(|source| Error::Kafka {
+                context: format!("looking up kafka topic `{topic}`"),
+                source: Box::new(source),
+            })?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len()))
+}
