@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod error;
+pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod migrate;

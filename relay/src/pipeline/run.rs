@@ -29,7 +29,7 @@ pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
     if let Some(addr) = cfg.metrics_addr {
         let (metrics, token) = (metrics.clone(), token.clone());
         tokio::spawn(async move {
-            if let Err(err) = crate::metrics::serve(addr, metrics, token).await {
+            if let Err(err) = crate::http::serve(addr, metrics, token).await {
                 tracing::error!(error = %err, addr = %addr, "cannot serve metrics");
             }
         });
