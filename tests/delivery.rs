@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::support::fixture::{Fixture, assert_exactly_once, assert_records_match};
 use crate::support::kafka::consume_settle;
+use crate::support::metrics::{metric, scrape};
 use crate::support::postgres::{confirmed_flush, lsn_after};
 use crate::support::wait_for;
 
@@ -253,27 +254,6 @@ pub async fn survive_restart(mode: &str) {
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
 
-/// `GET /metrics` on the relay's metrics address.
-pub async fn scrape(port: u16) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.ok()?;
-    Some(body)
-}
-
-pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn metrics_count_deliveries_and_latency() {
     let f = Fixture::new().await;
@@ -291,7 +271,7 @@ async fn metrics_count_deliveries_and_latency() {
         "50 deliveries in the metrics",
         Duration::from_secs(30),
         || async {
-            let text = scrape(port).await?;
+            let text = scrape(port).await.ok()?;
             (metric(&text, "outbox_relay_events_delivered_total")? >= 50.0).then_some(text)
         },
     )

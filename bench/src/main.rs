@@ -141,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let steady_rss = probe::memory_mib(relay.pid());
-    relay.stop()?;
+    relay.stop().await?;
     let large = if args.large_rows > 0 {
         eprintln!("bench: one transaction of {} rows", args.large_rows);
         Some(scenario::large(&env, args.large_rows).await?)

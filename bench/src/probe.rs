@@ -1,10 +1,6 @@
 //! Probes: a process's CPU time and memory from /proc, the relay's metrics
 //! endpoint, and the slot's lag from PostgreSQL.
 
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 /// CPU seconds (user + system) used by a process so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -31,51 +27,6 @@ pub fn memory_mib(pid: u32) -> (f64, f64) {
             / 1024.0
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// The relay's metrics text.
-pub async fn scrape(port: u16) -> anyhow::Result<String> {
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await??;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: bench\r\n\r\n")
-        .await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-/// One value from the metrics text.
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// The commit-to-ack latency histogram: (upper bound in seconds, cumulative count).
-pub fn histogram(text: &str) -> Vec<(f64, f64)> {
-    histogram_named(text, "outbox_relay_commit_to_ack_seconds")
-}
-
-/// A histogram by metric name.
-pub fn histogram_named(text: &str, name: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{name}_bucket{{le=\"");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .filter_map(|l| {
-            let (bound, rest) = l.split_once("\"}")?;
-            let bound = if bound == "+Inf" {
-                f64::INFINITY
-            } else {
-                bound.parse().ok()?
-            };
-            Some((bound, rest.trim().parse().ok()?))
-        })
-        .collect()
 }
 
 /// `after - before`, bucket by bucket.
@@ -136,12 +87,5 @@ mod tests {
         assert_eq!(quantile_ms(&[(0.001, 0.0)], 0.5), None);
         let d = histogram_delta(&[(0.001, 10.0)], &[(0.001, 15.0)]);
         assert_eq!(d, vec![(0.001, 5.0)]);
-    }
-
-    #[test]
-    fn parses_the_histogram() {
-        let text = "outbox_relay_commit_to_ack_seconds_bucket{le=\"0.001\"} 3\noutbox_relay_commit_to_ack_seconds_bucket{le=\"+Inf\"} 4\n";
-        assert_eq!(histogram(text), vec![(0.001, 3.0), (f64::INFINITY, 4.0)]);
-        assert_eq!(metric("a_total 7\n", "a_total"), 7.0);
     }
 }

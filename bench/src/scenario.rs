@@ -3,7 +3,7 @@
 //! returns plain numbers and time series for the report.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -14,7 +14,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 use sqlx::PgPool;
 
+use outbox_test_support::{self as support, metrics};
+
 use crate::probe;
+
+/// The commit-to-acknowledgement histogram.
+const ACK: &str = "outbox_relay_commit_to_ack_seconds";
 
 /// Settings shared by the scenarios.
 pub struct Env {
@@ -31,65 +36,59 @@ pub struct Env {
 
 const SLOT: &str = "bench_relay";
 
-/// The relay as a child process with its metrics endpoint.
+/// The relay as a child process (the test support's, output captured to a
+/// file) with its metrics endpoint.
 pub struct Relay {
-    child: Child,
+    process: support::relay::Relay,
     port: u16,
 }
 
 impl Relay {
     pub fn start(env: &Env) -> anyhow::Result<Self> {
-        let child = Command::new(&env.relay_bin)
-            .args([
-                "run",
-                "--create-topics",
-                "--slot",
-                SLOT,
-                "--status-interval",
-                "1s",
-            ])
+        let process = support::RelayBuilder::new(&env.database_url, &env.brokers, SLOT)
+            .binary(&env.relay_bin)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", env.metrics_port))
             .args(&env.relay_args)
-            .env("OUTBOX_DATABASE_URL", &env.database_url)
-            .env("OUTBOX_KAFKA_BROKERS", &env.brokers)
+            // Logging costs CPU: only what goes wrong.
             .env("OUTBOX_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting the relay")?;
+            .spawn();
         Ok(Self {
-            child,
+            process,
             port: env.metrics_port,
         })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Waits until the metrics endpoint answers and the stream is up.
     pub async fn ready(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(text) = probe::scrape(self.port).await
-                && probe::metric(&text, "outbox_relay_sessions_total") >= 1.0
+            if let Ok(text) = metrics::scrape(self.port).await
+                && metrics::metric(&text, "outbox_relay_sessions_total").unwrap_or(0.0) >= 1.0
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the relay did not start streaming within 60 s");
+                bail!(
+                    "the relay did not start streaming within 60 s; its output:\n{}",
+                    self.process.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        probe::scrape(self.port).await
+        Ok(metrics::scrape(self.port).await?)
     }
 
     pub async fn delivered(&self) -> f64 {
         match self.metrics().await {
-            Ok(t) => probe::metric(&t, "outbox_relay_events_delivered_total"),
+            Ok(t) => metrics::metric(&t, "outbox_relay_events_delivered_total").unwrap_or(0.0),
             Err(_) => 0.0,
         }
     }
@@ -109,25 +108,15 @@ impl Relay {
         Ok(start.elapsed())
     }
 
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let status = self.child.wait()?;
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let status = self.process.stop().await;
         if !status.success() {
-            bail!("the relay exited with {status}");
+            bail!(
+                "the relay exited with {status}; its output:\n{}",
+                self.process.logs()
+            );
         }
         Ok(())
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -330,7 +319,7 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
             relay
         }
     };
-    relay.stop()?;
+    relay.stop().await?;
     quiesce(env, Outbox::Empty).await?;
     backlog(env, "bench_drain", n, false).await?;
     quiesce(env, Outbox::Keep).await?;
@@ -431,7 +420,7 @@ pub async fn steady(
     // Enough connections for group commit to reach 5,000 single-row commits/s.
     const WRITERS: u64 = 32;
     let before = relay.metrics().await?;
-    let delivered0 = probe::metric(&before, "outbox_relay_events_delivered_total");
+    let delivered0 = metrics::metric(&before, "outbox_relay_events_delivered_total").unwrap_or(0.0);
     let wal_pid = walsender_pid(env, SLOT).await;
     let (relay_cpu0, wal_cpu0) = (
         probe::cpu_seconds(relay.pid()),
@@ -511,11 +500,14 @@ pub async fn steady(
             .await?;
     }
     let after = relay.metrics().await?;
-    let latency = probe::histogram_delta(&probe::histogram(&before), &probe::histogram(&after));
+    let latency = probe::histogram_delta(
+        &metrics::histogram(&before, ACK),
+        &metrics::histogram(&after, ACK),
+    );
     let receive = "outbox_relay_commit_to_receive_seconds";
     let postgres_latency = probe::histogram_delta(
-        &probe::histogram_named(&before, receive),
-        &probe::histogram_named(&after, receive),
+        &metrics::histogram(&before, receive),
+        &metrics::histogram(&after, receive),
     );
     let max_lag_mib = samples.lag_mib.iter().map(|p| p.1).fold(0.0, f64::max);
     let end_lag_mib = samples.lag_mib.last().map(|p| p.1).unwrap_or(0.0);
@@ -558,7 +550,7 @@ pub async fn large(env: &Env, rows: u64) -> anyhow::Result<Large> {
         .await?;
     let seconds = start.elapsed().as_secs_f64();
     let peak_rss_mib = probe::memory_mib(relay.pid()).1;
-    relay.stop()?;
+    relay.stop().await?;
     Ok(Large {
         rows,
         seconds,

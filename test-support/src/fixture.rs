@@ -8,7 +8,7 @@ use outbox::Event;
 use serde_json::json;
 use sqlx::PgPool;
 
-use super::{Postgres, Record, RelayBuilder, Tansu, consume, unique};
+use crate::{Postgres, Record, RelayBuilder, Tansu, consume, unique};
 
 /// One event as written.
 #[derive(Debug, Clone)]
@@ -33,7 +33,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn new() -> Self {
-        super::init_logging();
+        crate::init_logging();
         let pg = Postgres::start();
         let tansu = Tansu::start();
         let url = pg.create_migrated_database(&unique("db")).await;
@@ -117,7 +117,7 @@ impl Fixture {
     /// Everything in the topic, once the relay has stopped: read to the high
     /// watermarks, so late duplicates are counted too.
     pub async fn read_to_end(&self) -> Vec<Record> {
-        super::kafka::consume_to_end(&self.tansu.brokers(), &[&self.topic()]).await
+        crate::kafka::consume_to_end(&self.tansu.brokers(), &[&self.topic()]).await
     }
 
     /// Reads the topic until `expected` records (plus a settle time for duplicates).

@@ -65,7 +65,7 @@ pub async fn consume_settle(
 ) -> Vec<Record> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", super::unique("test-reader"))
+        .set("group.id", crate::unique("test-reader"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .create()
@@ -172,7 +172,7 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
 pub async fn consume_to_end(brokers: &str, topics: &[&str]) -> Vec<Record> {
     let probe: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", super::unique("test-watermarks"))
+        .set("group.id", crate::unique("test-watermarks"))
         .create()
         .expect("consumer");
     let mut total = 0usize;

@@ -1,11 +1,13 @@
-//! Test support: a private PostgreSQL cluster and a Tansu broker per test,
-//! the relay binary as a child process, and a Kafka reader. Every helper
-//! waits on a condition with a deadline instead of sleeping blindly.
-
-#![allow(dead_code)]
+//! Test infrastructure shared by the integration tests and the benchmark
+//! (dev-only, never published): a private PostgreSQL cluster and a Tansu
+//! broker per test, the relay binary as a child process, its metrics
+//! endpoint, a Kafka reader, and a per-test fixture that writes events and
+//! checks what arrived. Every helper waits on a condition with a deadline
+//! instead of sleeping blindly.
 
 pub mod fixture;
 pub mod kafka;
+pub mod metrics;
 pub mod postgres;
 pub mod proxy;
 pub mod relay;

@@ -145,7 +145,7 @@ impl Postgres {
     /// A cluster with the given settings.
     pub fn start_with(settings: Settings) -> Self {
         let template = template();
-        let root = std::env::temp_dir().join(super::unique("outbox-pg"));
+        let root = std::env::temp_dir().join(crate::unique("outbox-pg"));
         make_dir(&root);
         let data = root.join("data");
         run(
@@ -159,7 +159,7 @@ impl Postgres {
         let pg = Self {
             root,
             data,
-            port: super::free_port(),
+            port: crate::free_port(),
             settings,
         };
         pg.pg_ctl_start();

@@ -44,21 +44,30 @@ fn bin_path(env_override: &str, bin: &str) -> PathBuf {
         }
         let status = cmd
             .args(["build", "--quiet", "--workspace", "--bins"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(workspace())
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building the workspace binaries failed");
         std::env::var("CARGO_TARGET_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+            .unwrap_or_else(|_| workspace().join("target"))
             .join("debug")
     });
     dir.join(bin)
 }
 
+/// The workspace root (this crate's parent folder).
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("test-support sits in the workspace")
+}
+
 /// Flags for one relay process.
 #[derive(Clone)]
 pub struct RelayBuilder {
+    /// The binary to run; `None`: the workspace's debug build.
+    pub binary: Option<PathBuf>,
     pub database_url: String,
     pub brokers: String,
     pub slot: String,
@@ -69,6 +78,7 @@ pub struct RelayBuilder {
 impl RelayBuilder {
     pub fn new(database_url: &str, brokers: &str, slot: &str) -> Self {
         Self {
+            binary: None,
             database_url: database_url.to_owned(),
             brokers: brokers.to_owned(),
             slot: slot.to_owned(),
@@ -90,6 +100,18 @@ impl RelayBuilder {
         self
     }
 
+    pub fn args(mut self, args: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Runs this binary instead of the workspace's debug build (the
+    /// benchmark runs a release build).
+    pub fn binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_owned());
+        self
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
@@ -102,7 +124,7 @@ impl RelayBuilder {
     }
 
     pub fn spawn(&self) -> Relay {
-        let mut cmd = Command::new(binary());
+        let mut cmd = Command::new(self.binary.clone().unwrap_or_else(binary));
         cmd.arg("run")
             .args(&self.args)
             .env("OUTBOX_DATABASE_URL", &self.database_url)
@@ -125,7 +147,7 @@ impl Relay {
     /// Starts `cmd` with its output captured.
     pub fn spawn(mut cmd: Command) -> Self {
         let log_path =
-            std::env::temp_dir().join(format!("{}.log", super::unique("outbox-process")));
+            std::env::temp_dir().join(format!("{}.log", crate::unique("outbox-process")));
         let log = std::fs::File::create(&log_path).expect("process log");
         let child = cmd
             .stdin(Stdio::null())

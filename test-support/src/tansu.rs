@@ -68,9 +68,9 @@ impl Tansu {
                 storage,
             };
         }
-        let dir = std::env::temp_dir().join(super::unique("outbox-tansu"));
+        let dir = std::env::temp_dir().join(crate::unique("outbox-tansu"));
         std::fs::create_dir_all(&dir).expect("tansu dir");
-        let port = super::free_port();
+        let port = crate::free_port();
         let child = Self::spawn_with(&dir, port, advertised_port.unwrap_or(port), &storage);
         let t = Self {
             child: Some(child),

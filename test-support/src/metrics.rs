@@ -1,0 +1,73 @@
+//! Reading the relay's metrics endpoint: one scrape, one value, one
+//! histogram. The benchmark computes its percentiles from the same reads.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// `GET /metrics` on `127.0.0.1:port`: the body, or the error (connection
+/// refused before the relay listens, a timeout, a non-200 answer).
+pub async fn scrape(port: u16) -> std::io::Result<String> {
+    let read = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        // `connection: close`: the server ends the response by closing.
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: outbox-test\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "scrape timed out"))??;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!(
+            "GET /metrics answered {}",
+            head.lines().next().unwrap_or_default()
+        )));
+    }
+    Ok(body.to_owned())
+}
+
+/// The value of an unlabelled series, e.g. `outbox_relay_events_delivered_total`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A histogram's buckets: (upper bound in seconds, cumulative count).
+pub fn histogram(text: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|l| {
+            let (bound, rest) = l.split_once("\"}")?;
+            let bound = if bound == "+Inf" {
+                f64::INFINITY
+            } else {
+                bound.parse().ok()?
+            };
+            Some((bound, rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_values_and_buckets() {
+        let text =
+            "# TYPE x counter\nx_total 3\nh_bucket{le=\"0.001\"} 2\nh_bucket{le=\"+Inf\"} 5\n";
+        assert_eq!(metric(text, "x_total"), Some(3.0));
+        assert_eq!(metric(text, "x"), None);
+        assert_eq!(
+            histogram(text, "h"),
+            vec![(0.001, 2.0), (f64::INFINITY, 5.0)]
+        );
+    }
+}
