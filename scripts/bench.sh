@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 source scripts/pg.sh
 scripts/install-tansu.sh >/dev/null
 
-cargo build --quiet --release -p outbox-relay --bin outbox-relay -p outbox-bench --bin outbox-bench
+cargo build --quiet --release -p pg-outbox-relay --bin outbox-relay -p outbox-bench --bin outbox-bench
 target="${CARGO_TARGET_DIR:-target}"
 
 dir="$(mktemp -d /tmp/outbox-bench.XXXXXX)"

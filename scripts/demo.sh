@@ -12,7 +12,7 @@ source scripts/pg.sh
 scripts/install-deps.sh --postgres-only >/dev/null
 
 echo "demo: building (the first build compiles librdkafka, a few minutes)"
-cargo build --quiet -p outbox-relay --bin outbox-relay && cargo build --quiet -p outbox-consumer-example --example demo
+cargo build --quiet -p pg-outbox-relay --bin outbox-relay && cargo build --quiet -p outbox-consumer-example --example demo
 
 dir="$(mktemp -d /tmp/outbox-demo.XXXXXX)"
 chmod 755 "${dir}"
