@@ -4,6 +4,8 @@
 //!
 //! See docs/architecture.md for the path of an event and the confirmation rule.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod error;
 pub mod http;
