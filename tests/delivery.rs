@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::support::fixture::{Fixture, assert_exactly_once, assert_records_match};
 use crate::support::kafka::consume_settle;
-use crate::support::metrics::{metric, scrape};
+use crate::support::metrics::{get, metric, scrape};
 use crate::support::postgres::{confirmed_flush, lsn_after};
 use crate::support::wait_for;
 
@@ -293,6 +293,17 @@ async fn metrics_count_deliveries_and_latency() {
         text.contains("outbox_relay_commit_to_ack_seconds_bucket{le=\"+Inf\"} 50"),
         "{text}"
     );
+    // The endpoint speaks OpenMetrics, which Prometheus asks for, and
+    // answers 404 elsewhere.
+    let metrics = get(port, "/metrics").await.unwrap();
+    assert_eq!(
+        metrics.content_type.as_deref(),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert!(metrics.body.ends_with("# EOF\n"), "{}", metrics.body);
+    let other = get(port, "/").await.unwrap();
+    assert_eq!(other.status, 404, "{other:?}");
+    assert!(other.body.contains("GET /metrics"), "{other:?}");
     assert!(relay.stop().await.success());
 }
 

@@ -45,7 +45,14 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(env: &Env) -> anyhow::Result<Self> {
-        let process = support::RelayBuilder::new(&env.database_url, &env.brokers, SLOT)
+        let mut builder = support::RelayBuilder::new(&env.database_url, &env.brokers, SLOT);
+        // The relay's own defaults, not the tests' faster timeouts.
+        builder.args = vec![
+            "--create-topics".into(),
+            "--status-interval".into(),
+            "1s".into(),
+        ];
+        let process = builder
             .binary(&env.relay_bin)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", env.metrics_port))

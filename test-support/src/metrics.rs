@@ -5,29 +5,63 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// `GET /metrics` on `127.0.0.1:port`: the body, or the error (connection
-/// refused before the relay listens, a timeout, a non-200 answer).
-pub async fn scrape(port: u16) -> std::io::Result<String> {
+/// An HTTP answer, as far as the tests look at it.
+#[derive(Debug)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The `content-type` header, when sent.
+    pub content_type: Option<String>,
+    /// The body.
+    pub body: String,
+}
+
+/// `GET path` on `127.0.0.1:port` (HTTP/1.1, `connection: close`, so the
+/// server ends the response by closing).
+pub async fn get(port: u16, path: &str) -> std::io::Result<Response> {
     let read = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        // `connection: close`: the server ends the response by closing.
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: outbox-test\r\nconnection: close\r\n\r\n")
-            .await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: outbox-test\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
         let mut response = String::new();
         s.read_to_string(&mut response).await?;
         Ok::<_, std::io::Error>(response)
     };
     let response = tokio::time::timeout(Duration::from_secs(5), read)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "scrape timed out"))??;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "GET timed out"))??;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    if !head.starts_with("HTTP/1.1 200") {
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head}")))?;
+    let content_type = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        .map(|(_, v)| v.trim().to_owned());
+    Ok(Response {
+        status,
+        content_type,
+        body: body.to_owned(),
+    })
+}
+
+/// `GET /metrics`: the body, or the error (connection refused before the
+/// relay listens, a timeout, a status other than 200).
+pub async fn scrape(port: u16) -> std::io::Result<String> {
+    let response = get(port, "/metrics").await?;
+    if response.status != 200 {
         return Err(std::io::Error::other(format!(
             "GET /metrics answered {}",
-            head.lines().next().unwrap_or_default()
+            response.status
         )));
     }
-    Ok(body.to_owned())
+    Ok(response.body)
 }
 
 /// The value of an unlabelled series, e.g. `outbox_relay_events_delivered_total`.
