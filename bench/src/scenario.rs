@@ -47,11 +47,9 @@ impl Relay {
     pub fn start(env: &Env) -> anyhow::Result<Self> {
         let mut builder = support::RelayBuilder::new(&env.database_url, &env.brokers, SLOT);
         // The relay's own defaults, not the tests' faster timeouts.
-        builder.args = vec![
-            "--create-topics".into(),
-            "--status-interval".into(),
-            "1s".into(),
-        ];
+        builder.args = ["--create-topics", "--slot", SLOT, "--status-interval", "1s"]
+            .map(String::from)
+            .to_vec();
         let process = builder
             .binary(&env.relay_bin)
             .arg("--metrics-addr")
@@ -59,7 +57,7 @@ impl Relay {
             .args(&env.relay_args)
             // Logging costs CPU: only what goes wrong.
             .env("OUTBOX_LOG", "warn")
-            .spawn();
+            .spawn_with_output_shown();
         Ok(Self {
             process,
             port: env.metrics_port,

@@ -22,7 +22,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     // One thread: the relay is one stream, and serving Kafka's delivery
     // reports on the thread that produced the records lets allocations be
-    // freed where they were made (see `delivery`).
+    // freed where they were made (see `kafka::reports`).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -124,6 +124,26 @@ impl RelayBuilder {
     }
 
     pub fn spawn(&self) -> Relay {
+        Relay::spawn(self.command())
+    }
+
+    /// Like [`spawn`](Self::spawn), with the relay's output on this
+    /// process's stderr instead of a file (the benchmark shows warnings as
+    /// they happen; `logs()` is then empty).
+    pub fn spawn_with_output_shown(&self) -> Relay {
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Relay {
+            child,
+            log_path: PathBuf::new(),
+            exit: None,
+        }
+    }
+
+    fn command(&self) -> Command {
         let mut cmd = Command::new(self.binary.clone().unwrap_or_else(binary));
         cmd.arg("run")
             .args(&self.args)
@@ -131,7 +151,7 @@ impl RelayBuilder {
             .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
             .env("OUTBOX_SLOT", &self.slot)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        Relay::spawn(cmd)
+        cmd
     }
 }
 
@@ -230,7 +250,9 @@ impl Drop for Relay {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if !std::thread::panicking() {
+        if self.log_path.as_os_str().is_empty() {
+            // The output went to the terminal.
+        } else if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log_path);
         } else {
             eprintln!("--- process output ---\n{}", self.logs());

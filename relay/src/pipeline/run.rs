@@ -22,7 +22,7 @@ use crate::{Error, Result};
 ///
 /// Delivery reports are served by a task spawned on the caller's runtime. The
 /// binary uses a current-thread runtime so that task shares the stream's
-/// thread (records are freed where they were allocated, see `delivery`); on a
+/// thread (records are freed where they were allocated, see `kafka::reports`); on a
 /// multi-thread runtime it works the same, at some CPU cost per event.
 pub async fn run(cfg: RelayConfig, token: CancellationToken) -> Result<()> {
     let metrics = Metrics::new();
