@@ -5,6 +5,7 @@
 # and SVG plots in the output folder (default bench-results/<date>).
 #
 #   scripts/bench.sh [outbox-bench flags, e.g. --events 200000 --seconds 20]
+#   OUTBOX_BENCH_RELAY_BIN=/path/to/outbox-relay scripts/bench.sh   # another relay build (A/B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/pg.sh
@@ -38,7 +39,7 @@ out="bench-results/$(date +%Y%m%d-%H%M%S)"
 "${target}/release/outbox-bench" \
   --database-url "postgres://postgres@127.0.0.1:${pg_port}/bench?sslmode=disable" \
   --kafka-brokers "127.0.0.1:${kafka_port}" \
-  --relay-bin "${target}/release/outbox-relay" \
+  --relay-bin "${OUTBOX_BENCH_RELAY_BIN:-${target}/release/outbox-relay}" \
   --pg-recvlogical "$(pg_bindir)/pg_recvlogical" \
   --out "${out}" "$@"
 echo "report: ${out}/report.md"
