@@ -1,0 +1,211 @@
+//! `outbox-relay run`: its flags and their environment variables, validated
+//! into the pipeline's settings (and through them the PostgreSQL and Kafka
+//! settings) before any connection is made.
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::cli::parse_duration;
+use crate::kafka::config::{KafkaConfig, parse_kafka_option};
+use crate::pipeline::config::{RelayConfig, validate_slot_name};
+use crate::pipeline::topic::TopicTemplate;
+use crate::postgres::config::PgConfig;
+use crate::{Error, Result};
+
+/// Flags of `outbox-relay run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// PostgreSQL URL, e.g. postgres://relay:secret@db:5432/app?sslmode=verify-full.
+    /// Query parameters: sslmode (disable, prefer, require, verify-ca, verify-full),
+    /// sslrootcert, application_name, connect_timeout, host (a socket directory).
+    #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Kafka bootstrap servers, comma-separated host:port list.
+    #[arg(long, env = "OUTBOX_KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// Logical replication slot to read from; created (with a backfill of the
+    /// rows already in the outbox) when missing. Lowercase letters, digits and `_`.
+    #[arg(long, env = "OUTBOX_SLOT", default_value = "outbox_relay")]
+    pub slot: String,
+
+    /// Publication that selects the outbox table(s).
+    #[arg(long, env = "OUTBOX_PUBLICATION", default_value = "outbox_pub")]
+    pub publication: String,
+
+    /// Topic for events without a per-row topic. Placeholders: {aggregate_type}, {event_type}.
+    #[arg(
+        long,
+        env = "OUTBOX_TOPIC_TEMPLATE",
+        default_value = "outbox.event.{aggregate_type}"
+    )]
+    pub topic_template: String,
+
+    /// A librdkafka producer setting as key=value (repeatable; comma-separated in the
+    /// environment variable), e.g. --kafka-option security.protocol=SASL_SSL.
+    #[arg(
+        long = "kafka-option",
+        env = "OUTBOX_KAFKA_OPTIONS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub kafka_options: Vec<String>,
+
+    /// Create missing topics through the Kafka admin API instead of stopping.
+    #[arg(long, env = "OUTBOX_CREATE_TOPICS")]
+    pub create_topics: bool,
+
+    /// Partitions of topics created with --create-topics (default: the
+    /// broker's num.partitions).
+    #[arg(long, env = "OUTBOX_TOPIC_PARTITIONS")]
+    pub topic_partitions: Option<i32>,
+
+    /// Replication factor of topics created with --create-topics (default:
+    /// the broker's default.replication.factor).
+    #[arg(long, env = "OUTBOX_TOPIC_REPLICATION_FACTOR")]
+    pub topic_replication_factor: Option<i32>,
+
+    /// Most events published but not yet acknowledged by Kafka; when reached the
+    /// relay stops reading WAL until acknowledgements free room. Bounds memory and
+    /// the number of duplicates after a crash.
+    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    pub max_in_flight: usize,
+
+    /// Interval of standby status updates to PostgreSQL (e.g. 10s, 500ms).
+    #[arg(long, env = "OUTBOX_STATUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub status_interval: Duration,
+
+    /// Time allowed for connecting to PostgreSQL and for the first broker contact.
+    #[arg(long, env = "OUTBOX_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Longest wait between reconnection attempts after a retryable failure.
+    #[arg(long, env = "OUTBOX_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+
+    /// What to do with an event Kafka refuses for good (too large, invalid topic,
+    /// not authorized) or a row that is not a valid event: `stop` names it and
+    /// stops without confirming past it; `dead-letter` publishes it to
+    /// --dead-letter-topic with the error in the `outbox.error` header and goes on.
+    #[arg(long, env = "OUTBOX_ON_UNDELIVERABLE", value_enum, default_value_t = Undeliverable::Stop)]
+    pub on_undeliverable: Undeliverable,
+
+    /// Topic for undeliverable events under `--on-undeliverable dead-letter`.
+    #[arg(
+        long,
+        env = "OUTBOX_DEAD_LETTER_TOPIC",
+        default_value = "outbox.dead-letter"
+    )]
+    pub dead_letter_topic: String,
+
+    /// Serve Prometheus metrics (delivered events, lag, commit-to-ack latency) at
+    /// http://ADDR/metrics, e.g. 0.0.0.0:9187. Off when not given.
+    #[arg(long, env = "OUTBOX_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Kafka never gives up on an event by itself: when the oldest event
+    /// handed to it has waited this long for an acknowledgement, the relay
+    /// logs a warning (repeated at this interval) and reports it in the
+    /// `outbox_relay_delivery_stalled_seconds` metric, and keeps waiting.
+    #[arg(long, env = "OUTBOX_STALL_WARNING", default_value = "30s", value_parser = parse_duration)]
+    pub stall_warning: Duration,
+
+    /// Time allowed on SIGTERM/SIGINT for Kafka to acknowledge what was sent.
+    #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// The policy for events Kafka will not take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Undeliverable {
+    /// Stop, name the event, keep the slot where it was.
+    Stop,
+    /// Publish it to the dead-letter topic and go on.
+    DeadLetter,
+}
+
+impl RunArgs {
+    /// Validates the flags of `run` into the pipeline's settings.
+    pub fn relay_config(&self) -> Result<RelayConfig> {
+        let args = self;
+        let mut pg = PgConfig::from_url(&args.database_url)?;
+        pg.connect_timeout = args.connect_timeout;
+        validate_slot_name(&args.slot)?;
+        validate_publication_name(&args.publication)?;
+        let topic_template = TopicTemplate::parse(&args.topic_template)?;
+        let brokers = args.kafka_brokers.trim().to_owned();
+        if brokers.is_empty() {
+            return Err(Error::Config(
+                "--kafka-brokers (OUTBOX_KAFKA_BROKERS) is empty; give host:port of at least one broker".into(),
+            ));
+        }
+        let options = args
+            .kafka_options
+            .iter()
+            .filter(|o| !o.trim().is_empty())
+            .map(|o| parse_kafka_option(o))
+            .collect::<Result<Vec<_>>>()?;
+        if args.topic_partitions.is_some_and(|p| p < 1) {
+            return Err(Error::Config(
+                "--topic-partitions must be at least 1".into(),
+            ));
+        }
+        if args.topic_replication_factor.is_some_and(|r| r < 1) {
+            return Err(Error::Config(
+                "--topic-replication-factor must be at least 1".into(),
+            ));
+        }
+        if args.max_in_flight == 0 {
+            return Err(Error::Config("--max-in-flight must be at least 1".into()));
+        }
+        let dead_letter_topic = match args.on_undeliverable {
+            Undeliverable::Stop => None,
+            Undeliverable::DeadLetter => {
+                outbox::topic::validate(&args.dead_letter_topic).map_err(|why| {
+                    Error::Config(format!(
+                        "--dead-letter-topic `{}` is not a legal Kafka topic: {why}",
+                        args.dead_letter_topic
+                    ))
+                })?;
+                Some(args.dead_letter_topic.clone())
+            }
+        };
+        if args.status_interval.is_zero() {
+            return Err(Error::Config(
+                "--status-interval must be longer than zero".into(),
+            ));
+        }
+        Ok(RelayConfig {
+            pg,
+            slot: args.slot.clone(),
+            publication: args.publication.clone(),
+            topic_template,
+            kafka: KafkaConfig {
+                brokers,
+                options,
+                create_topics: args.create_topics,
+                topic_partitions: args.topic_partitions,
+                topic_replication_factor: args.topic_replication_factor,
+            },
+            max_in_flight: args.max_in_flight,
+            status_interval: args.status_interval,
+            connect_timeout: args.connect_timeout,
+            max_backoff: args.max_backoff.max(Duration::from_millis(100)),
+            shutdown_timeout: args.shutdown_timeout,
+            stall_warning: args.stall_warning.max(Duration::from_secs(1)),
+            dead_letter_topic,
+            metrics_addr: args.metrics_addr,
+        })
+    }
+}
+
+fn validate_publication_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 63 || name.contains('\0') {
+        return Err(Error::Config(format!(
+            "publication name `{name}` is not valid; it must be 1 to 63 bytes"
+        )));
+    }
+    Ok(())
+}
