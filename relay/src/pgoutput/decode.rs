@@ -488,4 +488,28 @@ mod tests {
         assert!(replication_message(Bytes::from_static(b"q")).is_err());
         assert!(replication_message(Bytes::from_static(b"k12")).is_err());
     }
+
+    proptest::proptest! {
+        /// Issue 10, item 11: no bytes from the server make the decoders
+        /// panic; they return an error instead.
+        #[test]
+        fn decoders_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let body = Bytes::from(body);
+            let _ = replication_message(body.clone());
+            let _ = logical_message(body);
+        }
+
+        /// The same, for messages that start with a valid tag.
+        #[test]
+        fn decoders_never_panic_on_known_tags(
+            tag in proptest::sample::select(&b"BCRIUDTOMYw"[..]),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+        ) {
+            let mut bytes = vec![tag];
+            bytes.extend(body);
+            let bytes = Bytes::from(bytes);
+            let _ = replication_message(bytes.clone());
+            let _ = logical_message(bytes);
+        }
+    }
 }

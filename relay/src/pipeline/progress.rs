@@ -201,7 +201,8 @@ impl Ledger {
             self.metrics.dead_lettered();
         } else {
             s.totals.delivered += 1;
-            self.metrics.delivered(commit_ts.map(|ts| pg_now_us() - ts));
+            self.metrics
+                .delivered(commit_ts.map(|ts| pg_now_us().saturating_sub(ts)));
         }
         while s.settled_below < s.next {
             let i = (s.settled_below % len) as usize;
@@ -476,6 +477,18 @@ mod tests {
         assert_eq!(p.confirmable(), Lsn(200));
         assert!(p.all_settled());
         assert_eq!(p.totals().delivered, 3);
+    }
+
+    /// Issue 10, item 11: a commit time from the server far in the past
+    /// (or the future) does not overflow the latency arithmetic.
+    #[test]
+    fn extreme_commit_times_do_not_overflow() {
+        let (ledger, p) = progress(4);
+        let past = p.ticket(Some(i64::MIN)).unwrap();
+        let future = p.ticket(Some(i64::MAX)).unwrap();
+        ledger.acknowledged(past);
+        ledger.acknowledged(future);
+        assert_eq!(p.totals().delivered, 2);
     }
 
     #[test]

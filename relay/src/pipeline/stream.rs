@@ -331,7 +331,8 @@ impl Session<'_> {
             } => {
                 self.in_transaction = true;
                 self.commit_ts = Some(commit_ts);
-                self.metrics.received(pg_now_us() - commit_ts);
+                // Saturating: the commit time is the server's value, not ours.
+                self.metrics.received(pg_now_us().saturating_sub(commit_ts));
                 tracing::trace!(xid, final_lsn = %final_lsn, "begin");
             }
             LogicalMessage::Relation(rel) => {

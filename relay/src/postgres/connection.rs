@@ -63,7 +63,8 @@ impl Row {
     /// The value of a column as text; `None` for NULL or an unknown column.
     pub fn get(&self, column: &str) -> Option<&str> {
         let i = self.columns.iter().position(|c| c == column)?;
-        self.values[i]
+        self.values
+            .get(i)?
             .as_deref()
             .and_then(|v| std::str::from_utf8(v).ok())
     }
@@ -76,9 +77,19 @@ impl Row {
     /// The value of a column as bytes.
     pub fn get_bytes(&self, column: &str) -> Option<&Bytes> {
         let i = self.columns.iter().position(|c| c == column)?;
-        self.values[i].as_ref()
+        self.values.get(i)?.as_ref()
     }
 }
+
+/// Longest message accepted before the server is authenticated: a server
+/// (or whatever answers on its port) cannot make the relay reserve memory
+/// from a length field before proving who it is. libpq applies a similar
+/// limit of 30,000 bytes to most messages.
+const PRE_AUTH_MAX_MESSAGE: usize = 64 * 1024;
+
+/// Longest message accepted afterwards: PostgreSQL never sends more than
+/// 1 GiB (its allocation limit) in one message, row data included.
+const MAX_MESSAGE: usize = 1 << 30;
 
 /// An open connection.
 pub struct Connection {
@@ -86,6 +97,8 @@ pub struct Connection {
     read_buf: BytesMut,
     write_buf: BytesMut,
     endpoint: String,
+    /// The longest message `read_frame` accepts right now.
+    max_message: usize,
 }
 
 impl Connection {
@@ -133,6 +146,7 @@ impl Connection {
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::new(),
             endpoint,
+            max_message: PRE_AUTH_MAX_MESSAGE,
         };
         conn.startup(cfg, mode).await?;
         Ok(conn)
@@ -250,7 +264,10 @@ impl Connection {
                         }
                     });
                 }
-                b'Z' => return Ok(()),
+                b'Z' => {
+                    self.max_message = MAX_MESSAGE;
+                    return Ok(());
+                }
                 // ParameterStatus, BackendKeyData, NoticeResponse: nothing to do.
                 _ => {}
             }
@@ -276,10 +293,22 @@ impl Connection {
         loop {
             match self.recv().await? {
                 Backend::RowDescription(names) => columns = std::sync::Arc::new(names),
-                Backend::DataRow(values) => rows.push(Row {
-                    columns: columns.clone(),
-                    values,
-                }),
+                Backend::DataRow(values) => {
+                    // A row must match its description: `Row::get` looks
+                    // values up by the column's position.
+                    if values.len() != columns.len() {
+                        return Err(Error::Protocol(format!(
+                            "a DataRow of `{}` has {} values for {} columns",
+                            first_words(sql),
+                            values.len(),
+                            columns.len()
+                        )));
+                    }
+                    rows.push(Row {
+                        columns: columns.clone(),
+                        values,
+                    })
+                }
                 Backend::Error(e) => error = Some(e),
                 Backend::ReadyForQuery => break,
                 _ => {}
@@ -357,6 +386,19 @@ impl Connection {
                 let len = i32::from_be_bytes(self.read_buf[1..5].try_into().expect("4 bytes"));
                 if len < 4 {
                     return Err(Error::Protocol(format!("message length {len} is invalid")));
+                }
+                if len as usize > self.max_message {
+                    return Err(Error::Protocol(format!(
+                        "the server announced a message of {len} bytes (type `{}`), more than the {} \
+                         bytes allowed {}; is this a PostgreSQL server?",
+                        char::from(self.read_buf[0]).escape_default(),
+                        self.max_message,
+                        if self.max_message == PRE_AUTH_MAX_MESSAGE {
+                            "before authentication"
+                        } else {
+                            "in one message"
+                        }
+                    )));
                 }
                 let total = 1 + len as usize;
                 if self.read_buf.len() >= total {
@@ -575,5 +617,92 @@ mod tests {
     fn quotes() {
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    /// A connection to a scripted server: whatever it sends comes from
+    /// `script`, after the client's first message (startup) was read.
+    fn scripted(script: Vec<u8>) -> Connection {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let _ = server.read(&mut buf).await;
+            let _ = server.write_all(&script).await;
+            // Keep the server side open while the client reads.
+            let _ = server.read(&mut buf).await;
+        });
+        Connection {
+            io: Box::new(client),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            endpoint: "scripted".into(),
+            max_message: PRE_AUTH_MAX_MESSAGE,
+        }
+    }
+
+    fn cfg() -> PgConfig {
+        PgConfig::from_url("postgres://relay:pw@localhost/app?sslmode=disable").unwrap()
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Issue 10, item 11: a length field before authentication cannot make
+    /// the relay reserve up to 2 GiB.
+    #[tokio::test]
+    async fn a_huge_message_before_authentication_is_refused() {
+        let mut script = vec![b'R'];
+        script.extend_from_slice(&0x7fff_fff0_i32.to_be_bytes());
+        let mut conn = scripted(script);
+        let err = conn.startup(&cfg(), Mode::Sql).await.unwrap_err();
+        assert!(matches!(err, Error::Protocol(_)), "{err}");
+        assert!(err.to_string().contains("before authentication"), "{err}");
+        assert!(
+            conn.read_buf.capacity() < 1 << 20,
+            "{}",
+            conn.read_buf.capacity()
+        );
+    }
+
+    /// Issue 10, item 11: a DataRow with fewer values than its description
+    /// is an error, not an index out of bounds.
+    #[tokio::test]
+    async fn a_short_data_row_is_an_error_not_a_panic() {
+        let mut script = message(b'R', &0_i32.to_be_bytes());
+        script.extend(message(b'Z', b"I"));
+        let mut desc = 2_i16.to_be_bytes().to_vec();
+        for name in [&b"a"[..], &b"b"[..]] {
+            desc.extend_from_slice(name);
+            desc.extend_from_slice(&[0; 19]);
+        }
+        script.extend(message(b'T', &desc));
+        let mut row = 1_i16.to_be_bytes().to_vec();
+        row.extend_from_slice(&1_i32.to_be_bytes());
+        row.push(b'x');
+        script.extend(message(b'D', &row));
+        script.extend(message(b'C', b"SELECT 1\0"));
+        script.extend(message(b'Z', b"I"));
+        let mut conn = scripted(script);
+        conn.startup(&cfg(), Mode::Sql).await.unwrap();
+        assert_eq!(conn.max_message, MAX_MESSAGE);
+        let err = conn.query("SELECT a, b FROM t").await.unwrap_err();
+        assert!(
+            err.to_string().contains("has 1 values for 2 columns"),
+            "{err}"
+        );
+    }
+
+    proptest::proptest! {
+        /// Issue 10, item 11: no server bytes make the message parsers panic.
+        #[test]
+        fn parsers_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let body = Bytes::from(body);
+            let _ = parse_error(body.clone());
+            let _ = parse_row_description(body.clone());
+            let _ = parse_data_row(body);
+        }
     }
 }
