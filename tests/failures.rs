@@ -188,7 +188,7 @@ async fn bad_flags_are_refused_before_connecting() {
         ),
         (
             vec!["--kafka-option", "linger.ms"],
-            "must be written as key=value",
+            "has no `=`; write each option as key=value",
         ),
         // Issue 9, path 9: settings that weaken the delivery guarantees.
         (

@@ -123,10 +123,14 @@ async fn main() -> anyhow::Result<()> {
                 .map(|o| {
                     o.split_once('=')
                         .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+                        // Nothing of it is echoed: without an `=` any part
+                        // of it may be a secret (e.g. the tail of a
+                        // password that contained a comma).
                         .with_context(|| {
                             format!(
-                                "--kafka-option `{}` must be key=value",
-                                o.split('=').next().unwrap_or_default()
+                                "a --kafka-option (OUTBOX_KAFKA_OPTIONS) of {} characters has no `=`; \
+                                 write each option as key=value",
+                                o.chars().count()
                             )
                         })
                 })

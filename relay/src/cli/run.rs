@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::cli::parse_duration;
-use crate::kafka::config::{KafkaConfig, parse_kafka_option};
+use crate::kafka::config::{KafkaConfig, parse_kafka_option, split_kafka_options};
 use crate::pipeline::config::{RelayConfig, validate_slot_name};
 use crate::pipeline::topic::TopicTemplate;
 use crate::postgres::config::PgConfig;
@@ -43,12 +43,13 @@ pub struct RunArgs {
     )]
     pub topic_template: String,
 
-    /// A librdkafka producer setting as key=value (repeatable; comma-separated in the
-    /// environment variable), e.g. --kafka-option security.protocol=SASL_SSL.
+    /// A librdkafka producer setting as key=value (repeatable; several may be
+    /// comma-separated, where a comma starts a new option only when `key=`
+    /// follows it, so values may contain commas), e.g. --kafka-option
+    /// security.protocol=SASL_SSL.
     #[arg(
         long = "kafka-option",
         env = "OUTBOX_KAFKA_OPTIONS",
-        value_delimiter = ',',
         hide_env_values = true
     )]
     pub kafka_options: Vec<String>,
@@ -144,8 +145,8 @@ impl RunArgs {
         let options = args
             .kafka_options
             .iter()
-            .filter(|o| !o.trim().is_empty())
-            .map(|o| parse_kafka_option(o))
+            .flat_map(|o| split_kafka_options(o))
+            .map(|o| parse_kafka_option(&o))
             .collect::<Result<Vec<_>>>()?;
         if args.topic_partitions.is_some_and(|p| p < 1) {
             return Err(Error::Config(

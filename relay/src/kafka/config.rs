@@ -35,14 +35,43 @@ impl fmt::Debug for KafkaConfig {
     }
 }
 
+/// Splits a `--kafka-option` value (or `OUTBOX_KAFKA_OPTIONS`) into
+/// options: a comma starts a new option only when what follows looks like
+/// `key=` (letters, digits, `.`, `_`, `-`), so values with commas in them
+/// (`sasl.password=a,b`) stay whole instead of leaking their tail in an
+/// error.
+pub fn split_kafka_options(raw: &str) -> Vec<String> {
+    let mut options: Vec<String> = Vec::new();
+    for piece in raw.split(',') {
+        let starts_option = piece.split_once('=').is_some_and(|(key, _)| {
+            let key = key.trim();
+            !key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        });
+        match options.last_mut() {
+            Some(last) if !starts_option => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => options.push(piece.to_owned()),
+        }
+    }
+    options.retain(|o| !o.trim().is_empty());
+    options
+}
+
 /// Parses one `--kafka-option` (`key=value`), refusing the bootstrap servers
 /// (set with `--kafka-brokers`) and settings that weaken delivery.
 pub fn parse_kafka_option(option: &str) -> Result<(String, String)> {
     let (key, value) = option.split_once('=').ok_or_else(|| {
-        // Only the key part is echoed: the value may be a secret.
-        let key = option.split('=').next().unwrap_or_default();
+        // Nothing of it is echoed: without an `=` there is no telling
+        // which part is a key and which a secret.
         Error::Config(format!(
-            "--kafka-option `{key}` must be written as key=value"
+            "a --kafka-option (OUTBOX_KAFKA_OPTIONS) of {} characters has no `=`; write each \
+             option as key=value",
+            option.chars().count()
         ))
     })?;
     let key = key.trim();
@@ -148,5 +177,25 @@ mod tests {
         ] {
             assert!(parse_kafka_option(fine).is_ok(), "{fine}");
         }
+    }
+
+    /// Issue 10, item 10: a comma inside a value no longer splits it, and
+    /// an option without `=` is not echoed.
+    #[test]
+    fn commas_inside_values_stay_and_nothing_is_echoed() {
+        assert_eq!(
+            split_kafka_options("linger.ms=5,compression.type=zstd"),
+            ["linger.ms=5", "compression.type=zstd"]
+        );
+        assert_eq!(
+            split_kafka_options("sasl.password=hunter2,tail,sasl.username=relay"),
+            ["sasl.password=hunter2,tail", "sasl.username=relay"]
+        );
+        assert_eq!(split_kafka_options(""), Vec::<String>::new());
+        let err = parse_kafka_option("hunter2-secret")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("key=value"), "{err}");
     }
 }
