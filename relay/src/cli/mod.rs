@@ -78,4 +78,41 @@ mod tests {
         assert!(parse_duration("10 parsecs").is_err());
         assert!(parse_duration("s").is_err());
     }
+
+    /// Issue 10, item 10: a `--kafka-option` value is taken verbatim, commas
+    /// and `=` included (librdkafka's `sasl.oauthbearer.extensions` is itself
+    /// a comma-separated list of key=value pairs); `--kafka-options` is the
+    /// list form.
+    #[test]
+    fn kafka_option_flags_are_verbatim_and_the_list_is_split() {
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from([
+            "outbox-relay",
+            "run",
+            "--database-url",
+            "postgres://relay@db/app",
+            "--kafka-brokers",
+            "kafka:9092",
+            "--kafka-options",
+            "linger.ms=5,sasl.password=a,b",
+            "--kafka-option",
+            "sasl.oauthbearer.extensions=logicalCluster=lkc-1,identityPoolId=pool-2",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run")
+        };
+        let cfg = args.relay_config().unwrap();
+        assert_eq!(
+            cfg.kafka.options,
+            [
+                ("linger.ms".to_owned(), "5".to_owned()),
+                ("sasl.password".to_owned(), "a,b".to_owned()),
+                (
+                    "sasl.oauthbearer.extensions".to_owned(),
+                    "logicalCluster=lkc-1,identityPoolId=pool-2".to_owned()
+                ),
+            ]
+        );
+    }
 }

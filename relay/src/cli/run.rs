@@ -43,16 +43,22 @@ pub struct RunArgs {
     )]
     pub topic_template: String,
 
-    /// A librdkafka producer setting as key=value (repeatable; several may be
-    /// comma-separated, where a comma starts a new option only when `key=`
-    /// follows it, so values may contain commas), e.g. --kafka-option
-    /// security.protocol=SASL_SSL.
+    /// A librdkafka producer setting as key=value, taken verbatim (commas
+    /// included); repeatable, e.g. --kafka-option security.protocol=SASL_SSL.
+    /// Applied after --kafka-options. (Its environment form is
+    /// OUTBOX_KAFKA_OPTIONS, a list: see --kafka-options.)
+    #[arg(long = "kafka-option")]
+    pub kafka_options: Vec<String>,
+
+    /// Several librdkafka producer settings, comma-separated
+    /// (a=1,b=2); a comma starts a new setting only when `key=` follows it,
+    /// so a value may contain commas unless followed by `word=`.
     #[arg(
-        long = "kafka-option",
+        long = "kafka-options",
         env = "OUTBOX_KAFKA_OPTIONS",
         hide_env_values = true
     )]
-    pub kafka_options: Vec<String>,
+    pub kafka_option_list: Option<String>,
 
     /// Create missing topics through the Kafka admin API instead of stopping.
     #[arg(long, env = "OUTBOX_CREATE_TOPICS")]
@@ -143,9 +149,10 @@ impl RunArgs {
             ));
         }
         let options = args
-            .kafka_options
+            .kafka_option_list
             .iter()
-            .flat_map(|o| split_kafka_options(o))
+            .flat_map(|list| split_kafka_options(list))
+            .chain(args.kafka_options.iter().cloned())
             .map(|o| parse_kafka_option(&o))
             .collect::<Result<Vec<_>>>()?;
         if args.topic_partitions.is_some_and(|p| p < 1) {

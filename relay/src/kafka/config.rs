@@ -35,14 +35,18 @@ impl fmt::Debug for KafkaConfig {
     }
 }
 
-/// Splits a `--kafka-option` value (or `OUTBOX_KAFKA_OPTIONS`) into
-/// options: a comma starts a new option only when what follows looks like
-/// `key=` (letters, digits, `.`, `_`, `-`), so values with commas in them
-/// (`sasl.password=a,b`) stay whole instead of leaking their tail in an
-/// error.
+/// Splits a comma-separated list of options (`--kafka-options`,
+/// `OUTBOX_KAFKA_OPTIONS`): a comma starts a new option only when what
+/// follows looks like `key=` (letters, digits, `.`, `_`, `-`), so a value
+/// with a comma in it (`sasl.password=a,b`) stays whole instead of leaking
+/// its tail in an error. Empty pieces (`a=1,,b=2`, a trailing comma) are
+/// dropped. `--kafka-option` values are never split.
 pub fn split_kafka_options(raw: &str) -> Vec<String> {
     let mut options: Vec<String> = Vec::new();
     for piece in raw.split(',') {
+        if piece.trim().is_empty() {
+            continue;
+        }
         let starts_option = piece.split_once('=').is_some_and(|(key, _)| {
             let key = key.trim();
             !key.is_empty()
@@ -192,6 +196,10 @@ mod tests {
             ["sasl.password=hunter2,tail", "sasl.username=relay"]
         );
         assert_eq!(split_kafka_options(""), Vec::<String>::new());
+        assert_eq!(
+            split_kafka_options("linger.ms=5,,acks=all,"),
+            ["linger.ms=5", "acks=all"]
+        );
         let err = parse_kafka_option("hunter2-secret")
             .unwrap_err()
             .to_string();

@@ -502,7 +502,7 @@ mod tests {
         /// The same, for messages that start with a valid tag.
         #[test]
         fn decoders_never_panic_on_known_tags(
-            tag in proptest::sample::select(&b"BCRIUDTOMYw"[..]),
+            tag in proptest::sample::select(&b"BCRIUDTOMYwk"[..]),
             body in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
         ) {
             let mut bytes = vec![tag];

@@ -81,15 +81,19 @@ impl Row {
     }
 }
 
-/// Longest message accepted before the server is authenticated: a server
-/// (or whatever answers on its port) cannot make the relay reserve memory
-/// from a length field before proving who it is. libpq applies a similar
-/// limit of 30,000 bytes to most messages.
+/// Longest message accepted before AuthenticationOk: whatever answers on
+/// the port cannot have the relay accept a huge message before
+/// authentication ends (libpq limits these to 2,000 and 30,000 bytes).
 const PRE_AUTH_MAX_MESSAGE: usize = 64 * 1024;
 
-/// Longest message accepted afterwards: PostgreSQL never sends more than
-/// 1 GiB (its allocation limit) in one message, row data included.
-const MAX_MESSAGE: usize = 1 << 30;
+/// Longest message accepted afterwards: PostgreSQL never sends a body over
+/// 1 GiB - 2 (its allocation limit), row data included; the length field
+/// counts its own 4 bytes too.
+const MAX_MESSAGE: usize = (1 << 30) + 4;
+
+/// Buffer growth per read for a long message: memory follows the bytes
+/// that arrived, not the length a message announced.
+const READ_GROWTH: usize = 1 << 20;
 
 /// An open connection.
 pub struct Connection {
@@ -167,6 +171,7 @@ impl Connection {
         self.flush().await?;
 
         let mut scram: Option<ScramSha256> = None;
+        let mut scram_verified = false;
         loop {
             let (tag, mut body) = self.read_frame().await?;
             match tag {
@@ -176,7 +181,21 @@ impl Connection {
                     }
                     let kind = body.get_i32();
                     match kind {
-                        0 => {}
+                        0 => {
+                            // A SCRAM exchange ends only with the server's
+                            // proof (SASLFinal); an AuthenticationOk before
+                            // it comes from a server that does not know the
+                            // password.
+                            if scram.is_some() && !scram_verified {
+                                return Err(Error::Auth(format!(
+                                    "{} ended SCRAM authentication without proving it knows the \
+                                     password (AuthenticationOk before SASLFinal); is this the \
+                                     right server?",
+                                    self.endpoint
+                                )));
+                            }
+                            self.max_message = MAX_MESSAGE;
+                        }
                         3 => {
                             let password = self.password(cfg)?;
                             frontend::password_message(password.as_bytes(), &mut self.write_buf)
@@ -240,6 +259,7 @@ impl Connection {
                             s.finish(&body).map_err(|e| {
                                 Error::Auth(format!("the server's SCRAM signature is wrong: {e}"))
                             })?;
+                            scram_verified = true;
                         }
                         other => {
                             return Err(Error::Auth(format!(
@@ -264,10 +284,7 @@ impl Connection {
                         }
                     });
                 }
-                b'Z' => {
-                    self.max_message = MAX_MESSAGE;
-                    return Ok(());
-                }
+                b'Z' => return Ok(()),
                 // ParameterStatus, BackendKeyData, NoticeResponse: nothing to do.
                 _ => {}
             }
@@ -290,19 +307,24 @@ impl Connection {
         let mut columns = std::sync::Arc::new(Vec::new());
         let mut rows = Vec::new();
         let mut error = None;
+        let mut malformed = None;
         loop {
             match self.recv().await? {
                 Backend::RowDescription(names) => columns = std::sync::Arc::new(names),
                 Backend::DataRow(values) => {
                     // A row must match its description: `Row::get` looks
-                    // values up by the column's position.
+                    // values up by the column's position. Read on to
+                    // ReadyForQuery so the connection stays in step.
                     if values.len() != columns.len() {
-                        return Err(Error::Protocol(format!(
-                            "a DataRow of `{}` has {} values for {} columns",
-                            first_words(sql),
-                            values.len(),
-                            columns.len()
-                        )));
+                        malformed.get_or_insert_with(|| {
+                            Error::Protocol(format!(
+                                "a DataRow of `{}` has {} values for {} columns",
+                                first_words(sql),
+                                values.len(),
+                                columns.len()
+                            ))
+                        });
+                        continue;
                     }
                     rows.push(Row {
                         columns: columns.clone(),
@@ -313,6 +335,9 @@ impl Connection {
                 Backend::ReadyForQuery => break,
                 _ => {}
             }
+        }
+        if let Some(err) = malformed {
+            return Err(err);
         }
         match error {
             Some(source) => Err(Error::Server {
@@ -394,7 +419,7 @@ impl Connection {
                         char::from(self.read_buf[0]).escape_default(),
                         self.max_message,
                         if self.max_message == PRE_AUTH_MAX_MESSAGE {
-                            "before authentication"
+                            "before authentication ends"
                         } else {
                             "in one message"
                         }
@@ -407,7 +432,8 @@ impl Connection {
                     frame.advance(4);
                     return Ok((tag, frame));
                 }
-                self.read_buf.reserve(total - self.read_buf.len());
+                self.read_buf
+                    .reserve((total - self.read_buf.len()).min(READ_GROWTH));
             }
             let n = self
                 .io
@@ -519,7 +545,8 @@ fn parse_row_description(mut body: Bytes) -> Result<Vec<String>> {
         return Err(bad());
     }
     let n = body.get_i16();
-    let mut names = Vec::with_capacity(n.max(0) as usize);
+    // Sized by what the body can hold, not by the count the server claims.
+    let mut names = Vec::with_capacity((n.max(0) as usize).min(body.len() / 19));
     for _ in 0..n {
         let end = body.iter().position(|&b| b == 0).ok_or_else(bad)?;
         names.push(String::from_utf8_lossy(&body[..end]).into_owned());
@@ -538,7 +565,7 @@ fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<Bytes>>> {
         return Err(bad());
     }
     let n = body.get_i16();
-    let mut values = Vec::with_capacity(n.max(0) as usize);
+    let mut values = Vec::with_capacity((n.max(0) as usize).min(body.len() / 4));
     for _ in 0..n {
         if body.len() < 4 {
             return Err(bad());
@@ -659,7 +686,10 @@ mod tests {
         let mut conn = scripted(script);
         let err = conn.startup(&cfg(), Mode::Sql).await.unwrap_err();
         assert!(matches!(err, Error::Protocol(_)), "{err}");
-        assert!(err.to_string().contains("before authentication"), "{err}");
+        assert!(
+            err.to_string().contains("before authentication ends"),
+            "{err}"
+        );
         assert!(
             conn.read_buf.capacity() < 1 << 20,
             "{}",
@@ -692,6 +722,46 @@ mod tests {
         assert!(
             err.to_string().contains("has 1 values for 2 columns"),
             "{err}"
+        );
+        assert!(
+            conn.read_buf.is_empty(),
+            "read on to ReadyForQuery: the connection stays in step"
+        );
+    }
+
+    /// Issue 10, item 2 (in part): AuthenticationOk in the middle of a SCRAM
+    /// exchange, before the server proved it knows the password, is refused.
+    #[tokio::test]
+    async fn authentication_ok_before_the_scram_proof_is_refused() {
+        let mut sasl = 10_i32.to_be_bytes().to_vec();
+        sasl.extend_from_slice(b"SCRAM-SHA-256\0\0");
+        let mut script = message(b'R', &sasl);
+        script.extend(message(b'R', &0_i32.to_be_bytes()));
+        script.extend(message(b'Z', b"I"));
+        let mut conn = scripted(script);
+        let err = conn.startup(&cfg(), Mode::Sql).await.unwrap_err();
+        assert!(matches!(err, Error::Auth(_)), "{err}");
+        assert!(err.to_string().contains("before SASLFinal"), "{err}");
+    }
+
+    /// Issue 10, item 11: after authentication a message may be long, but
+    /// the buffer grows with what arrived, not with the announced length.
+    #[tokio::test]
+    async fn memory_follows_the_bytes_that_arrived() {
+        let mut script = message(b'R', &0_i32.to_be_bytes());
+        script.extend(message(b'Z', b"I"));
+        script.push(b'D');
+        script.extend_from_slice(&900_000_000_i32.to_be_bytes());
+        script.extend_from_slice(&[0; 10]);
+        let mut conn = scripted(script);
+        conn.startup(&cfg(), Mode::Sql).await.unwrap();
+        let pending =
+            tokio::time::timeout(std::time::Duration::from_millis(300), conn.read_frame()).await;
+        assert!(pending.is_err(), "the rest of the message never comes");
+        assert!(
+            conn.read_buf.capacity() <= 4 * READ_GROWTH,
+            "{} bytes reserved for 15 received",
+            conn.read_buf.capacity()
         );
     }
 
