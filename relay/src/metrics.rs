@@ -164,11 +164,6 @@ impl Metrics {
         self.stalled_seconds.set(seconds);
     }
 
-    /// Events delivered so far.
-    pub fn delivered_total(&self) -> u64 {
-        self.delivered.get()
-    }
-
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

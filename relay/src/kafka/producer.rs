@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::metadata::Metadata;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _, ProducerContext};
 use tokio_util::sync::CancellationToken;
 
@@ -77,16 +78,27 @@ pub async fn check_brokers<C: ProducerContext + 'static>(
     brokers: &str,
     timeout: Duration,
 ) -> Result<()> {
+    metadata(producer, None, timeout)
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::BrokersUnreachable {
+            brokers: brokers.to_owned(),
+            source: Box::new(source),
+        })
+}
+
+/// The cluster's metadata (for one topic, or all), looked up on a blocking
+/// thread: librdkafka's call blocks for up to `timeout`.
+pub async fn metadata<C: ProducerContext + 'static>(
+    producer: &Arc<BaseProducer<C>>,
+    topic: Option<&str>,
+    timeout: Duration,
+) -> KafkaResult<Metadata> {
     let producer = producer.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        producer.client().fetch_metadata(None, timeout).map(|_| ())
-    })
-    .await
-    .expect("metadata lookup does not panic");
-    result.map_err(|source| Error::BrokersUnreachable {
-        brokers: brokers.to_owned(),
-        source: Box::new(source),
-    })
+    let topic = topic.map(str::to_owned);
+    tokio::task::spawn_blocking(move || producer.client().fetch_metadata(topic.as_deref(), timeout))
+        .await
+        .expect("metadata lookup does not panic")
 }
 
 /// Waits until everything handed to the producer is acknowledged or failed.

@@ -9,9 +9,10 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, Producer as _, ProducerContext};
+use rdkafka::producer::{BaseProducer, ProducerContext};
 
 use crate::kafka::config::KafkaConfig;
+use crate::kafka::producer;
 use crate::{Error, Result};
 
 /// Which topics are known to exist, and how to create missing ones.
@@ -144,16 +145,12 @@ async fn partitions<C: ProducerContext + 'static>(
     topic: &str,
     timeout: Duration,
 ) -> Result<usize> {
-    let producer = producer.clone();
-    let name = topic.to_owned();
-    let metadata =
-        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(Some(&name), timeout))
-            .await
-            .expect("metadata lookup does not panic")
-            .map_err(|source| Error::Kafka {
-                context: format!("looking up kafka topic `{topic}`"),
-                source: Box::new(source),
-            })?;
+    let metadata = producer::metadata(producer, Some(topic), timeout)
+        .await
+        .map_err(|source| Error::Kafka {
+            context: format!("looking up kafka topic `{topic}`"),
+            source: Box::new(source),
+        })?;
     Ok(metadata
         .topics()
         .iter()
