@@ -138,7 +138,7 @@ impl RelayBuilder {
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         Relay {
             child,
-            log_path: PathBuf::new(),
+            log_path: None,
             exit: None,
         }
     }
@@ -159,7 +159,8 @@ impl RelayBuilder {
 /// stdout and stderr go to one log file.
 pub struct Relay {
     child: Child,
-    log_path: PathBuf,
+    /// Where the output goes; `None`: to this process's stderr.
+    log_path: Option<PathBuf>,
     exit: Option<ExitStatus>,
 }
 
@@ -177,7 +178,7 @@ impl Relay {
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         Relay {
             child,
-            log_path,
+            log_path: Some(log_path),
             exit: None,
         }
     }
@@ -188,7 +189,10 @@ impl Relay {
 
     /// Everything the process printed so far.
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        self.log_path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     /// Waits until the output contains `needle`.
@@ -250,10 +254,11 @@ impl Drop for Relay {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if self.log_path.as_os_str().is_empty() {
-            // The output went to the terminal.
-        } else if !std::thread::panicking() {
-            let _ = std::fs::remove_file(&self.log_path);
+        let Some(path) = &self.log_path else {
+            return; // The output went to the terminal.
+        };
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(path);
         } else {
             eprintln!("--- process output ---\n{}", self.logs());
         }
