@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# Installs what the integration tests need, idempotently:
+# Installs what the build and the integration tests need, idempotently:
+#  - OpenSSL's headers and pkg-config, for librdkafka's TLS and SASL SCRAM
+#    (the rdkafka `ssl` feature links the system's OpenSSL);
 #  - PostgreSQL server binaries (initdb, pg_ctl, postgres), from Debian's packages;
 #  - the Tansu Kafka-protocol broker (scripts/install-tansu.sh, cached),
 #    unless called with --postgres-only (the demo needs no Tansu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! pkg-config --exists openssl 2>/dev/null; then
+  echo "installing OpenSSL headers and pkg-config (librdkafka TLS)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq libssl-dev pkg-config
+else
+  echo "openssl headers present ($(pkg-config --modversion openssl))"
+fi
 
 have_pg=""
 for v in 17 16 15; do

@@ -20,40 +20,71 @@ use crate::support::{Postgres, RelayBuilder, Tansu, unique, wait_for};
 
 const TOPIC: &str = "outbox.event.ingredient";
 
-struct Stand {
+/// A kitchen database with the consumer example's tables, a broker, and the
+/// relay and consumer processes to run against them.
+pub(crate) struct Stand {
     _pg: Postgres,
     tansu: Tansu,
-    url: String,
+    /// Where clients bootstrap: the broker, or a proxy in front of it.
+    brokers: String,
+    /// `key=value` client settings given to both the relay and the consumer.
+    kafka_options: Vec<String>,
+    pub(crate) url: String,
     pool: PgPool,
     slot: String,
 }
 
 impl Stand {
     async fn new() -> Self {
+        let tansu = Tansu::start();
+        let brokers = tansu.brokers();
+        Self::with_broker(tansu, brokers, Vec::new()).await
+    }
+
+    /// A stand whose clients reach `tansu` at `brokers` with `kafka_options`.
+    pub(crate) async fn with_broker(
+        tansu: Tansu,
+        brokers: String,
+        kafka_options: Vec<String>,
+    ) -> Self {
         crate::support::init_logging();
         let pg = Postgres::start();
-        let tansu = Tansu::start();
         let url = pg.create_database(&unique("stand")).await;
         let pool = PgPool::connect(&url).await.unwrap();
         outbox_consumer_example::setup(&pool).await.unwrap();
         Self {
             _pg: pg,
             tansu,
+            brokers,
+            kafka_options,
             url,
             pool,
             slot: unique("slot"),
         }
     }
 
-    fn relay(&self) -> Relay {
-        RelayBuilder::new(&self.url, &self.tansu.brokers(), &self.slot).spawn()
+    pub(crate) fn relay_builder(&self) -> RelayBuilder {
+        RelayBuilder::new(&self.url, &self.brokers, &self.slot).args(
+            self.kafka_options
+                .iter()
+                .flat_map(|o| ["--kafka-option".to_owned(), o.clone()]),
+        )
     }
 
-    fn consumer(&self, group: &str, crash_after: Option<u64>) -> Relay {
+    pub(crate) fn relay(&self) -> Relay {
+        self.relay_builder().spawn()
+    }
+
+    pub(crate) fn consumer(&self, group: &str, crash_after: Option<u64>) -> Relay {
         let mut cmd = Command::new(consumer_binary());
         cmd.arg("consume")
+            .args(
+                self.kafka_options
+                    .iter()
+                    .flat_map(|o| ["--kafka-option", o.as_str()]),
+            )
             .env("OUTBOX_DATABASE_URL", &self.url)
-            .env("OUTBOX_KAFKA_BROKERS", self.tansu.brokers())
+            .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
             .env("OUTBOX_CONSUMER_GROUP", group)
             .env("OUTBOX_LOG", "info");
         if let Some(n) = crash_after {
@@ -63,7 +94,7 @@ impl Stand {
     }
 
     /// Seeds the stand and makes `steps` more changes; returns how many events.
-    async fn cook(&self, steps: usize) -> usize {
+    pub(crate) async fn cook(&self, steps: usize) -> usize {
         let mut n = kitchen::seed(&self.pool).await.unwrap().len();
         let mut rng = rand::rng();
         for _ in 0..steps {
@@ -77,7 +108,7 @@ impl Stand {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }
 
-    async fn wait_applied(&self, n: usize) {
+    pub(crate) async fn wait_applied(&self, n: usize) {
         wait_for(
             &format!("{n} events in the inbox"),
             Duration::from_secs(120),
@@ -90,7 +121,7 @@ impl Stand {
 
     /// stock_view equals ingredients (stock and price), the proof that no
     /// delta was applied twice or missed.
-    async fn assert_projection_matches(&self) {
+    pub(crate) async fn assert_projection_matches(&self) {
         let mismatches = self
             .scalar(
                 "SELECT count(*) FROM ingredients i FULL JOIN stock_view v ON v.name = i.name \
@@ -149,7 +180,7 @@ async fn redelivery_from_the_earliest_offset_applies_nothing_twice() {
     let alerts = s.scalar("SELECT count(*) FROM low_stock").await;
     assert!(consumer.stop().await.success(), "{}", consumer.logs());
 
-    reset_group(&s.tansu.brokers(), "stock");
+    reset_group(&s.brokers, "stock");
     let mut again = s.consumer("stock", None);
     wait_for(
         "every record to be seen again",

@@ -9,6 +9,7 @@ mod delivery;
 mod edges;
 mod failures;
 mod faults;
+mod kafka_security;
 mod library;
 mod reliability;
 mod tls;

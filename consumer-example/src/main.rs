@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outbox_consumer_example::consume::{self, ConsumerConfig};
 use outbox_consumer_example::kitchen;
+use outbox_relay::kafka::config::split_kafka_options;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -55,14 +56,20 @@ enum Command {
             default_value = "stock-projection"
         )]
         inbox: String,
-        /// A librdkafka consumer setting as key=value (repeatable), e.g. session.timeout.ms=10000.
+        /// A librdkafka consumer setting as key=value, taken verbatim (commas
+        /// included); repeatable, e.g. --kafka-option security.protocol=SSL.
+        /// Applied after --kafka-options.
+        #[arg(long = "kafka-option")]
+        kafka_options: Vec<String>,
+        /// Several librdkafka consumer settings, comma-separated (a=1,b=2),
+        /// split as the relay splits its --kafka-options: a comma starts a
+        /// new setting only when `key=` follows it.
         #[arg(
-            long = "kafka-option",
+            long = "kafka-options",
             env = "OUTBOX_KAFKA_OPTIONS",
-            value_delimiter = ',',
             hide_env_values = true
         )]
-        kafka_options: Vec<String>,
+        kafka_option_list: Option<String>,
         /// Fault injection for tests: abort after N database commits, before storing offsets.
         #[arg(long, env = "OUTBOX_CONSUMER_CRASH_AFTER_COMMITS", hide = true)]
         crash_after_commits: Option<u64>,
@@ -116,10 +123,13 @@ async fn main() -> anyhow::Result<()> {
             topics,
             inbox,
             kafka_options,
+            kafka_option_list,
             crash_after_commits,
         } => {
-            let options = kafka_options
+            let options = kafka_option_list
                 .iter()
+                .flat_map(|list| split_kafka_options(list))
+                .chain(kafka_options)
                 .map(|o| {
                     o.split_once('=')
                         .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))

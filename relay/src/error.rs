@@ -150,14 +150,18 @@ pub enum Error {
 
     /// The brokers could not be reached at start.
     #[error(
-        "cannot reach the kafka brokers at `{brokers}`: {source}; check --kafka-brokers \
-         (OUTBOX_KAFKA_BROKERS) and that the brokers are up"
+        "cannot reach the kafka brokers at `{brokers}`: {source}{cause}; check --kafka-brokers \
+         (OUTBOX_KAFKA_BROKERS), that the brokers are up, and the security settings \
+         (security.protocol, ssl.ca.location, sasl.*) in --kafka-option"
     )]
     BrokersUnreachable {
         /// The configured bootstrap servers.
         brokers: String,
         /// The client's error.
         source: Box<KafkaError>,
+        /// What librdkafka last said about its connections, with a leading
+        /// ` (last client error: ...)`, or empty.
+        cause: String,
     },
 
     /// Kafka refused or failed to take an event.

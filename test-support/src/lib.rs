@@ -12,6 +12,7 @@ pub mod postgres;
 pub mod proxy;
 pub mod relay;
 pub mod tansu;
+pub mod tls;
 
 use std::future::Future;
 use std::net::TcpListener;

@@ -30,6 +30,8 @@ pub struct Tansu {
     pub port: u16,
     dir: PathBuf,
     storage: String,
+    advertised_port: u16,
+    authentication: bool,
 }
 
 impl Tansu {
@@ -49,6 +51,32 @@ impl Tansu {
         Self::launch("memory://tansu/", Some(advertised_port))
     }
 
+    /// A broker that requires SASL authentication (`--authentication`),
+    /// knowing `users` (name, password) with SCRAM-SHA-256 credentials.
+    /// Tansu keeps users in its storage, so they are created through a
+    /// first, open broker on a SQLite file, which is then restarted with
+    /// authentication on. Advertises `advertised_port` when given (a TLS
+    /// terminator in front of it: SASL_SSL).
+    pub fn start_authenticated(users: &[(&str, &str)], advertised_port: Option<u16>) -> Self {
+        let mut t = Self::launch("sqlite://tansu.db", advertised_port);
+        for (name, password) in users {
+            let out = Command::new(binary())
+                .args(["user", "create", "--mechanism", "scram256", "--broker"])
+                .arg(format!("tcp://127.0.0.1:{}", t.port))
+                .args([name, password])
+                .output()
+                .expect("run tansu user create");
+            assert!(
+                out.status.success(),
+                "tansu user create {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        t.authentication = true;
+        t.restart();
+        t
+    }
+
     fn launch(storage: &str, advertised_port: Option<u16>) -> Self {
         let storage = storage.to_owned();
         if std::env::var("OUTBOX_TEST_BROKER").as_deref() == Ok("mock") && advertised_port.is_none()
@@ -66,33 +94,38 @@ impl Tansu {
                 port,
                 dir: std::env::temp_dir(),
                 storage,
+                advertised_port: port,
+                authentication: false,
             };
         }
         let dir = std::env::temp_dir().join(crate::unique("outbox-tansu"));
         std::fs::create_dir_all(&dir).expect("tansu dir");
         let port = crate::free_port();
-        let child = Self::spawn_with(&dir, port, advertised_port.unwrap_or(port), &storage);
-        let t = Self {
-            child: Some(child),
+        let advertised_port = advertised_port.unwrap_or(port);
+        let mut t = Self {
+            child: None,
             mock: None,
             port,
             dir,
             storage,
+            advertised_port,
+            authentication: false,
         };
+        t.child = Some(t.spawn());
         t.wait_ready();
         t
     }
 
-    fn spawn(dir: &PathBuf, port: u16, storage: &str) -> Child {
-        Self::spawn_with(dir, port, port, storage)
-    }
-
-    fn spawn_with(dir: &PathBuf, port: u16, advertised_port: u16, storage: &str) -> Child {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let advertised = format!("tcp://127.0.0.1:{advertised_port}");
-        let log = std::fs::File::create(dir.join("tansu.log")).expect("tansu log");
+    fn spawn(&self) -> Child {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))
+            .expect("tansu log");
         Command::new(binary())
-            .current_dir(dir)
+            .current_dir(&self.dir)
             .args([
                 "broker",
                 "--listener-url",
@@ -100,7 +133,8 @@ impl Tansu {
                 "--advertised-listener-url",
                 &advertised,
             ])
-            .args(["--storage-engine", storage])
+            .args(["--storage-engine", &self.storage])
+            .args(self.authentication.then_some("--authentication"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)
@@ -143,7 +177,7 @@ impl Tansu {
     pub fn restart(&mut self) {
         assert!(self.mock.is_none(), "the mock cluster cannot be restarted");
         self.stop();
-        self.child = Some(Self::spawn(&self.dir, self.port, &self.storage));
+        self.child = Some(self.spawn());
         self.wait_ready();
     }
 

@@ -2,7 +2,7 @@
 //! serving its delivery reports, handing records over with backpressure,
 //! and which fatal producer errors a new producer would not repeat.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -72,9 +72,40 @@ pub fn create<C: ProducerContext + 'static>(
     Ok((producer, reports))
 }
 
-/// Fails with a clear error when no broker answers within `timeout`.
+/// What librdkafka last reported about its connections (a refused TLS
+/// handshake, a failed SASL exchange, a broker that cannot be resolved).
+/// A producer context records into it from `ClientContext::error`, so that a
+/// start-up failure names its cause instead of a bare timeout.
+#[derive(Debug, Default)]
+pub struct ClientErrors {
+    last: Mutex<Option<String>>,
+}
+
+impl ClientErrors {
+    /// Records a global client error and logs it.
+    pub fn record(&self, error: &KafkaError, reason: &str) {
+        // librdkafka's reasons name brokers, states and TLS/SASL failures,
+        // never configuration values, so they are safe to log.
+        tracing::warn!(error = %error, reason, "kafka client error");
+        // "All broker connections are down" follows every connection
+        // failure; keep the failure itself (TLS, SASL, resolution) instead.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            return;
+        }
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{error}: {reason}"));
+    }
+
+    /// The last recorded error, if any.
+    pub fn last(&self) -> Option<String> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Fails with a clear error when no broker answers within `timeout`, naming
+/// the last connection error librdkafka reported to `errors`.
 pub async fn check_brokers<C: ProducerContext + 'static>(
     producer: &Arc<BaseProducer<C>>,
+    errors: &ClientErrors,
     brokers: &str,
     timeout: Duration,
 ) -> Result<()> {
@@ -84,6 +115,10 @@ pub async fn check_brokers<C: ProducerContext + 'static>(
         .map_err(|source| Error::BrokersUnreachable {
             brokers: brokers.to_owned(),
             source: Box::new(source),
+            cause: errors
+                .last()
+                .map(|c| format!(" (last client error: {c})"))
+                .unwrap_or_default(),
         })
 }
 
@@ -232,5 +267,55 @@ mod tests {
         let text =
             redact_config_error(&err, &[("linger.ms".into(), "hunter2-not-a-number".into())]);
         assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    /// This build speaks TLS and SASL SCRAM (the rdkafka `ssl` feature);
+    /// OIDC token fetching (libcurl) is not built, and says so at start.
+    #[test]
+    fn tls_and_scram_are_built_and_oidc_is_refused_by_name() {
+        let with = |options: &[(&str, &str)]| {
+            let mut client = ClientConfig::new();
+            client.set("bootstrap.servers", "127.0.0.1:1");
+            for (k, v) in options {
+                client.set(*k, *v);
+            }
+            client
+                .create::<rdkafka::producer::BaseProducer>()
+                .map(|_| ())
+        };
+        with(&[("security.protocol", "SSL")]).expect("TLS is built");
+        with(&[
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "relay"),
+            ("sasl.password", "pw"),
+        ])
+        .expect("SCRAM is built");
+        let err = with(&[
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "OAUTHBEARER"),
+            ("sasl.oauthbearer.method", "oidc"),
+        ])
+        .expect_err("OIDC needs libcurl, which is not built");
+        assert!(
+            err.to_string().contains("not supported in this build"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn all_brokers_down_does_not_hide_the_cause() {
+        let errors = ClientErrors::default();
+        assert_eq!(errors.last(), None);
+        errors.record(
+            &KafkaError::Global(RDKafkaErrorCode::SSL),
+            "SSL handshake failed: certificate verify failed",
+        );
+        errors.record(
+            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        let last = errors.last().expect("recorded");
+        assert!(last.contains("certificate verify failed"), "{last}");
     }
 }

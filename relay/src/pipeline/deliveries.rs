@@ -5,10 +5,12 @@
 use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, DeliveryResult, ProducerContext};
 
 use crate::Error;
+use crate::kafka::producer::ClientErrors;
 use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::progress::{Ledger, Refused, Ticket};
 
@@ -18,12 +20,21 @@ pub type Producer = BaseProducer<Deliveries>;
 /// The producer's context: routes delivery reports to the ledger.
 pub struct Deliveries {
     ledger: Arc<Ledger>,
+    errors: ClientErrors,
 }
 
 impl Deliveries {
     /// A context settling tickets in `ledger`.
     pub fn new(ledger: Arc<Ledger>) -> Self {
-        Self { ledger }
+        Self {
+            ledger,
+            errors: ClientErrors::default(),
+        }
+    }
+
+    /// What librdkafka last reported about its connections.
+    pub fn client_errors(&self) -> &ClientErrors {
+        &self.errors
     }
 
     /// The ledger reports go to.
@@ -32,7 +43,11 @@ impl Deliveries {
     }
 }
 
-impl ClientContext for Deliveries {}
+impl ClientContext for Deliveries {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.record(&error, reason);
+    }
+}
 
 impl ProducerContext for Deliveries {
     type DeliveryOpaque = usize;

@@ -232,7 +232,13 @@ impl Publisher {
 
     /// Fails with a clear error when no broker answers within the timeout.
     pub async fn check_brokers(&self) -> Result<()> {
-        producer::check_brokers(&self.producer, &self.cfg.brokers, self.timeout).await
+        producer::check_brokers(
+            &self.producer,
+            self.producer.context().client_errors(),
+            &self.cfg.brokers,
+            self.timeout,
+        )
+        .await
     }
 
     /// The topic an event goes to.
