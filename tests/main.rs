@@ -12,4 +12,5 @@ mod faults;
 mod kafka_security;
 mod library;
 mod reliability;
+mod security;
 mod tls;

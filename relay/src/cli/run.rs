@@ -35,6 +35,12 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_PUBLICATION", default_value = "outbox_pub")]
     pub publication: String,
 
+    /// Schema of the relay's bookkeeping table outbox_relay_slot: the schema
+    /// the migrations created it in. The relay's sessions resolve names in
+    /// pg_catalog only, so its own table is always named with its schema.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = "public")]
+    pub schema: String,
+
     /// Topic for events without a per-row topic. Placeholders: {aggregate_type}, {event_type}.
     #[arg(
         long,
@@ -141,6 +147,7 @@ impl RunArgs {
         pg.connect_timeout = args.connect_timeout;
         validate_slot_name(&args.slot)?;
         validate_publication_name(&args.publication)?;
+        validate_name("schema", "--schema (OUTBOX_SCHEMA)", &args.schema)?;
         let topic_template = TopicTemplate::parse(&args.topic_template)?;
         let brokers = args.kafka_brokers.trim().to_owned();
         if brokers.is_empty() {
@@ -189,6 +196,7 @@ impl RunArgs {
             pg,
             slot: args.slot.clone(),
             publication: args.publication.clone(),
+            schema: args.schema.clone(),
             topic_template,
             kafka: KafkaConfig {
                 brokers,
@@ -210,9 +218,15 @@ impl RunArgs {
 }
 
 fn validate_publication_name(name: &str) -> Result<()> {
+    validate_name("publication", "--publication (OUTBOX_PUBLICATION)", name)
+}
+
+/// A PostgreSQL identifier the relay quotes itself: 1 to 63 bytes, no NUL.
+fn validate_name(what: &str, flag: &str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 63 || name.contains('\0') {
         return Err(Error::Config(format!(
-            "publication name `{name}` is not valid; it must be 1 to 63 bytes"
+            "{what} name `{}` given with {flag} is not valid; it must be 1 to 63 bytes",
+            name.escape_debug()
         )));
     }
     Ok(())

@@ -59,14 +59,14 @@ pub async fn run(
     let mut book = Connection::connect(&cfg.pg, Mode::Sql).await?;
     let column = |name: &str| {
         format!(
-            "EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = \
-             format('%I.%I', schemaname, tablename)::regclass AND a.attname = '{name}' \
-             AND NOT a.attisdropped)::text AS has_{name}"
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = \
+             pg_catalog.format('%I.%I', schemaname, tablename)::pg_catalog.regclass \
+             AND a.attname = '{name}' AND NOT a.attisdropped)::text AS has_{name}"
         )
     };
     let rows = sql
         .query(&format!(
-            "SELECT schemaname, tablename, {}, {} FROM pg_publication_tables WHERE pubname = {} \
+            "SELECT schemaname, tablename, {}, {} FROM pg_catalog.pg_publication_tables WHERE pubname = {} \
              ORDER BY schemaname, tablename",
             column("seq"),
             column("created_at"),
@@ -87,8 +87,9 @@ pub async fn run(
             let seen = FirstSeen::read(sql, &tables).await?;
             // Recorded before anything is published, so a retry always has it.
             book.query(&format!(
-                "UPDATE outbox_relay_slot SET backfill_snapshot = {}, backfill_max_seq = {}::jsonb \
+                "UPDATE {} SET backfill_snapshot = {}, backfill_max_seq = {}::jsonb \
                  WHERE slot_name = {}",
+                cfg.slot_table(),
                 quote_literal(&seen.snapshot),
                 quote_literal(&serde_json::to_string(&seen.max_seq).unwrap_or_default()),
                 quote_literal(&cfg.slot)
@@ -150,7 +151,7 @@ pub struct FirstSeen {
 impl FirstSeen {
     async fn read(sql: &mut Connection, tables: &[Table]) -> Result<Self> {
         let rows = sql
-            .query("SELECT txid_current_snapshot()::text AS snapshot")
+            .query("SELECT pg_catalog.txid_current_snapshot()::text AS snapshot")
             .await?;
         let snapshot = rows
             .first()
@@ -161,7 +162,7 @@ impl FirstSeen {
         for t in tables.iter().filter(|t| t.has_seq) {
             let rows = sql
                 .query(&format!(
-                    "SELECT coalesce(max(seq), 0)::text AS seq FROM {}",
+                    "SELECT coalesce(pg_catalog.max(seq), 0)::text AS seq FROM {}",
                     t.quoted()
                 ))
                 .await?;
@@ -475,8 +476,9 @@ impl Backfill<'_> {
     async fn record(&mut self, key: &str, seq: i64) -> Result<()> {
         self.book
             .query(&format!(
-                "UPDATE outbox_relay_slot SET backfill_progress = backfill_progress || \
-                 jsonb_build_object({}, {seq}) WHERE slot_name = {}",
+                "UPDATE {} SET backfill_progress = backfill_progress || \
+                 pg_catalog.jsonb_build_object({}, {seq}) WHERE slot_name = {}",
+                self.cfg.slot_table(),
                 quote_literal(key),
                 quote_literal(&self.cfg.slot)
             ))

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::kafka::config::KafkaConfig;
 use crate::pipeline::topic::TopicTemplate;
 use crate::postgres::config::PgConfig;
+use crate::postgres::connection::quote_ident;
 use crate::{Error, Result};
 
 /// Everything `outbox-relay run` needs, validated.
@@ -17,6 +18,9 @@ pub struct RelayConfig {
     pub slot: String,
     /// Publication.
     pub publication: String,
+    /// The schema holding the relay's bookkeeping table `outbox_relay_slot`
+    /// (where the migrations created it).
+    pub schema: String,
     /// Topic template.
     pub topic_template: TopicTemplate,
     /// Kafka.
@@ -37,6 +41,14 @@ pub struct RelayConfig {
     pub dead_letter_topic: Option<String>,
     /// Where to serve metrics.
     pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl RelayConfig {
+    /// The bookkeeping table, schema-qualified and quoted: the relay's
+    /// sessions search only `pg_catalog` (see `postgres::connection`).
+    pub fn slot_table(&self) -> String {
+        format!("{}.outbox_relay_slot", quote_ident(&self.schema))
+    }
 }
 
 /// Postgres slot names: 1 to 63 of lowercase letters, digits and underscores.

@@ -63,7 +63,7 @@ pub async fn prepare(
     token: &CancellationToken,
 ) -> Result<Option<Lsn>> {
     let slot = &cfg.slot;
-    let bookkeeping = bookkeeping(conn, slot).await?;
+    let bookkeeping = bookkeeping(conn, slot, &cfg.slot_table()).await?;
     let existing = conn
         .query(&format!(
             "SELECT plugin, slot_type, database, confirmed_flush_lsn::text AS confirmed_flush_lsn, \
@@ -156,21 +156,25 @@ struct Bookkeeping {
     first_seen: Option<backfill::FirstSeen>,
 }
 
-async fn bookkeeping(conn: &mut Connection, slot: &str) -> Result<Option<Bookkeeping>> {
+async fn bookkeeping(
+    conn: &mut Connection,
+    slot: &str,
+    table: &str,
+) -> Result<Option<Bookkeeping>> {
     let rows = conn
         .query(&format!(
             "SELECT (backfilled_at IS NOT NULL)::text AS backfilled, backfill_progress::text AS progress, \
-             backfill_snapshot, backfill_max_seq::text AS max_seq FROM outbox_relay_slot WHERE slot_name = {}",
+             backfill_snapshot, backfill_max_seq::text AS max_seq FROM {table} WHERE slot_name = {}",
             quote_literal(slot)
         ))
         .await
         .map_err(|e| match e {
             Error::Server { source, .. } if source.code == "42P01" || source.code == "42703" => {
-                Error::Config(
-                    "the relay's bookkeeping table outbox_relay_slot is missing or out of date; apply \
-                     the migrations with `outbox-relay migrate`"
-                        .into(),
-                )
+                Error::Config(format!(
+                    "the relay's bookkeeping table {table} is missing or out of date; apply \
+                     the migrations with `outbox-relay migrate`, or pass --schema (OUTBOX_SCHEMA) \
+                     naming the schema they created it in"
+                ))
             }
             other => other,
         })?;
@@ -218,10 +222,11 @@ async fn create_with_backfill(
     // slot, if it was not created). A new slot starts its backfill from the
     // beginning: progress recorded against an earlier slot does not apply.
     sql.query(&format!(
-        "INSERT INTO outbox_relay_slot (slot_name, publication_name) VALUES ({}, {}) \
+        "INSERT INTO {} (slot_name, publication_name) VALUES ({}, {}) \
          ON CONFLICT (slot_name) DO UPDATE SET publication_name = EXCLUDED.publication_name, \
-         created_at = now(), backfilled_at = NULL, backfill_progress = '{{}}', \
+         created_at = pg_catalog.now(), backfilled_at = NULL, backfill_progress = '{{}}', \
          backfill_snapshot = NULL, backfill_max_seq = NULL",
+        cfg.slot_table(),
         quote_literal(slot),
         quote_literal(&cfg.publication)
     ))
@@ -268,7 +273,8 @@ async fn backfill_and_mark(
 ) -> Result<()> {
     let published = backfill::run(&mut sql, cfg, snapshot, done, publisher, token).await?;
     sql.query(&format!(
-        "UPDATE outbox_relay_slot SET backfilled_at = now() WHERE slot_name = {}",
+        "UPDATE {} SET backfilled_at = pg_catalog.now() WHERE slot_name = {}",
+        cfg.slot_table(),
         quote_literal(&cfg.slot)
     ))
     .await?;

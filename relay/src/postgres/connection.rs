@@ -162,6 +162,15 @@ impl Connection {
             ("database", cfg.dbname.as_str()),
             ("application_name", cfg.application_name.as_str()),
             ("client_encoding", "UTF8"),
+            // Names in the relay's SQL resolve in the system catalog only.
+            // With the server's default path ("$user", public), a role that
+            // may create objects in one of those schemas could plant a better
+            // matching function (e.g. `format(text, name, name)` beats
+            // `pg_catalog.format(text, VARIADIC "any")`) that would then run
+            // with the relay's privileges. pg_temp comes last so that it is
+            // not searched first; functions are never looked up there. The
+            // relay qualifies its own tables (`--schema`).
+            ("search_path", "pg_catalog, pg_temp"),
         ];
         if mode == Mode::Replication {
             params.push(("replication", "database"));

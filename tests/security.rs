@@ -1,0 +1,135 @@
+//! What database objects cannot do to the relay: functions planted in a
+//! schema on the default search_path are never called by the relay's SQL
+//! (its sessions resolve names in pg_catalog only), and its own table is
+//! found by the schema it is given, never by the search path.
+
+use std::time::Duration;
+
+use crate::support::fixture::{Fixture, assert_exactly_once};
+use crate::support::{Postgres, RelayBuilder, Tansu, unique};
+
+#[tokio::test]
+async fn functions_planted_on_the_search_path_are_never_called() {
+    let f = Fixture::new().await;
+    // Better matches than pg_catalog's variadic format/jsonb_build_object
+    // for the argument types the relay's backfill passes: under the default
+    // search_path ("$user", public) PostgreSQL would pick these. Each one
+    // records that it ran, then answers as the real one would.
+    sqlx::raw_sql(
+        "CREATE TABLE public.hijacked (fn text);
+         CREATE FUNCTION public.format(text, name, name) RETURNS text LANGUAGE sql AS
+           $$ INSERT INTO public.hijacked VALUES ('format');
+              SELECT pg_catalog.quote_ident($2) || '.' || pg_catalog.quote_ident($3) $$;
+         CREATE FUNCTION public.jsonb_build_object(text, integer) RETURNS jsonb LANGUAGE sql AS
+           $$ INSERT INTO public.hijacked VALUES ('jsonb_build_object');
+              SELECT pg_catalog.jsonb_build_object($1, $2) $$;
+         CREATE FUNCTION public.jsonb_build_object(text, bigint) RETURNS jsonb LANGUAGE sql AS
+           $$ INSERT INTO public.hijacked VALUES ('jsonb_build_object');
+              SELECT pg_catalog.jsonb_build_object($1, $2) $$;",
+    )
+    .execute(&f.pool)
+    .await
+    .unwrap();
+    // The planted format really is what an unqualified call picks here.
+    let picked: String = sqlx::query_scalar("SELECT format('%I.%I', 'a'::name, 'b'::name)")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(picked, "a.b");
+    let planted: i64 = sqlx::query_scalar("SELECT count(*) FROM public.hijacked")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        planted, 1,
+        "the planted function is the one PostgreSQL picks"
+    );
+    sqlx::query("DELETE FROM public.hijacked")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+
+    // Rows before the first start go through the backfill (which uses
+    // format and jsonb_build_object), rows after through the stream.
+    let mut written = f.write_tx(&[("a".into(), 1), ("b".into(), 1)]).await;
+    let mut relay = f.relay().spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    written.extend(f.write_tx(&[("a".into(), 2)]).await);
+    let records = f.read(written.len()).await;
+    assert_exactly_once(&written, &records);
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+
+    let calls: Vec<String> = sqlx::query_scalar("SELECT fn FROM public.hijacked")
+        .fetch_all(&f.pool)
+        .await
+        .unwrap();
+    assert!(calls.is_empty(), "planted functions ran: {calls:?}");
+}
+
+#[tokio::test]
+async fn the_bookkeeping_table_is_found_by_schema_not_by_search_path() {
+    crate::support::init_logging();
+    let pg = Postgres::start();
+    let tansu = Tansu::start();
+    let name = unique("db");
+    let url = pg.create_database(&name).await;
+    // Migrations applied with `app` first on the path: every table lands
+    // in schema `app`, as when a service keeps its tables out of public.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA app; ALTER DATABASE \"{name}\" SET search_path = app"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    outbox::MIGRATOR.run(&pool).await.unwrap();
+
+    // Without --schema: a configuration error (exit 2) naming the table and
+    // the flag, and no slot created.
+    let slot = unique("slot");
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &slot).spawn();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert_eq!(status.code(), Some(2), "{logs}");
+    assert!(
+        logs.contains("bookkeeping table \"public\".outbox_relay_slot is missing")
+            && logs.contains("--schema"),
+        "{logs}"
+    );
+    let slots: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(&slot)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(slots, 0);
+
+    // With --schema app: the backfilled row and a streamed one of the same
+    // aggregate arrive, in order.
+    let aggregate = unique("agg");
+    let write = |id: &'static str| {
+        let pool = pool.clone();
+        let aggregate = aggregate.clone();
+        async move {
+            let e = outbox::Event::new(&aggregate, id, "Happened", &serde_json::json!({})).unwrap();
+            let mut tx = pool.begin().await.unwrap();
+            outbox::write(&mut tx, &e).await.unwrap();
+            tx.commit().await.unwrap();
+            e.id().to_string()
+        }
+    };
+    let first = write("x").await;
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &slot)
+        .args(["--schema", "app"])
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let second = write("x").await;
+    let topic = format!("outbox.event.{aggregate}");
+    let records =
+        crate::support::consume(&tansu.brokers(), &[&topic], 2, Duration::from_secs(60)).await;
+    let ids: Vec<&str> = records.iter().map(|r| r.id()).collect();
+    assert_eq!(ids, [first.as_str(), second.as_str()], "{}", relay.logs());
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}
