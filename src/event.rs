@@ -18,6 +18,25 @@ pub const RESERVED_HEADERS: [&str; 5] = [
     "traceparent",
 ];
 
+/// Header names starting with this (in any case) are the relay's too: it
+/// adds `outbox.error` and `outbox.original_topic` to dead letters.
+pub const RESERVED_HEADER_PREFIX: &str = "outbox.";
+
+/// Whether an event may not carry a header of this name: one of
+/// [`RESERVED_HEADERS`] or starting with [`RESERVED_HEADER_PREFIX`],
+/// compared without regard to ASCII case (a consumer that looks headers up
+/// case-insensitively must not find a spoofed `ID` before the real `id`).
+/// The relay applies the same rule to rows written with plain SQL, and the
+/// table's CHECK constraint `outbox_headers_not_reserved` does too.
+pub fn is_reserved_header(name: &str) -> bool {
+    RESERVED_HEADERS
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name))
+        || name
+            .get(..RESERVED_HEADER_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX))
+}
+
 /// The identity of one event: a UUIDv7, so ids sort by creation time. It is
 /// sent as the Kafka header `id`, and consumers deduplicate on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -119,8 +138,8 @@ impl Event {
         self
     }
 
-    /// Adds a Kafka header. Names must be non-empty and not one of
-    /// [`RESERVED_HEADERS`]; neither name nor value may contain NUL.
+    /// Adds a Kafka header. Names must be non-empty and not reserved (see
+    /// [`is_reserved_header`]); neither name nor value may contain NUL.
     pub fn with_header(
         mut self,
         name: impl Into<String>,
@@ -134,7 +153,7 @@ impl Event {
                 reason: "header names must not be empty",
             });
         }
-        if RESERVED_HEADERS.contains(&name.as_str()) {
+        if is_reserved_header(&name) {
             return Err(Error::InvalidHeader {
                 name,
                 reason: "this header is set by the relay; choose another name",
@@ -323,8 +342,23 @@ mod tests {
     fn refuses_bad_headers() {
         let err = event().with_header("", "x").unwrap_err();
         assert!(err.to_string().contains("must not be empty"), "{err}");
-        let err = event().with_header("id", "x").unwrap_err();
-        assert!(err.to_string().contains("set by the relay"), "{err}");
+        for reserved in [
+            "id",
+            "ID",
+            "Event_Type",
+            "traceparent",
+            "outbox.error",
+            "OUTBOX.x",
+        ] {
+            let err = event().with_header(reserved, "x").unwrap_err();
+            assert!(
+                err.to_string().contains("set by the relay"),
+                "{reserved}: {err}"
+            );
+        }
+        for fine in ["tenant", "outboxy", "outbox", "ids", "x-id"] {
+            assert!(event().with_header(fine, "x").is_ok(), "{fine}");
+        }
         let err = event().with_header("k", "a\0b").unwrap_err();
         assert!(err.to_string().contains("NUL"), "{err}");
     }

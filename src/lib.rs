@@ -54,7 +54,7 @@ mod write;
 pub mod tokio_postgres;
 
 pub use error::{Error, Result};
-pub use event::{Event, EventId, RESERVED_HEADERS};
+pub use event::{Event, EventId, RESERVED_HEADER_PREFIX, RESERVED_HEADERS, is_reserved_header};
 pub use inbox::Inbox;
 pub use write::{DEFAULT_MAX_PAYLOAD_BYTES, Outbox, write, write_all};
 

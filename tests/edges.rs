@@ -300,6 +300,7 @@ async fn the_backfill_dead_letters_a_bad_row_when_asked() {
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
     let dlt = unique("dlt").replace('_', "-");
+    f.drop_row_checks().await; // as for rows from before the constraint
     insert(&f.pool, &agg, "a", &[1]).await;
     let bad: uuid::Uuid = sqlx::query_scalar(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, topic) \

@@ -46,6 +46,9 @@ async fn refused_events_go_to_the_dead_letter_topic_when_asked() {
         .arg(&dlt)
         .spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
+    // The table refuses an illegal topic override at INSERT; rows from
+    // before that constraint reach the relay, which refuses them itself.
+    f.drop_row_checks().await;
     let before = f.write_tx(&[("a1".into(), 1)]).await;
     let big = raw_insert(
         &f.pool,
@@ -108,6 +111,7 @@ async fn refused_events_go_to_the_dead_letter_topic_when_asked() {
 #[tokio::test]
 async fn an_illegal_topic_override_stops_the_relay_by_default() {
     let f = Fixture::new().await;
+    f.drop_row_checks().await; // as for rows from before the constraint
     let relay = f.relay().spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
     f.write_tx(&[("a".into(), 1)]).await;

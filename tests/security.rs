@@ -133,3 +133,106 @@ async fn the_bookkeeping_table_is_found_by_schema_not_by_search_path() {
     assert_eq!(ids, [first.as_str(), second.as_str()], "{}", relay.logs());
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
+
+/// Inserts a row with raw SQL; returns its id, or the database's error.
+async fn insert_raw(
+    pool: &sqlx::PgPool,
+    aggregate_type: &str,
+    headers: &str,
+    topic: Option<&str>,
+) -> Result<String, String> {
+    sqlx::query_scalar::<_, uuid::Uuid>(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers, topic) \
+         VALUES ($1, 'a', 'Happened', '{}', $2::jsonb, $3) RETURNING id",
+    )
+    .bind(aggregate_type)
+    .bind(headers)
+    .bind(topic)
+    .fetch_one(pool)
+    .await
+    .map(|id| id.to_string())
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn rows_cannot_spoof_the_relays_headers_or_pick_an_illegal_topic() {
+    let f = Fixture::new().await;
+    let agg = &f.aggregate_type;
+    // The table refuses them at INSERT, naming the constraint.
+    for spoof in [
+        r#"{"id": "00000000-0000-0000-0000-000000000000"}"#,
+        r#"{"ID": "x"}"#,
+        r#"{"event_type": "Refunded"}"#,
+        r#"{"aggregate_id": "someone-else"}"#,
+        r#"{"traceparent": "00-x"}"#,
+        r#"{"outbox.error": "fake dead letter"}"#,
+        r#"{"Outbox.Original_Topic": "x"}"#,
+        r#"{"": "empty name"}"#,
+    ] {
+        let err = insert_raw(&f.pool, agg, spoof, None).await.unwrap_err();
+        assert!(
+            err.contains("outbox_headers_not_reserved"),
+            "{spoof}: {err}"
+        );
+    }
+    for topic in ["bad/topic", "no spaces", ".", "..", &"t".repeat(250)] {
+        let err = insert_raw(&f.pool, agg, "{}", Some(topic))
+            .await
+            .unwrap_err();
+        assert!(err.contains("outbox_topic_legal"), "{topic}: {err}");
+    }
+    insert_raw(
+        &f.pool,
+        agg,
+        r#"{"tenant": "acme", "outboxy": "ok"}"#,
+        Some("a.b_c-1"),
+    )
+    .await
+    .expect("ordinary headers and a legal topic are accepted");
+
+    // Rows from before the constraints reach the relay, which refuses them
+    // too: dead-lettered here (stop is the default), without the spoofed
+    // headers, and the rows around them arrive with one `id` header each.
+    f.drop_row_checks().await;
+    let dlt = unique("dlt").replace('_', "-");
+    let mut relay = f
+        .relay()
+        .args([
+            "--on-undeliverable",
+            "dead-letter",
+            "--dead-letter-topic",
+            &dlt,
+        ])
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut written = f.write_tx(&[("a".into(), 1)]).await;
+    let spoofed = insert_raw(
+        &f.pool,
+        agg,
+        r#"{"id": "00000000-0000-0000-0000-000000000000", "outbox.error": "x"}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    written.extend(f.write_tx(&[("a".into(), 2)]).await);
+    let records = f.read(written.len()).await;
+    assert_exactly_once(&written, &records);
+
+    let dead =
+        crate::support::consume(&f.tansu.brokers(), &[&dlt], 1, Duration::from_secs(60)).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].id(), spoofed);
+    assert_eq!(
+        dead[0].header_names.iter().filter(|n| *n == "id").count(),
+        1
+    );
+    assert!(
+        dead[0]
+            .header("outbox.error")
+            .unwrap()
+            .contains("sets a header the relay sets itself"),
+        "{:?}",
+        dead[0].headers
+    );
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}

@@ -19,6 +19,9 @@ pub struct Record {
     pub key: Option<String>,
     pub value: Option<Vec<u8>>,
     pub headers: BTreeMap<String, String>,
+    /// Every header name in the order received, repeats included
+    /// (`headers` keeps only the last value of a repeated name).
+    pub header_names: Vec<String>,
 }
 
 impl Record {
@@ -116,8 +119,10 @@ pub async fn consume_settle(
             Ok(Err(e)) => panic!("consumer error: {e}"),
             Ok(Ok(m)) => {
                 let mut headers = BTreeMap::new();
+                let mut header_names = Vec::new();
                 if let Some(h) = m.headers() {
                     for header in h.iter() {
+                        header_names.push(header.key.to_owned());
                         headers.insert(
                             header.key.to_owned(),
                             String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
@@ -131,6 +136,7 @@ pub async fn consume_settle(
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     value: m.payload().map(<[u8]>::to_vec),
                     headers,
+                    header_names,
                 });
             }
         }

@@ -250,9 +250,21 @@ fn parse_headers(raw: &[u8]) -> std::result::Result<Vec<(String, String)>, &'sta
         .ok_or("its `headers` column is not a JSON object of strings")?;
     object
         .iter()
-        .map(|(k, v)| match v.as_str() {
-            Some(s) => Ok((k.clone(), s.to_owned())),
-            None => Err("its `headers` column has a value that is not a string"),
+        .map(|(k, v)| {
+            if k.is_empty() {
+                return Err("its `headers` column has an empty header name");
+            }
+            // A row written with plain SQL (the write helper refuses these)
+            // must not send a second `id` or `event_type` next to the
+            // relay's, nor pose as a dead letter with `outbox.*`.
+            if outbox::is_reserved_header(k) {
+                return Err("its `headers` column sets a header the relay sets itself \
+                     (id, event_type, aggregate_type, aggregate_id, traceparent, outbox.*)");
+            }
+            match v.as_str() {
+                Some(s) => Ok((k.clone(), s.to_owned())),
+                None => Err("its `headers` column has a value that is not a string"),
+            }
         })
         .collect()
 }
@@ -412,6 +424,29 @@ mod tests {
             .event(&row("{\"a\": 1}", Cell::Null, t("{}")))
             .unwrap_err();
         assert!(err.to_string().contains("not a string"), "{err}");
+        for spoof in [
+            r#"{"id": "x"}"#,
+            r#"{"ID": "x"}"#,
+            r#"{"event_type": "Paid"}"#,
+            r#"{"traceparent": "00-x"}"#,
+            r#"{"outbox.error": "fake"}"#,
+            r#"{"Outbox.original_topic": "t"}"#,
+        ] {
+            let err = layout.event(&row(spoof, Cell::Null, t("{}"))).unwrap_err();
+            assert!(err.to_string().contains("sets itself"), "{spoof}: {err}");
+        }
+        let err = layout
+            .event(&row(r#"{"": "x"}"#, Cell::Null, t("{}")))
+            .unwrap_err();
+        assert!(err.to_string().contains("empty header name"), "{err}");
+        let ok = layout
+            .event(&row(
+                r#"{"outboxy": "x", "tenant": "t"}"#,
+                Cell::Null,
+                t("{}"),
+            ))
+            .unwrap();
+        assert_eq!(ok.headers.len(), 2);
         let err = layout
             .event(&row("{}", t("bad topic"), t("{}")))
             .unwrap_err();
