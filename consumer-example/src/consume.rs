@@ -3,6 +3,13 @@
 //! in the inbox. A record's offset is stored for commit only after that
 //! transaction committed, so a crash at any point means redelivery, and the
 //! inbox turns redelivery into a no-op. Unusable records go to `dead_letter`.
+//!
+//! A failed attempt is classified in one place ([`classify`]): connection,
+//! serialization and deadlock errors are retried; data errors (the record's
+//! values overflow a column, break a constraint) park the record, since a
+//! retry would fail the same way forever and wedge the partition; anything
+//! else (a missing table, a permission) stops the consumer with the error,
+//! its offset not stored, because it would fail every record alike.
 
 use std::time::Duration;
 
@@ -108,10 +115,18 @@ pub async fn run(
         // A database outage is not the record's fault: retry the same record
         // until it goes through (or we are stopped), never skip it.
         let mut wait = Duration::from_millis(100);
+        let mut refused: Option<String> = None;
         let outcome = loop {
-            match handle(pool, &inbox, &msg).await {
+            let attempt = match &refused {
+                None => handle(pool, &inbox, &msg).await,
+                Some(reason) => park(pool, &inbox, &msg, reason).await,
+            };
+            let err = match attempt {
                 Ok(outcome) => break Some(outcome),
-                Err(err) => {
+                Err(err) => err,
+            };
+            match classify(&err) {
+                Failure::Retry => {
                     tracing::warn!(error = %err, retry_in = ?wait, "applying a record failed; retrying");
                     tokio::select! {
                         biased;
@@ -119,6 +134,18 @@ pub async fn run(
                         _ = tokio::time::sleep(wait) => {}
                     }
                     wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Failure::Data(reason) if refused.is_none() => refused = Some(reason),
+                // The dead_letter insert itself refused: not the record's
+                // fault to fix by retrying.
+                Failure::Data(_) | Failure::Stop => {
+                    return Err(err.context(format!(
+                        "applying the record at {}/{}/{} (its offset is not committed: \
+                         it is read again at the next start)",
+                        msg.topic(),
+                        msg.partition(),
+                        msg.offset()
+                    )));
                 }
             }
         };
@@ -156,6 +183,89 @@ fn header_text(msg: &BorrowedMessage<'_>, name: &str) -> Option<String> {
     header(msg, name).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// What a failed attempt at a record means.
+#[derive(Debug, PartialEq, Eq)]
+enum Failure {
+    /// Passing: the connection, a serialization failure, a deadlock.
+    Retry,
+    /// The record's data cannot be applied, now or later: park it with
+    /// this reason.
+    Data(String),
+    /// Neither: it would fail every record (a missing table, a permission,
+    /// a bug). Stop and say so.
+    Stop,
+}
+
+/// The one place that decides retry, dead-letter or stop.
+fn classify(err: &anyhow::Error) -> Failure {
+    match err.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => {
+            classify_sqlstate(db.code().as_deref().unwrap_or(""), db.message())
+        }
+        Some(
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed,
+        ) => Failure::Retry,
+        _ => Failure::Stop,
+    }
+}
+
+fn classify_sqlstate(code: &str, message: &str) -> Failure {
+    match code {
+        // serialization_failure, deadlock_detected, lock_not_available,
+        // too_many_connections, admin/crash shutdown, cannot_connect_now,
+        // and class 08 (connection exceptions).
+        "40001" | "40P01" | "55P03" | "53300" | "57P01" | "57P02" | "57P03" => Failure::Retry,
+        c if c.starts_with("08") => Failure::Retry,
+        // Class 22 (data exception: numeric overflow, value too long, bad
+        // encoding) and 23 (integrity constraint violation): the record's
+        // values.
+        c if c.starts_with("22") || c.starts_with("23") => Failure::Data(format!(
+            "the database refused its values: {message} (SQLSTATE {code})"
+        )),
+        _ => Failure::Stop,
+    }
+}
+
+/// Parks a record in `dead_letter` with `reason`, in a transaction of its own.
+async fn park(
+    pool: &PgPool,
+    inbox: &Inbox,
+    msg: &BorrowedMessage<'_>,
+    reason: &str,
+) -> anyhow::Result<Outcome> {
+    let mut tx = pool.begin().await?;
+    let outcome = dead_letter(&mut tx, inbox, msg, reason.to_owned()).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn dead_letter(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    inbox: &Inbox,
+    msg: &BorrowedMessage<'_>,
+    reason: String,
+) -> anyhow::Result<Outcome> {
+    sqlx::query(
+        "INSERT INTO dead_letter (consumer, topic, partition, \"offset\", event_id, event_type, reason, payload) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+    )
+    .bind(inbox.consumer())
+    .bind(msg.topic())
+    .bind(msg.partition())
+    .bind(msg.offset())
+    .bind(header_text(msg, "id"))
+    .bind(header_text(msg, "event_type"))
+    .bind(&reason)
+    .bind(msg.payload().map(|p| String::from_utf8_lossy(p).into_owned()))
+    .execute(&mut **tx)
+    .await?;
+    tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %reason, "dead-lettered");
+    Ok(Outcome::DeadLettered(reason))
+}
+
 /// Applies one record: checks it, records it in the inbox, applies it, all in
 /// one transaction; or parks it in `dead_letter`.
 async fn handle(
@@ -166,24 +276,7 @@ async fn handle(
     let checked = check(msg);
     let mut tx = pool.begin().await?;
     let outcome = match checked {
-        Err(reason) => {
-            sqlx::query(
-                "INSERT INTO dead_letter (consumer, topic, partition, \"offset\", event_id, event_type, reason, payload) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-            )
-            .bind(inbox.consumer())
-            .bind(msg.topic())
-            .bind(msg.partition())
-            .bind(msg.offset())
-            .bind(header_text(msg, "id"))
-            .bind(header_text(msg, "event_type"))
-            .bind(&reason)
-            .bind(msg.payload().map(|p| String::from_utf8_lossy(p).into_owned()))
-            .execute(&mut *tx)
-            .await?;
-            tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %reason, "dead-lettered");
-            Outcome::DeadLettered(reason)
-        }
+        Err(reason) => dead_letter(&mut tx, inbox, msg, reason).await?,
         Ok((id, event)) => {
             if inbox.record(&mut tx, id).await? {
                 let applied = projection::apply(&mut tx, &event, id.as_uuid()).await?;
@@ -238,5 +331,31 @@ pub fn print_line(o: &Observed) {
         ),
         Outcome::Deduplicated => println!("deduplicated {id} {kind:<20} at {at}"),
         Outcome::DeadLettered(reason) => println!("dead-letter  {id} {kind:<20} at {at}: {reason}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_only_what_passes_and_parks_only_data_errors() {
+        for code in [
+            "40001", "40P01", "55P03", "53300", "57P01", "08006", "08001",
+        ] {
+            assert_eq!(classify_sqlstate(code, "m"), Failure::Retry, "{code}");
+        }
+        for code in ["22003", "22001", "22P02", "23505", "23514", "23502"] {
+            let Failure::Data(reason) = classify_sqlstate(code, "integer out of range") else {
+                panic!("{code} is a data error");
+            };
+            assert!(reason.contains("integer out of range") && reason.contains(code));
+        }
+        for code in ["42P01", "42501", "53100", "XX000", ""] {
+            assert_eq!(classify_sqlstate(code, "m"), Failure::Stop, "{code}");
+        }
+        let io = anyhow::Error::new(sqlx::Error::Io(std::io::Error::other("reset")));
+        assert_eq!(classify(&io), Failure::Retry);
+        assert_eq!(classify(&anyhow::anyhow!("a bug")), Failure::Stop);
     }
 }
