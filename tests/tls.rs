@@ -51,11 +51,40 @@ async fn verify_full_needs_the_ca_and_require_does_not() {
         .replace("?sslmode=disable", "");
     let ca = dir.join("ca.pem");
 
-    // verify-full with the CA: the relay streams.
+    // verify-full with the CA: the relay streams, and says how it is
+    // connected.
     let url = format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display());
     let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot")).spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
+    assert!(
+        relay.logs().contains("tls=verify-full") && relay.logs().contains("server authenticated"),
+        "{}",
+        relay.logs()
+    );
     assert!(relay.stop().await.success());
+
+    // The same from libpq's variables, as `migrate` (sqlx) reads them.
+    let mut relay = RelayBuilder::new(&base, &tansu.brokers(), &unique("slot"))
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", ca.to_str().unwrap())
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    assert!(relay.logs().contains("tls=verify-full"), "{}", relay.logs());
+    assert!(relay.stop().await.success());
+
+    // verify-ca with only the system's trust store would accept any public
+    // certificate for any name: refused, naming sslrootcert.
+    let url = format!("{base}?sslmode=verify-ca");
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot"))
+        .env("HOME", dir.to_str().unwrap())
+        .spawn();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(
+        logs.contains("sslmode=verify-ca needs the CA that signed the server's certificate"),
+        "{logs}"
+    );
 
     // verify-full without the CA: a clear TLS error, non-zero exit.
     let url = format!("{base}?sslmode=verify-full");
@@ -84,6 +113,11 @@ async fn verify_full_needs_the_ca_and_require_does_not() {
     .await
     .unwrap();
     assert_eq!(encrypted, Some(true), "{}", relay.logs());
+    assert!(
+        relay.logs().contains("tls=require") && relay.logs().contains("not authenticated"),
+        "{}",
+        relay.logs()
+    );
     assert!(relay.stop().await.success());
 
     let _ = std::fs::remove_dir_all(&dir);
@@ -102,6 +136,26 @@ async fn require_against_a_server_without_tls_is_refused() {
     let logs = relay.logs();
     assert_eq!(status.code(), Some(1), "{logs}");
     assert!(logs.contains("does not accept TLS"), "{logs}");
+
+    // PGSSLMODE=require is honoured the same way when the URL is silent.
+    let silent = url.replace("?sslmode=require", "");
+    let mut relay = RelayBuilder::new(&silent, &tansu.brokers(), &unique("slot"))
+        .env("PGSSLMODE", "require")
+        .spawn();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(logs.contains("does not accept TLS"), "{logs}");
+
+    // The default, prefer, falls back to plaintext, and says so.
+    let mut relay = RelayBuilder::new(&silent, &tansu.brokers(), &unique("slot")).spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert!(
+        logs.contains("tls=none (sslmode=prefer)") && logs.contains("not encrypted"),
+        "{logs}"
+    );
+    assert!(relay.stop().await.success());
 }
 
 #[tokio::test]

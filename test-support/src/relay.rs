@@ -145,6 +145,21 @@ impl RelayBuilder {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(self.binary.clone().unwrap_or_else(binary));
+        // The relay reads libpq's variables; a test sets them explicitly or
+        // not at all, whatever the environment the tests run in.
+        for var in [
+            "PGHOST",
+            "PGPORT",
+            "PGDATABASE",
+            "PGUSER",
+            "PGPASSWORD",
+            "PGSSLMODE",
+            "PGSSLROOTCERT",
+            "PGAPPNAME",
+            "PGCONNECT_TIMEOUT",
+        ] {
+            cmd.env_remove(var);
+        }
         cmd.arg("run")
             .args(&self.args)
             .env("OUTBOX_DATABASE_URL", &self.database_url)

@@ -1,5 +1,9 @@
 //! PostgreSQL connection settings, parsed from a `postgres://` URL the way
-//! libpq reads one. Passwords are redacted from every `Debug` and `Display`.
+//! libpq reads one, with libpq's environment variables (`PGHOST`, `PGPORT`,
+//! `PGDATABASE`, `PGUSER`, `PGPASSWORD`, `PGSSLMODE`, `PGSSLROOTCERT`,
+//! `PGAPPNAME`, `PGCONNECT_TIMEOUT`) filling what the URL leaves out, as
+//! libpq and sqlx (`outbox-relay migrate`) do. Passwords are redacted from
+//! every `Debug` and `Display`.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -92,10 +96,51 @@ impl fmt::Display for PgConfig {
     }
 }
 
+impl SslMode {
+    /// libpq's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    fn parse(value: &str, source: &str) -> Result<Self> {
+        Ok(match value {
+            "disable" => SslMode::Disable,
+            "prefer" | "allow" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(Error::Config(format!(
+                    "sslmode `{}` in {source} is not one of disable, prefer, require, verify-ca, \
+                     verify-full",
+                    other.escape_debug()
+                )));
+            }
+        })
+    }
+}
+
+/// `sslrootcert=system`: the system's trust store, and libpq's rule that
+/// it is only used with verify-full (with verify-ca, any certificate a
+/// public CA issued, for any name, would pass).
+pub const SYSTEM_ROOTS: &str = "system";
+
 impl PgConfig {
-    /// Parses a `postgres://` or `postgresql://` URL. Errors never echo the
+    /// Parses a `postgres://` or `postgresql://` URL, with libpq's
+    /// environment variables for what it leaves out. Errors never echo the
     /// password.
     pub fn from_url(raw: &str) -> Result<Self> {
+        Self::from_url_with_env(raw, |name| std::env::var(name).ok())
+    }
+
+    /// [`from_url`](Self::from_url) with the environment given as a lookup.
+    pub fn from_url_with_env(raw: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self> {
         // libpq accepts `postgres://user@/db?host=/socket/dir`; the url crate
         // refuses user info without a host, so give it a placeholder host that
         // the `host` parameter then replaces.
@@ -124,57 +169,53 @@ impl PgConfig {
         };
         let mut user = decode(url.username())?;
         let mut password = url.password().map(decode).transpose()?.map(Secret);
+        let host_param = |value: String| {
+            if value.starts_with('/') {
+                PgHost::Socket(PathBuf::from(value))
+            } else {
+                PgHost::Tcp(value)
+            }
+        };
+        let port_param = |value: &str, source: &str| {
+            value.parse::<u16>().map_err(|_| {
+                Error::Config(format!(
+                    "port `{}` in {source} is not a port number",
+                    value.escape_debug()
+                ))
+            })
+        };
+        let timeout_param = |value: &str, source: &str| {
+            value
+                .parse::<u64>()
+                .map(|secs| Duration::from_secs(secs.max(1)))
+                .map_err(|_| {
+                    Error::Config(format!(
+                        "connect_timeout `{}` in {source} is not a number of seconds",
+                        value.escape_debug()
+                    ))
+                })
+        };
         let mut host = url
             .host_str()
+            .filter(|h| !h.is_empty())
             .map(|h| PgHost::Tcp(h.trim_matches(['[', ']']).to_owned()));
-        let mut port = url.port().unwrap_or(5432);
+        let mut port = url.port();
         let mut dbname = decode(url.path().trim_start_matches('/'))?;
-        let mut sslmode = SslMode::Prefer;
+        let mut sslmode = None;
         let mut sslrootcert = None;
-        let mut application_name = "outbox-relay".to_owned();
-        let mut connect_timeout = Duration::from_secs(10);
+        let mut application_name = None;
+        let mut connect_timeout = None;
         for (key, value) in url.query_pairs() {
             let value = value.into_owned();
             match key.as_ref() {
-                "sslmode" => {
-                    sslmode = match value.as_str() {
-                        "disable" => SslMode::Disable,
-                        "prefer" | "allow" => SslMode::Prefer,
-                        "require" => SslMode::Require,
-                        "verify-ca" => SslMode::VerifyCa,
-                        "verify-full" => SslMode::VerifyFull,
-                        other => {
-                            return Err(Error::Config(format!(
-                                "sslmode `{other}` in the database URL is not one of disable, prefer, \
-                                 require, verify-ca, verify-full"
-                            )));
-                        }
-                    }
-                }
+                "sslmode" => sslmode = Some(SslMode::parse(&value, "the database URL")?),
                 "sslrootcert" => sslrootcert = Some(PathBuf::from(value)),
-                "application_name" => application_name = value,
+                "application_name" => application_name = Some(value),
                 "connect_timeout" => {
-                    let secs: u64 = value.parse().map_err(|_| {
-                        Error::Config(format!(
-                            "connect_timeout `{value}` in the database URL is not a number of seconds"
-                        ))
-                    })?;
-                    connect_timeout = Duration::from_secs(secs.max(1));
+                    connect_timeout = Some(timeout_param(&value, "the database URL")?)
                 }
-                "host" => {
-                    host = Some(if value.starts_with('/') {
-                        PgHost::Socket(PathBuf::from(value))
-                    } else {
-                        PgHost::Tcp(value)
-                    })
-                }
-                "port" => {
-                    port = value.parse().map_err(|_| {
-                        Error::Config(format!(
-                            "port `{value}` in the database URL is not a port number"
-                        ))
-                    })?
-                }
+                "host" => host = Some(host_param(value)),
+                "port" => port = Some(port_param(&value, "the database URL")?),
                 "user" => user = value,
                 "password" => password = Some(Secret(value)),
                 "dbname" => dbname = value,
@@ -186,27 +227,73 @@ impl PgConfig {
                 }
             }
         }
+        // What the URL leaves out comes from libpq's variables; an empty
+        // variable counts as unset, as in libpq.
+        let env = |name: &str| env(name).filter(|v| !v.is_empty());
         if user.is_empty() {
-            user = std::env::var("PGUSER").unwrap_or_else(|_| "postgres".to_owned());
+            user = env("PGUSER").unwrap_or_else(|| "postgres".to_owned());
         }
         if password.is_none() {
-            password = std::env::var("PGPASSWORD").ok().map(Secret);
+            password = env("PGPASSWORD").map(Secret);
         }
         if dbname.is_empty() {
-            dbname = user.clone();
+            dbname = env("PGDATABASE").unwrap_or_else(|| user.clone());
         }
-        let host = host.unwrap_or_else(|| PgHost::Tcp("localhost".to_owned()));
+        let host = match host {
+            Some(h) => h,
+            None => env("PGHOST")
+                .map(host_param)
+                .unwrap_or_else(|| PgHost::Tcp("localhost".to_owned())),
+        };
+        let port = match port {
+            Some(p) => p,
+            None => env("PGPORT")
+                .map(|v| port_param(&v, "PGPORT"))
+                .transpose()?
+                .unwrap_or(5432),
+        };
+        let sslmode = match sslmode {
+            Some(m) => Some(m),
+            None => env("PGSSLMODE")
+                .map(|v| SslMode::parse(&v, "PGSSLMODE"))
+                .transpose()?,
+        };
+        let sslrootcert = sslrootcert.or_else(|| env("PGSSLROOTCERT").map(PathBuf::from));
+        let application_name = application_name
+            .or_else(|| env("PGAPPNAME"))
+            .unwrap_or_else(|| "outbox-relay".to_owned());
+        let connect_timeout = match connect_timeout {
+            Some(t) => t,
+            None => env("PGCONNECT_TIMEOUT")
+                .map(|v| timeout_param(&v, "PGCONNECT_TIMEOUT"))
+                .transpose()?
+                .unwrap_or(Duration::from_secs(10)),
+        };
+        let system_roots = sslrootcert
+            .as_deref()
+            .is_some_and(|p| p.as_os_str() == SYSTEM_ROOTS);
+        let sslmode = match sslmode {
+            // libpq 16: sslrootcert=system makes verify-full the default...
+            None if system_roots => SslMode::VerifyFull,
+            None => SslMode::Prefer,
+            // ...and refuses any weaker mode with it.
+            Some(m) if system_roots && m != SslMode::VerifyFull => {
+                return Err(Error::Config(format!(
+                    "sslmode={} cannot be used with sslrootcert=system: the system's trust store \
+                     vouches for every public certificate, so only verify-full (which checks the \
+                     host name) authenticates the server; use sslmode=verify-full",
+                    m.as_str()
+                )));
+            }
+            Some(m) => m,
+        };
         if matches!(host, PgHost::Socket(_))
             && sslmode != SslMode::Disable
             && sslmode != SslMode::Prefer
         {
             return Err(Error::Config(format!(
                 "sslmode={} cannot be used with a Unix socket; use a TCP host or sslmode=disable",
-                match sslmode {
-                    SslMode::Require => "require",
-                    SslMode::VerifyCa => "verify-ca",
-                    _ => "verify-full",
-                }
+                sslmode.as_str()
             )));
         }
         Ok(Self {
@@ -268,5 +355,96 @@ mod tests {
             assert!(err.contains(expect), "{url}: {err}");
             assert!(!err.contains("hunter2"), "{err}");
         }
+    }
+
+    fn with_env(url: &str, vars: &[(&str, &str)]) -> Result<PgConfig> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        PgConfig::from_url_with_env(url, move |name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn libpq_variables_fill_what_the_url_leaves_out() {
+        let env = [
+            ("PGHOST", "db.internal"),
+            ("PGPORT", "6000"),
+            ("PGDATABASE", "shop"),
+            ("PGUSER", "relay"),
+            ("PGPASSWORD", "from-env"),
+            ("PGSSLMODE", "verify-full"),
+            ("PGSSLROOTCERT", "/etc/ca.pem"),
+            ("PGAPPNAME", "relay-7"),
+            ("PGCONNECT_TIMEOUT", "3"),
+        ];
+        let c = with_env("postgres://", &env).unwrap();
+        assert_eq!(c.host, PgHost::Tcp("db.internal".into()));
+        assert_eq!(c.port, 6000);
+        assert_eq!(c.dbname, "shop");
+        assert_eq!(c.user, "relay");
+        assert_eq!(c.password.as_ref().unwrap().expose(), "from-env");
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert_eq!(c.sslrootcert, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.application_name, "relay-7");
+        assert_eq!(c.connect_timeout, Duration::from_secs(3));
+
+        // The URL wins over every variable.
+        let c = with_env(
+            "postgres://u:p@h:7000/d?sslmode=disable&sslrootcert=/ca2.pem&application_name=a",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.host, PgHost::Tcp("h".into()));
+        assert_eq!(
+            (c.port, c.dbname.as_str(), c.user.as_str()),
+            (7000, "d", "u")
+        );
+        assert_eq!(c.password.as_ref().unwrap().expose(), "p");
+        assert_eq!(c.sslmode, SslMode::Disable);
+        assert_eq!(c.sslrootcert, Some(PathBuf::from("/ca2.pem")));
+        assert_eq!(c.application_name, "a");
+
+        // A socket directory from PGHOST; empty variables count as unset.
+        let c = with_env(
+            "postgres:///d",
+            &[("PGHOST", "/run/postgresql"), ("PGSSLMODE", "")],
+        )
+        .unwrap();
+        assert_eq!(c.host, PgHost::Socket("/run/postgresql".into()));
+        assert_eq!(c.sslmode, SslMode::Prefer);
+
+        let err = with_env("postgres://h/d", &[("PGSSLMODE", "strict")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sslmode `strict` in PGSSLMODE"), "{err}");
+        let err = with_env("postgres://h/d", &[("PGPORT", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PGPORT"), "{err}");
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full_only() {
+        let c = with_env("postgres://h/d?sslrootcert=system", &[]).unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        for weak in ["verify-ca", "require", "prefer", "disable"] {
+            let err = with_env(
+                &format!("postgres://h/d?sslrootcert=system&sslmode={weak}"),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("only verify-full"), "{weak}: {err}");
+        }
+        let err = with_env(
+            "postgres://h/d",
+            &[("PGSSLROOTCERT", "system"), ("PGSSLMODE", "verify-ca")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sslrootcert=system"), "{err}");
     }
 }

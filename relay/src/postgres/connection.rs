@@ -6,6 +6,8 @@
 //! docs/architecture.md). Framing and authentication come from
 //! `postgres-protocol`; this module adds what it lacks (CopyBothResponse `W`).
 
+use std::fmt;
+
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -103,6 +105,37 @@ pub struct Connection {
     endpoint: String,
     /// The longest message `read_frame` accepts right now.
     max_message: usize,
+    security: Security,
+}
+
+/// How a connection is protected, as negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// A Unix socket: local, no TLS needed.
+    UnixSocket,
+    /// TCP without TLS: `sslmode=disable`, or `prefer` and the server
+    /// declined TLS.
+    Plaintext(SslMode),
+    /// TLS, verified as far as this `sslmode` asks.
+    Tls(SslMode),
+}
+
+impl Security {
+    /// Whether the server was authenticated by its certificate (verify-ca
+    /// checks the chain, verify-full also the host name).
+    pub fn server_verified(self) -> bool {
+        matches!(self, Security::Tls(SslMode::VerifyCa | SslMode::VerifyFull))
+    }
+}
+
+impl fmt::Display for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Security::UnixSocket => f.write_str("unix socket"),
+            Security::Plaintext(mode) => write!(f, "none (sslmode={})", mode.as_str()),
+            Security::Tls(mode) => write!(f, "{}", mode.as_str()),
+        }
+    }
 }
 
 impl Connection {
@@ -128,7 +161,7 @@ impl Connection {
             context: format!("connecting to {endpoint}"),
             source,
         };
-        let io: Box<dyn Io> = match &cfg.host {
+        let (io, security): (Box<dyn Io>, Security) = match &cfg.host {
             PgHost::Tcp(host) => {
                 let tcp = TcpStream::connect((host.as_str(), cfg.port))
                     .await
@@ -138,11 +171,10 @@ impl Connection {
             }
             PgHost::Socket(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", cfg.port));
-                Box::new(
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map_err(io_err)?,
-                )
+                let unix = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(io_err)?;
+                (Box::new(unix), Security::UnixSocket)
             }
         };
         let mut conn = Connection {
@@ -151,9 +183,15 @@ impl Connection {
             write_buf: BytesMut::new(),
             endpoint,
             max_message: PRE_AUTH_MAX_MESSAGE,
+            security,
         };
         conn.startup(cfg, mode).await?;
         Ok(conn)
+    }
+
+    /// How this connection is protected.
+    pub fn security(&self) -> Security {
+        self.security
     }
 
     async fn startup(&mut self, cfg: &PgConfig, mode: Mode) -> Result<()> {
@@ -481,10 +519,14 @@ impl Connection {
     }
 }
 
-async fn negotiate_tls(mut tcp: TcpStream, cfg: &PgConfig, host: &str) -> Result<Box<dyn Io>> {
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    cfg: &PgConfig,
+    host: &str,
+) -> Result<(Box<dyn Io>, Security)> {
     let Some(tls) = crate::postgres::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())?
     else {
-        return Ok(Box::new(tcp));
+        return Ok((Box::new(tcp), Security::Plaintext(cfg.sslmode)));
     };
     let io_err = |source| Error::Io {
         context: format!("negotiating TLS with {host}:{}", cfg.port),
@@ -497,7 +539,9 @@ async fn negotiate_tls(mut tcp: TcpStream, cfg: &PgConfig, host: &str) -> Result
     tcp.read_exact(&mut answer).await.map_err(io_err)?;
     match answer[0] {
         b'S' => {}
-        b'N' if cfg.sslmode == SslMode::Prefer => return Ok(Box::new(tcp)),
+        b'N' if cfg.sslmode == SslMode::Prefer => {
+            return Ok((Box::new(tcp), Security::Plaintext(cfg.sslmode)));
+        }
         b'N' => {
             return Err(Error::Tls(format!(
                 "the server at {host}:{} does not accept TLS, but the database URL demands it (sslmode); \
@@ -522,7 +566,7 @@ async fn negotiate_tls(mut tcp: TcpStream, cfg: &PgConfig, host: &str) -> Result
                 cfg.port
             ))
         })?;
-    Ok(Box::new(stream))
+    Ok((Box::new(stream), Security::Tls(cfg.sslmode)))
 }
 
 fn parse_error(mut body: Bytes) -> PgError {
@@ -672,6 +716,7 @@ mod tests {
             write_buf: BytesMut::new(),
             endpoint: "scripted".into(),
             max_message: PRE_AUTH_MAX_MESSAGE,
+            security: Security::Plaintext(SslMode::Disable),
         }
     }
 

@@ -1,6 +1,7 @@
 //! TLS for PostgreSQL connections: a rustls client configuration per libpq
 //! `sslmode`, with the CA certificates from `sslrootcert`, `~/.postgresql/root.crt`
-//! or the system store.
+//! or the system store (`sslrootcert=system`, or verify-full without a CA
+//! file; never verify-ca, which with public CAs would authenticate nobody).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::postgres::config::SslMode;
+use crate::postgres::config::{SYSTEM_ROOTS, SslMode};
 use crate::{Error, Result};
 
 /// Builds the client configuration for `mode`; `None` for `disable`.
@@ -30,7 +31,7 @@ pub fn client_config(mode: SslMode, rootcert: Option<&Path>) -> Result<Option<Ar
             algorithms: provider.signature_verification_algorithms,
         }),
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let roots = Arc::new(load_roots(rootcert)?);
+            let roots = Arc::new(load_roots(mode, rootcert)?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                 .build()
                 .map_err(|e| Error::Tls(format!("cannot use the CA certificates: {e}")))?;
@@ -48,13 +49,24 @@ pub fn client_config(mode: SslMode, rootcert: Option<&Path>) -> Result<Option<Ar
     Ok(Some(Arc::new(config)))
 }
 
-fn load_roots(rootcert: Option<&Path>) -> Result<RootCertStore> {
+fn load_roots(mode: SslMode, rootcert: Option<&Path>) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt"));
     let file = match rootcert {
+        Some(p) if p.as_os_str() == SYSTEM_ROOTS => None,
         Some(p) => Some(p.to_path_buf()),
         None => default.filter(|p| p.exists()),
     };
+    if file.is_none() && mode == SslMode::VerifyCa {
+        // verify-ca skips the host name: against the system's trust store,
+        // any certificate a public CA issued to anyone would pass.
+        return Err(Error::Tls(
+            "sslmode=verify-ca needs the CA that signed the server's certificate: set \
+             sslrootcert=/path/ca.pem in the database URL (or PGSSLROOTCERT); with the system's \
+             trust store only verify-full authenticates the server"
+                .into(),
+        ));
+    }
     match file {
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(&path)
@@ -185,5 +197,28 @@ impl ServerCertVerifier for ChainOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_ca_refuses_the_system_store() {
+        for rootcert in [Some(Path::new(SYSTEM_ROOTS)), None] {
+            // HOME without ~/.postgresql/root.crt: no CA file at all.
+            if rootcert.is_none()
+                && std::env::var_os("HOME")
+                    .is_some_and(|h| PathBuf::from(h).join(".postgresql/root.crt").exists())
+            {
+                continue;
+            }
+            let err = client_config(SslMode::VerifyCa, rootcert)
+                .err()
+                .expect("verify-ca without a CA file is refused")
+                .to_string();
+            assert!(err.contains("sslrootcert=/path/ca.pem"), "{err}");
+        }
     }
 }
