@@ -236,3 +236,51 @@ async fn rows_cannot_spoof_the_relays_headers_or_pick_an_illegal_topic() {
     );
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
+
+#[tokio::test]
+async fn the_metrics_endpoint_survives_many_idle_connections() {
+    use crate::support::metrics::scrape;
+    let f = Fixture::new().await;
+    let port = crate::support::free_port();
+    let mut relay = f
+        .relay()
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    // More connections than the endpoint keeps (256), none sending a byte.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    // /metrics answers while they are open: the idle ones are closed after
+    // the header timeout (5 s), the ones over the limit at once.
+    let text = crate::support::wait_for(
+        "a scrape with 300 idle connections open",
+        Duration::from_secs(30),
+        || async { scrape(port).await.ok() },
+    )
+    .await;
+    assert!(
+        text.contains("outbox_relay_events_delivered_total"),
+        "{text}"
+    );
+    // Every idle connection was closed by the relay.
+    for mut s in idle {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(
+            Duration::from_secs(15),
+            tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+        )
+        .await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    }
+    // And the relay kept streaming meanwhile.
+    let written = f.write_tx(&[("a".into(), 1)]).await;
+    assert_exactly_once(&written, &f.read(1).await);
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}
