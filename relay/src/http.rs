@@ -106,9 +106,9 @@ pub async fn serve_on(
             http.timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout);
             let conn = http.serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(limits.lifetime, conn).await {
-                Ok(Err(err)) => tracing::debug!(error = %err, "metrics connection ended"),
-                Ok(Ok(())) | Err(_) => {}
+            // A timeout (the lifetime) drops the connection: closed.
+            if let Ok(Err(err)) = tokio::time::timeout(limits.lifetime, conn).await {
+                tracing::debug!(error = %err, "metrics connection ended");
             }
             drop(slot);
         });
