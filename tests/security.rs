@@ -284,3 +284,89 @@ async fn the_metrics_endpoint_survives_many_idle_connections() {
     assert_exactly_once(&written, &f.read(1).await);
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
+
+#[tokio::test]
+async fn the_documented_role_and_hba_line_are_enough_and_allow_no_physical_copy() {
+    use crate::support::postgres::{PASSWORD, SUPERUSER, bin};
+    let f = Fixture::new().await;
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    // The role docs/operations.md documents.
+    for sql in [
+        "CREATE ROLE relay LOGIN REPLICATION PASSWORD 'relay-Pw-1'",
+        "GRANT SELECT ON outbox TO relay",
+        "GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot TO relay",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&f.pool)
+            .await
+            .unwrap();
+    }
+    let superuser = format!("host all {SUPERUSER} 127.0.0.1/32 scram-sha-256\n");
+    // The documented pg_hba.conf line: the database, not `replication`.
+    f.pg.set_hba(&format!(
+        "local all all trust\n{superuser}host {db} relay 127.0.0.1/32 scram-sha-256\n"
+    ));
+    // It grants no physical replication: a base backup (a copy of the whole
+    // cluster) as the relay's role is refused. Waiting for that also waits
+    // for the reload to take effect.
+    let backup_dir = std::env::temp_dir().join(unique("outbox-basebackup"));
+    let refused = crate::support::wait_for(
+        "pg_basebackup refused by pg_hba.conf",
+        Duration::from_secs(30),
+        || async {
+            let out = std::process::Command::new(bin("pg_basebackup"))
+                .args(["-h", "127.0.0.1", "-U", "relay", "-X", "none", "-w"])
+                .arg("-p")
+                .arg(f.pg.port.to_string())
+                .arg("-D")
+                .arg(&backup_dir)
+                .env("PGPASSWORD", "relay-Pw-1")
+                .output()
+                .expect("run pg_basebackup");
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            (!out.status.success() && err.contains("pg_hba.conf")).then_some(err)
+        },
+    )
+    .await;
+    assert!(refused.contains("replication connection"), "{refused}");
+    let _ = std::fs::remove_dir_all(&backup_dir);
+
+    // The relay streams through the database line.
+    let relay_url = f
+        .url
+        .replace(&format!("{SUPERUSER}:{PASSWORD}@"), "relay:relay-Pw-1@");
+    let mut builder = f.relay();
+    builder.database_url = relay_url.clone();
+    let mut relay = builder.spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let written = f.write_tx(&[("a".into(), 1), ("a".into(), 2)]).await;
+    assert_exactly_once(&written, &f.read(2).await);
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+
+    // The `replication` keyword alone (what the runbook used to say) does
+    // not admit the relay's logical replication connection.
+    f.pg.set_hba(&format!(
+        "local all all trust\n{superuser}host replication relay 127.0.0.1/32 scram-sha-256\n"
+    ));
+    crate::support::wait_for(
+        "the relay's database refused by pg_hba.conf",
+        Duration::from_secs(30),
+        || async {
+            match sqlx::PgPool::connect(&relay_url).await {
+                Err(e) if e.to_string().contains("pg_hba.conf") => Some(()),
+                Err(_) | Ok(_) => None,
+            }
+        },
+    )
+    .await;
+    let mut builder = f.relay();
+    builder.database_url = relay_url;
+    let mut relay = builder.spawn();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert_ne!(status.code(), Some(0), "{logs}");
+    assert!(logs.contains("pg_hba.conf"), "{logs}");
+}

@@ -202,6 +202,32 @@ impl Postgres {
         self.pg_ctl_start();
     }
 
+    /// Replaces `pg_hba.conf` with `lines` and reloads the server. The file
+    /// is written by the server's owner (`runuser` when we are root).
+    pub fn set_hba(&self, lines: &str) {
+        let path = self.data.join("pg_hba.conf");
+        let mut tee = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "tee"]);
+            c
+        } else {
+            Command::new("tee")
+        };
+        let mut child = tee
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run tee");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), lines.as_bytes())
+            .expect("write pg_hba.conf");
+        drop(child.stdin.take());
+        assert!(child.wait().expect("tee").success(), "writing pg_hba.conf");
+        let mut cmd = pg_command("pg_ctl");
+        cmd.arg("-D").arg(&self.data).arg("reload");
+        run(cmd, "pg_ctl reload");
+    }
+
     /// URL of a database, with password, over TCP.
     pub fn url(&self, db: &str) -> String {
         format!(
