@@ -69,6 +69,8 @@ pub struct PgConfig {
     pub sslmode: SslMode,
     /// CA certificates (PEM) for verify-ca and verify-full.
     pub sslrootcert: Option<PathBuf>,
+    /// libpq's `require_auth`, when given.
+    pub require_auth: Option<RequireAuth>,
     /// Reported in pg_stat_activity.
     pub application_name: String,
     /// Connection timeout.
@@ -123,6 +125,84 @@ impl SslMode {
                 )));
             }
         })
+    }
+}
+
+/// An authentication method, as libpq's `require_auth` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// The server asks for nothing (trust, peer).
+    None,
+    /// Cleartext password.
+    Password,
+    /// MD5 password hash.
+    Md5,
+    /// SCRAM-SHA-256.
+    ScramSha256,
+}
+
+impl AuthMethod {
+    /// libpq's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::None => "none",
+            AuthMethod::Password => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+        }
+    }
+}
+
+/// libpq's `require_auth`: the methods the server may use (`a,b`), or the
+/// ones it may not (`!a,!b`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequireAuth {
+    methods: Vec<AuthMethod>,
+    negated: bool,
+}
+
+impl RequireAuth {
+    fn parse(value: &str) -> Result<Self> {
+        let items: Vec<&str> = value.split(',').map(str::trim).collect();
+        let negated = items.first().is_some_and(|i| i.starts_with('!'));
+        let mut methods = Vec::new();
+        for item in items {
+            let name = match item.strip_prefix('!') {
+                Some(rest) if negated => rest,
+                None if !negated => item,
+                _ => {
+                    return Err(Error::Config(
+                        "require_auth in the database URL mixes methods with negated (!) methods; \
+                         use one form"
+                            .into(),
+                    ));
+                }
+            };
+            methods.push(match name {
+                "none" => AuthMethod::None,
+                "password" => AuthMethod::Password,
+                "md5" => AuthMethod::Md5,
+                "scram-sha-256" => AuthMethod::ScramSha256,
+                other => {
+                    return Err(Error::Config(format!(
+                        "require_auth method `{}` in the database URL is not one of password, md5, \
+                         scram-sha-256, none (this relay does not support gss or sspi)",
+                        other.escape_debug()
+                    )));
+                }
+            });
+        }
+        Ok(Self { methods, negated })
+    }
+
+    /// Whether the server may authenticate with `method`.
+    pub fn allows(&self, method: AuthMethod) -> bool {
+        self.methods.contains(&method) != self.negated
+    }
+
+    /// Whether `method` is named as allowed (not just left unforbidden).
+    pub fn names(&self, method: AuthMethod) -> bool {
+        !self.negated && self.methods.contains(&method)
     }
 }
 
@@ -203,6 +283,7 @@ impl PgConfig {
         let mut dbname = decode(url.path().trim_start_matches('/'))?;
         let mut sslmode = None;
         let mut sslrootcert = None;
+        let mut require_auth = None;
         let mut application_name = None;
         let mut connect_timeout = None;
         for (key, value) in url.query_pairs() {
@@ -210,6 +291,7 @@ impl PgConfig {
             match key.as_ref() {
                 "sslmode" => sslmode = Some(SslMode::parse(&value, "the database URL")?),
                 "sslrootcert" => sslrootcert = Some(PathBuf::from(value)),
+                "require_auth" => require_auth = Some(RequireAuth::parse(&value)?),
                 "application_name" => application_name = Some(value),
                 "connect_timeout" => {
                     connect_timeout = Some(timeout_param(&value, "the database URL")?)
@@ -222,7 +304,7 @@ impl PgConfig {
                 other => {
                     return Err(Error::Config(format!(
                         "unknown parameter `{other}` in the database URL; supported: sslmode, sslrootcert, \
-                         application_name, connect_timeout, host, port, user, password, dbname"
+                         require_auth, application_name, connect_timeout, host, port, user, password, dbname"
                     )));
                 }
             }
@@ -304,6 +386,7 @@ impl PgConfig {
             dbname,
             sslmode,
             sslrootcert,
+            require_auth,
             application_name,
             connect_timeout,
         })
@@ -446,5 +529,27 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("sslrootcert=system"), "{err}");
+    }
+
+    #[test]
+    fn require_auth_is_parsed_as_libpq_does() {
+        let c = with_env("postgres://h/d?require_auth=scram-sha-256,none", &[]).unwrap();
+        let policy = c.require_auth.unwrap();
+        assert!(policy.allows(AuthMethod::ScramSha256) && policy.allows(AuthMethod::None));
+        assert!(!policy.allows(AuthMethod::Md5));
+        let c = with_env("postgres://h/d?require_auth=!password,!md5", &[]).unwrap();
+        let policy = c.require_auth.unwrap();
+        assert!(!policy.allows(AuthMethod::Password) && policy.allows(AuthMethod::ScramSha256));
+        assert!(!policy.names(AuthMethod::ScramSha256));
+        for (bad, expect) in [
+            ("md5,!password", "mixes"),
+            ("gss", "does not support gss"),
+            ("", "is not one of"),
+        ] {
+            let err = with_env(&format!("postgres://h/d?require_auth={bad}"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expect), "{bad}: {err}");
+        }
     }
 }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::error::PgError;
-use crate::postgres::config::{PgConfig, PgHost, SslMode};
+use crate::postgres::config::{AuthMethod, PgConfig, PgHost, SslMode};
 use crate::{Error, Result};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -218,7 +218,9 @@ impl Connection {
         self.flush().await?;
 
         let mut scram: Option<ScramSha256> = None;
+        let mut scram_continued = false;
         let mut scram_verified = false;
+        let mut method_used: Option<AuthMethod> = None;
         loop {
             let (tag, mut body) = self.read_frame().await?;
             match tag {
@@ -227,8 +229,27 @@ impl Connection {
                         return Err(Error::Protocol("truncated authentication request".into()));
                     }
                     let kind = body.get_i32();
+                    if let Some(method) = match kind {
+                        3 => Some(AuthMethod::Password),
+                        5 => Some(AuthMethod::Md5),
+                        10 => Some(AuthMethod::ScramSha256),
+                        _ => None,
+                    } {
+                        self.check_method(cfg, method, method_used)?;
+                        method_used = Some(method);
+                    }
                     match kind {
                         0 => {
+                            if method_used.is_none()
+                                && let Some(policy) = &cfg.require_auth
+                                && !policy.allows(AuthMethod::None)
+                            {
+                                return Err(Error::Auth(format!(
+                                    "{} let user `{}` in without authentication, which require_auth \
+                                     in the database URL does not allow; is this the right server?",
+                                    self.endpoint, cfg.user
+                                )));
+                            }
                             // A SCRAM exchange ends only with the server's
                             // proof (SASLFinal); an AuthenticationOk before
                             // it comes from a server that does not know the
@@ -290,9 +311,16 @@ impl Connection {
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| {
-                                Error::Protocol("SASL continue without a SASL exchange".into())
-                            })?;
+                            let s = scram
+                                .as_mut()
+                                .filter(|_| !scram_continued)
+                                .ok_or_else(|| {
+                                    Error::Protocol(
+                                        "SASL continue out of order (without a SASL exchange, or twice)"
+                                            .into(),
+                                    )
+                                })?;
+                            scram_continued = true;
                             s.update(&body)
                                 .map_err(|e| Error::Auth(format!("SCRAM exchange failed: {e}")))?;
                             frontend::sasl_response(s.message(), &mut self.write_buf)
@@ -300,9 +328,15 @@ impl Connection {
                             self.flush().await?;
                         }
                         12 => {
-                            let s = scram.as_mut().ok_or_else(|| {
-                                Error::Protocol("SASL final without a SASL exchange".into())
-                            })?;
+                            let s = scram
+                                .as_mut()
+                                .filter(|_| scram_continued && !scram_verified)
+                                .ok_or_else(|| {
+                                    Error::Protocol(
+                                        "SASL final out of order (before SASL continue, or twice)"
+                                            .into(),
+                                    )
+                                })?;
                             s.finish(&body).map_err(|e| {
                                 Error::Auth(format!("the server's SCRAM signature is wrong: {e}"))
                             })?;
@@ -336,6 +370,60 @@ impl Connection {
                 _ => {}
             }
         }
+    }
+
+    /// Whether the server may authenticate this way: one method per
+    /// exchange; what `require_auth` allows; and never a password (or its
+    /// MD5 hash, which a listener can replay or crack) over a connection
+    /// whose server is not authenticated, unless `require_auth` names the
+    /// method: a server that declined TLS, or any server in the path under
+    /// `sslmode=prefer/require`, could otherwise ask for it.
+    fn check_method(
+        &self,
+        cfg: &PgConfig,
+        method: AuthMethod,
+        used: Option<AuthMethod>,
+    ) -> Result<()> {
+        if let Some(used) = used {
+            return Err(Error::Protocol(format!(
+                "{} asked for {} authentication after {}; one method per connection",
+                self.endpoint,
+                method.as_str(),
+                used.as_str()
+            )));
+        }
+        if let Some(policy) = &cfg.require_auth
+            && !policy.allows(method)
+        {
+            return Err(Error::Auth(format!(
+                "{} asks for {} authentication, which require_auth in the database URL does not \
+                 allow; is this the right server?",
+                self.endpoint,
+                method.as_str()
+            )));
+        }
+        let exposes_password = matches!(method, AuthMethod::Password | AuthMethod::Md5);
+        let server_verified =
+            self.security == Security::UnixSocket || self.security.server_verified();
+        if exposes_password
+            && !server_verified
+            && !cfg
+                .require_auth
+                .as_ref()
+                .is_some_and(|policy| policy.names(method))
+        {
+            return Err(Error::Auth(format!(
+                "{} asks for {} authentication over a connection whose server is not \
+                 authenticated (tls={}); the password is not sent. Use scram-sha-256 in \
+                 pg_hba.conf, or sslmode=verify-full, or allow it explicitly with \
+                 require_auth={} in the database URL",
+                self.endpoint,
+                method.as_str(),
+                self.security,
+                method.as_str()
+            )));
+        }
+        Ok(())
     }
 
     fn password(&self, cfg: &PgConfig) -> Result<String> {
@@ -781,6 +869,115 @@ mod tests {
             conn.read_buf.is_empty(),
             "read on to ReadyForQuery: the connection stays in step"
         );
+    }
+
+    fn cfg_with(params: &str) -> PgConfig {
+        PgConfig::from_url(&format!(
+            "postgres://relay:pw@localhost/app?sslmode=disable&{params}"
+        ))
+        .unwrap()
+    }
+
+    /// What the client wrote after its startup message, as a scripted
+    /// server sees it: runs the startup against `script` and returns the
+    /// result and whether a password message ('p') was sent.
+    async fn startup_sends_password(script: Vec<u8>, cfg: &PgConfig) -> (Result<()>, bool) {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let reader = tokio::spawn(async move {
+            let mut startup = vec![0u8; 4096];
+            let _ = server.read(&mut startup).await;
+            server.write_all(&script).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = server.read_to_end(&mut rest).await;
+            rest.first() == Some(&b'p')
+        });
+        let mut conn = Connection {
+            io: Box::new(client),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            endpoint: "scripted".into(),
+            max_message: PRE_AUTH_MAX_MESSAGE,
+            security: Security::Plaintext(SslMode::Disable),
+        };
+        let result = conn.startup(cfg, Mode::Sql).await;
+        drop(conn);
+        (result, reader.await.unwrap())
+    }
+
+    /// Issue 10, item 2: a server that is not authenticated (no TLS here)
+    /// asking for a cleartext or MD5 password gets nothing, unless
+    /// require_auth names the method; require_auth refuses other methods
+    /// and a server that skips authentication.
+    #[tokio::test]
+    async fn passwords_are_not_sent_to_an_unauthenticated_server_unless_allowed() {
+        let ok_then_ready = || {
+            let mut s = message(b'R', &0_i32.to_be_bytes());
+            s.extend(message(b'Z', b"I"));
+            s
+        };
+        let ask = |kind: i32| {
+            let mut body = kind.to_be_bytes().to_vec();
+            if kind == 5 {
+                body.extend_from_slice(b"salt");
+            }
+            let mut s = message(b'R', &body);
+            s.extend(ok_then_ready());
+            s
+        };
+        for kind in [3, 5] {
+            let (result, sent) = startup_sends_password(ask(kind), &cfg()).await;
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("the password is not sent"), "{err}");
+            assert!(!sent, "a password went to an unauthenticated server");
+        }
+        let (result, sent) =
+            startup_sends_password(ask(3), &cfg_with("require_auth=password")).await;
+        result.unwrap();
+        assert!(sent, "require_auth=password allows it explicitly");
+        let (result, sent) =
+            startup_sends_password(ask(5), &cfg_with("require_auth=md5,scram-sha-256")).await;
+        result.unwrap();
+        assert!(sent);
+        // require_auth refuses a method it does not list, and trust.
+        let (result, sent) =
+            startup_sends_password(ask(5), &cfg_with("require_auth=scram-sha-256")).await;
+        assert!(result.unwrap_err().to_string().contains("does not allow"));
+        assert!(!sent);
+        let (result, _) =
+            startup_sends_password(ok_then_ready(), &cfg_with("require_auth=scram-sha-256")).await;
+        assert!(
+            result
+                .unwrap_err()
+                .to_string()
+                .contains("without authentication")
+        );
+        let (result, _) =
+            startup_sends_password(ok_then_ready(), &cfg_with("require_auth=!password,!md5")).await;
+        result.unwrap();
+        // The negated form forbids but does not name: still no password in
+        // the clear.
+        let (result, sent) = startup_sends_password(ask(3), &cfg_with("require_auth=!md5")).await;
+        assert!(
+            result
+                .unwrap_err()
+                .to_string()
+                .contains("the password is not sent")
+        );
+        assert!(!sent);
+    }
+
+    #[tokio::test]
+    async fn sasl_messages_out_of_order_are_refused() {
+        let mut sasl = 10_i32.to_be_bytes().to_vec();
+        sasl.extend_from_slice(b"SCRAM-SHA-256\0\0");
+        // SASLFinal straight after the initial response, without SASLContinue.
+        let mut script = message(b'R', &sasl);
+        let mut fin = 12_i32.to_be_bytes().to_vec();
+        fin.extend_from_slice(b"v=AAAA");
+        script.extend(message(b'R', &fin));
+        let mut conn = scripted(script);
+        let err = conn.startup(&cfg(), Mode::Sql).await.unwrap_err();
+        assert!(err.to_string().contains("SASL final out of order"), "{err}");
     }
 
     /// Issue 10, item 2 (in part): AuthenticationOk in the middle of a SCRAM
