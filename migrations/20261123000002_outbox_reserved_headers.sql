@@ -9,7 +9,10 @@
 -- relay refuses such rows (undeliverable: stop or dead-letter, by
 -- --on-undeliverable); these constraints refuse them at INSERT, where the
 -- service that wrote them gets the error. Names are compared without regard
--- to case, and an empty name is refused too.
+-- to ASCII case, and must be visible ASCII (no spaces, control characters or
+-- look-alike letters such as the dotless `ı` that some consumers fold to `i`).
+-- Headers that are not an object are left to `outbox_headers_object_of_strings`
+-- (`.keyvalue()` would raise a jsonpath error on them first).
 --
 -- The topic override must be a legal Kafka topic name (what
 -- `outbox::topic::validate` checks): 1 to 249 of ASCII letters, digits, `.`,
@@ -26,10 +29,10 @@ BEGIN
         WHERE conrelid = 'outbox'::regclass AND conname = 'outbox_headers_not_reserved'
     ) THEN
         ALTER TABLE outbox ADD CONSTRAINT outbox_headers_not_reserved CHECK (
-            NOT jsonb_path_exists(
+            CASE WHEN jsonb_typeof(headers) = 'object' THEN NOT jsonb_path_exists(
                 headers,
-                '$.keyvalue() ? (@.key == "" || @.key like_regex "^(id|event_type|aggregate_type|aggregate_id|traceparent)$|^outbox[.]" flag "i")'
-            )
+                '$.keyvalue() ? (@.key == "" || @.key like_regex "[^!-~]" || @.key like_regex "^(id|event_type|aggregate_type|aggregate_id|traceparent)$|^outbox[.]" flag "i")'
+            ) ELSE true END
         ) NOT VALID;
     END IF;
     IF NOT EXISTS (

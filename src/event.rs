@@ -18,7 +18,7 @@ pub const RESERVED_HEADERS: [&str; 5] = [
     "traceparent",
 ];
 
-/// Header names starting with this (in any case) are the relay's too: it
+/// Header names starting with this (in any ASCII case) are the relay's too: it
 /// adds `outbox.error` and `outbox.original_topic` to dead letters.
 pub const RESERVED_HEADER_PREFIX: &str = "outbox.";
 
@@ -151,6 +151,13 @@ impl Event {
             return Err(Error::InvalidHeader {
                 name,
                 reason: "header names must not be empty",
+            });
+        }
+        if !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::InvalidHeader {
+                name,
+                reason: "header names must be visible ASCII (no spaces, control or non-ASCII \
+                         characters), so that no consumer can mistake one for another",
             });
         }
         if is_reserved_header(&name) {
@@ -358,6 +365,10 @@ mod tests {
         }
         for fine in ["tenant", "outboxy", "outbox", "ids", "x-id"] {
             assert!(event().with_header(fine, "x").is_ok(), "{fine}");
+        }
+        for odd in ["\u{131}d", "id ", " id", "a\tb", "caf\u{e9}"] {
+            let err = event().with_header(odd, "x").unwrap_err();
+            assert!(err.to_string().contains("visible ASCII"), "{odd:?}: {err}");
         }
         let err = event().with_header("k", "a\0b").unwrap_err();
         assert!(err.to_string().contains("NUL"), "{err}");

@@ -262,7 +262,8 @@ async fn poison_records_are_dead_lettered_and_the_consumer_moves_on() {
     let good_id = uuid::Uuid::now_v7().to_string();
     let id1 = uuid::Uuid::now_v7().to_string();
     let id2 = uuid::Uuid::now_v7().to_string();
-    let [full, overflow, last] = [(); 3].map(|_| uuid::Uuid::now_v7().to_string());
+    let [full, overflow, nul_name, nul_payload, last] =
+        [(); 5].map(|_| uuid::Uuid::now_v7().to_string());
     // (headers, payload, expected dead-letter reason; empty for the good record)
     let cases: Vec<Case> = vec![
         (
@@ -302,6 +303,19 @@ async fn poison_records_are_dead_lettered_and_the_consumer_moves_on() {
             vec![("id", &overflow), ("event_type", "IngredientRestocked")],
             r#"{"name": "pickles", "quantity": 1, "min_stock": 0, "unit_price_cents": 5}"#,
             "integer out of range (SQLSTATE 22003)",
+        ),
+        // NUL, which PostgreSQL's text refuses: in a valid event's name (the
+        // projection's insert fails, a data error) and raw in a payload that
+        // is not JSON (its dead letter must still be storable).
+        (
+            vec![("id", &nul_name), ("event_type", "PriceChanged")],
+            r#"{"name": "chee\u0000se", "unit_price_cents": 7}"#,
+            "(SQLSTATE 22021)",
+        ),
+        (
+            vec![("id", &nul_payload), ("event_type", "IngredientUsed\0")],
+            "not json\0at all",
+            "unknown event type",
         ),
         (
             vec![("id", &last), ("event_type", "PriceChanged")],

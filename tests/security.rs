@@ -168,6 +168,8 @@ async fn rows_cannot_spoof_the_relays_headers_or_pick_an_illegal_topic() {
         r#"{"outbox.error": "fake dead letter"}"#,
         r#"{"Outbox.Original_Topic": "x"}"#,
         r#"{"": "empty name"}"#,
+        r#"{"\u0131d": "dotless i"}"#,
+        r#"{"id ": "trailing space"}"#,
     ] {
         let err = insert_raw(&f.pool, agg, spoof, None).await.unwrap_err();
         assert!(
@@ -181,6 +183,11 @@ async fn rows_cannot_spoof_the_relays_headers_or_pick_an_illegal_topic() {
             .unwrap_err();
         assert!(err.contains("outbox_topic_legal"), "{topic}: {err}");
     }
+    // Headers that are not an object still meet their own constraint first.
+    let err = insert_raw(&f.pool, agg, r#"["x"]"#, None)
+        .await
+        .unwrap_err();
+    assert!(err.contains("outbox_headers_object_of_strings"), "{err}");
     insert_raw(
         &f.pool,
         agg,

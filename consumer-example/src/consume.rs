@@ -256,14 +256,25 @@ async fn dead_letter(
     .bind(msg.topic())
     .bind(msg.partition())
     .bind(msg.offset())
-    .bind(header_text(msg, "id"))
-    .bind(header_text(msg, "event_type"))
-    .bind(&reason)
-    .bind(msg.payload().map(|p| String::from_utf8_lossy(p).into_owned()))
+    .bind(header_text(msg, "id").map(storable))
+    .bind(header_text(msg, "event_type").map(storable))
+    .bind(storable(reason.clone()))
+    .bind(msg.payload().map(|p| storable(String::from_utf8_lossy(p).into_owned())))
     .execute(&mut **tx)
     .await?;
     tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %reason, "dead-lettered");
     Ok(Outcome::DeadLettered(reason))
+}
+
+/// PostgreSQL's `text` refuses NUL characters (SQLSTATE 22021): a record
+/// carrying one would make its own dead letter fail and stop the consumer
+/// at that offset for good. Written as `\0` instead.
+fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\\0")
+    } else {
+        text
+    }
 }
 
 /// Applies one record: checks it, records it in the inbox, applies it, all in

@@ -254,6 +254,12 @@ fn parse_headers(raw: &[u8]) -> std::result::Result<Vec<(String, String)>, &'sta
             if k.is_empty() {
                 return Err("its `headers` column has an empty header name");
             }
+            if !k.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(
+                    "its `headers` column has a header name that is not visible ASCII \
+                     (spaces, control or non-ASCII characters)",
+                );
+            }
             // A row written with plain SQL (the write helper refuses these)
             // must not send a second `id` or `event_type` next to the
             // relay's, nor pose as a dead letter with `outbox.*`.
@@ -439,6 +445,13 @@ mod tests {
             .event(&row(r#"{"": "x"}"#, Cell::Null, t("{}")))
             .unwrap_err();
         assert!(err.to_string().contains("empty header name"), "{err}");
+        for odd in [r#"{"\u0131d": "x"}"#, r#"{"id ": "x"}"#, r#"{"a\tb": "x"}"#] {
+            let err = layout.event(&row(odd, Cell::Null, t("{}"))).unwrap_err();
+            assert!(
+                err.to_string().contains("not visible ASCII"),
+                "{odd}: {err}"
+            );
+        }
         let ok = layout
             .event(&row(
                 r#"{"outboxy": "x", "tenant": "t"}"#,
