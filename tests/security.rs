@@ -106,6 +106,15 @@ async fn the_bookkeeping_table_is_found_by_schema_not_by_search_path() {
             .unwrap();
     assert_eq!(slots, 0);
 
+    // A decoy bookkeeping table where a search path would look first: the
+    // relay never touches it (`--schema app` names the real one).
+    sqlx::raw_sql(
+        "CREATE TABLE public.outbox_relay_slot (LIKE app.outbox_relay_slot INCLUDING ALL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
     // With --schema app: the backfilled row and a streamed one of the same
     // aggregate arrive, in order.
     let aggregate = unique("agg");
@@ -132,6 +141,25 @@ async fn the_bookkeeping_table_is_found_by_schema_not_by_search_path() {
     let ids: Vec<&str> = records.iter().map(|r| r.id()).collect();
     assert_eq!(ids, [first.as_str(), second.as_str()], "{}", relay.logs());
     assert!(relay.stop().await.success(), "{}", relay.logs());
+    let rows = |table: &'static str| {
+        let pool = pool.clone();
+        let slot = slot.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM {table} WHERE slot_name = $1"
+            )))
+            .bind(slot)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(rows("app.outbox_relay_slot").await, 1);
+    assert_eq!(
+        rows("public.outbox_relay_slot").await,
+        0,
+        "the decoy was used"
+    );
 }
 
 /// Inserts a row with raw SQL; returns its id, or the database's error.

@@ -103,8 +103,12 @@ pub async fn serve_on(
         let service = service.clone();
         conns.spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
+            // hyper's defaults let one connection buffer ~400 KiB of
+            // headers; a scrape needs a few hundred bytes.
             http.timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(8192)
+                .max_headers(32);
             let conn = http.serve_connection(TokioIo::new(stream), service);
             // A timeout (the lifetime) drops the connection: closed.
             if let Ok(Err(err)) = tokio::time::timeout(limits.lifetime, conn).await {

@@ -78,26 +78,47 @@ pub fn create<C: ProducerContext + 'static>(
 /// start-up failure names its cause instead of a bare timeout.
 #[derive(Debug, Default)]
 pub struct ClientErrors {
-    last: Mutex<Option<String>>,
+    last: Mutex<Option<(Option<RDKafkaErrorCode>, String)>>,
 }
 
 impl ClientErrors {
     /// Records a global client error and logs it.
     pub fn record(&self, error: &KafkaError, reason: &str) {
-        // librdkafka's reasons name brokers, states and TLS/SASL failures,
-        // never configuration values, so they are safe to log.
+        // librdkafka's reasons name brokers, states and TLS/SASL failures;
+        // the tests check that passwords do not appear in them.
         tracing::warn!(error = %error, reason, "kafka client error");
         // "All broker connections are down" follows every connection
         // failure; keep the failure itself (TLS, SASL, resolution) instead.
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+        let code = error.rdkafka_error_code();
+        if code == Some(RDKafkaErrorCode::AllBrokersDown) {
             return;
         }
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{error}: {reason}"));
+        let telling = |c: Option<RDKafkaErrorCode>| {
+            matches!(
+                c,
+                Some(
+                    RDKafkaErrorCode::SSL
+                        | RDKafkaErrorCode::Authentication
+                        | RDKafkaErrorCode::SaslAuthenticationFailed
+                )
+            )
+        };
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        // A TLS or SASL failure explains what follows it (disconnects,
+        // another bootstrap broker's resolve error); keep it.
+        if last.as_ref().is_some_and(|(c, _)| telling(*c)) && !telling(code) {
+            return;
+        }
+        *last = Some((code, format!("{error}: {reason}")));
     }
 
     /// The last recorded error, if any.
     pub fn last(&self) -> Option<String> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(_, text)| text.clone())
     }
 }
 
@@ -314,6 +335,10 @@ mod tests {
         errors.record(
             &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
             "1/1 brokers are down",
+        );
+        errors.record(
+            &KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "b2:9092/bootstrap: Disconnected",
         );
         let last = errors.last().expect("recorded");
         assert!(last.contains("certificate verify failed"), "{last}");

@@ -209,6 +209,15 @@ impl Connection {
             // not searched first; functions are never looked up there. The
             // relay qualifies its own tables (`--schema`).
             ("search_path", "pg_catalog, pg_temp"),
+            // The relay quotes literals by doubling `'` (quote_literal),
+            // which is safe only when backslashes are ordinary characters;
+            // a database or role default of `off` must not change that.
+            ("standard_conforming_strings", "on"),
+            // A row-level security policy would silently hide outbox rows
+            // from the backfill (events lost) and run its functions with the
+            // relay's privileges; with `off`, a query it would affect fails
+            // with an error instead.
+            ("row_security", "off"),
         ];
         if mode == Mode::Replication {
             params.push(("replication", "database"));
@@ -612,6 +621,7 @@ async fn negotiate_tls(
     cfg: &PgConfig,
     host: &str,
 ) -> Result<(Box<dyn Io>, Security)> {
+    let mode = crate::postgres::tls::effective_mode(cfg.sslmode, cfg.sslrootcert.as_deref());
     let Some(tls) = crate::postgres::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())?
     else {
         return Ok((Box::new(tcp), Security::Plaintext(cfg.sslmode)));
@@ -654,7 +664,7 @@ async fn negotiate_tls(
                 cfg.port
             ))
         })?;
-    Ok((Box::new(stream), Security::Tls(cfg.sslmode)))
+    Ok((Box::new(stream), Security::Tls(mode)))
 }
 
 fn parse_error(mut body: Bytes) -> PgError {

@@ -18,15 +18,37 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use crate::postgres::config::{SYSTEM_ROOTS, SslMode};
 use crate::{Error, Result};
 
+/// The mode libpq actually applies: for backward compatibility `require`
+/// verifies the chain like `verify-ca` when a CA file is given
+/// (`sslrootcert`, `PGSSLROOTCERT`) or `~/.postgresql/root.crt` exists.
+pub fn effective_mode(mode: SslMode, rootcert: Option<&Path>) -> SslMode {
+    if mode != SslMode::Require {
+        return mode;
+    }
+    let has_file = match rootcert {
+        Some(p) => p.as_os_str() != SYSTEM_ROOTS,
+        None => default_root_file().is_some(),
+    };
+    if has_file { SslMode::VerifyCa } else { mode }
+}
+
+fn default_root_file() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".postgresql/root.crt"))
+        .filter(|p| p.exists())
+}
+
 /// Builds the client configuration for `mode`; `None` for `disable`.
 pub fn client_config(mode: SslMode, rootcert: Option<&Path>) -> Result<Option<Arc<ClientConfig>>> {
+    let mode = effective_mode(mode, rootcert);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(format!("cannot set up TLS: {e}")))?;
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
         SslMode::Disable => return Ok(None),
-        // libpq semantics: prefer and require encrypt but do not authenticate the server.
+        // libpq semantics: prefer, and require without a CA file, encrypt
+        // but do not authenticate the server.
         SslMode::Prefer | SslMode::Require => Arc::new(Unverified {
             algorithms: provider.signature_verification_algorithms,
         }),
@@ -51,11 +73,10 @@ pub fn client_config(mode: SslMode, rootcert: Option<&Path>) -> Result<Option<Ar
 
 fn load_roots(mode: SslMode, rootcert: Option<&Path>) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
-    let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt"));
     let file = match rootcert {
         Some(p) if p.as_os_str() == SYSTEM_ROOTS => None,
         Some(p) => Some(p.to_path_buf()),
-        None => default.filter(|p| p.exists()),
+        None => default_root_file(),
     };
     if file.is_none() && mode == SslMode::VerifyCa {
         // verify-ca skips the host name: against the system's trust store,
@@ -203,6 +224,24 @@ impl ServerCertVerifier for ChainOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn require_with_a_ca_file_verifies_the_chain_as_libpq_does() {
+        let file = Path::new("/etc/outbox/ca.pem");
+        assert_eq!(
+            effective_mode(SslMode::Require, Some(file)),
+            SslMode::VerifyCa
+        );
+        assert_eq!(
+            effective_mode(SslMode::Require, Some(Path::new(SYSTEM_ROOTS))),
+            SslMode::Require
+        );
+        assert_eq!(effective_mode(SslMode::Prefer, Some(file)), SslMode::Prefer);
+        assert_eq!(
+            effective_mode(SslMode::VerifyFull, None),
+            SslMode::VerifyFull
+        );
+    }
 
     #[test]
     fn verify_ca_refuses_the_system_store() {
