@@ -253,10 +253,10 @@ mod tests {
             {
                 continue;
             }
-            let err = client_config(SslMode::VerifyCa, rootcert)
-                .err()
-                .expect("verify-ca without a CA file is refused")
-                .to_string();
+            let Err(err) = client_config(SslMode::VerifyCa, rootcert) else {
+                panic!("verify-ca without a CA file is refused");
+            };
+            let err = err.to_string();
             assert!(err.contains("sslrootcert=/path/ca.pem"), "{err}");
         }
     }
