@@ -622,8 +622,7 @@ async fn negotiate_tls(
     host: &str,
 ) -> Result<(Box<dyn Io>, Security)> {
     let mode = crate::postgres::tls::effective_mode(cfg.sslmode, cfg.sslrootcert.as_deref());
-    let Some(tls) = crate::postgres::tls::client_config(cfg.sslmode, cfg.sslrootcert.as_deref())?
-    else {
+    let Some(tls) = crate::postgres::tls::client_config(mode, cfg.sslrootcert.as_deref())? else {
         return Ok((Box::new(tcp), Security::Plaintext(cfg.sslmode)));
     };
     let io_err = |source| Error::Io {

@@ -38,9 +38,9 @@ fn default_root_file() -> Option<PathBuf> {
         .filter(|p| p.exists())
 }
 
-/// Builds the client configuration for `mode`; `None` for `disable`.
+/// Builds the client configuration for `mode` (as [`effective_mode`] gives
+/// it); `None` for `disable`.
 pub fn client_config(mode: SslMode, rootcert: Option<&Path>) -> Result<Option<Arc<ClientConfig>>> {
-    let mode = effective_mode(mode, rootcert);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
