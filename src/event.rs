@@ -37,6 +37,34 @@ pub fn is_reserved_header(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX))
 }
 
+/// Why a header name cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HeaderNameProblem {
+    /// The name is empty.
+    Empty,
+    /// The name has spaces, control or non-ASCII characters, which let a
+    /// look-alike (`ıd`, `id `) pass for another name.
+    NotVisibleAscii,
+    /// The relay sets this header itself (see [`is_reserved_header`]).
+    Reserved,
+}
+
+/// What is wrong with a header name, if anything: the one rule the write
+/// helper and the relay (for rows written with plain SQL) apply, and the
+/// table's CHECK constraint `outbox_headers_not_reserved` mirrors.
+pub fn header_name_problem(name: &str) -> Option<HeaderNameProblem> {
+    if name.is_empty() {
+        Some(HeaderNameProblem::Empty)
+    } else if !name.bytes().all(|b| b.is_ascii_graphic()) {
+        Some(HeaderNameProblem::NotVisibleAscii)
+    } else if is_reserved_header(name) {
+        Some(HeaderNameProblem::Reserved)
+    } else {
+        None
+    }
+}
+
 /// The identity of one event: a UUIDv7, so ids sort by creation time. It is
 /// sent as the Kafka header `id`, and consumers deduplicate on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -138,8 +166,8 @@ impl Event {
         self
     }
 
-    /// Adds a Kafka header. Names must be non-empty and not reserved (see
-    /// [`is_reserved_header`]); neither name nor value may contain NUL.
+    /// Adds a Kafka header. Names must pass [`header_name_problem`]; values
+    /// may not contain NUL.
     pub fn with_header(
         mut self,
         name: impl Into<String>,
@@ -147,26 +175,21 @@ impl Event {
     ) -> Result<Self> {
         let name = name.into();
         let value = value.into();
-        if name.is_empty() {
-            return Err(Error::InvalidHeader {
-                name,
-                reason: "header names must not be empty",
-            });
+        if let Some(problem) = header_name_problem(&name) {
+            let reason = match problem {
+                HeaderNameProblem::Empty => "header names must not be empty",
+                HeaderNameProblem::NotVisibleAscii => {
+                    "header names must be visible ASCII (no spaces, control or non-ASCII \
+                     characters), so that no consumer can mistake one for another"
+                }
+                HeaderNameProblem::Reserved => {
+                    "this header is set by the relay; choose another name"
+                }
+            };
+            return Err(Error::InvalidHeader { name, reason });
         }
-        if !name.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Error::InvalidHeader {
-                name,
-                reason: "header names must be visible ASCII (no spaces, control or non-ASCII \
-                         characters), so that no consumer can mistake one for another",
-            });
-        }
-        if is_reserved_header(&name) {
-            return Err(Error::InvalidHeader {
-                name,
-                reason: "this header is set by the relay; choose another name",
-            });
-        }
-        if name.contains('\0') || value.contains('\0') {
+        // Names are visible ASCII by now; only the value can hold a NUL.
+        if value.contains('\0') {
             return Err(Error::InvalidHeader {
                 name,
                 reason: "header names and values must not contain NUL characters",

@@ -54,7 +54,10 @@ mod write;
 pub mod tokio_postgres;
 
 pub use error::{Error, Result};
-pub use event::{Event, EventId, RESERVED_HEADER_PREFIX, RESERVED_HEADERS, is_reserved_header};
+pub use event::{
+    Event, EventId, HeaderNameProblem, RESERVED_HEADER_PREFIX, RESERVED_HEADERS,
+    header_name_problem, is_reserved_header,
+};
 pub use inbox::Inbox;
 pub use write::{DEFAULT_MAX_PAYLOAD_BYTES, Outbox, write, write_all};
 

@@ -251,21 +251,24 @@ fn parse_headers(raw: &[u8]) -> std::result::Result<Vec<(String, String)>, &'sta
     object
         .iter()
         .map(|(k, v)| {
-            if k.is_empty() {
-                return Err("its `headers` column has an empty header name");
-            }
-            if !k.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(
-                    "its `headers` column has a header name that is not visible ASCII \
-                     (spaces, control or non-ASCII characters)",
-                );
-            }
-            // A row written with plain SQL (the write helper refuses these)
-            // must not send a second `id` or `event_type` next to the
-            // relay's, nor pose as a dead letter with `outbox.*`.
-            if outbox::is_reserved_header(k) {
-                return Err("its `headers` column sets a header the relay sets itself \
-                     (id, event_type, aggregate_type, aggregate_id, traceparent, outbox.*)");
+            // The write helper's rule, for rows written with plain SQL: no
+            // second `id` or `event_type` next to the relay's, no posing as
+            // a dead letter with `outbox.*`, no look-alike names.
+            if let Some(problem) = outbox::header_name_problem(k) {
+                return Err(match problem {
+                    outbox::HeaderNameProblem::Empty => {
+                        "its `headers` column has an empty header name"
+                    }
+                    outbox::HeaderNameProblem::Reserved => {
+                        "its `headers` column sets a header the relay sets itself \
+                         (id, event_type, aggregate_type, aggregate_id, traceparent, outbox.*)"
+                    }
+                    outbox::HeaderNameProblem::NotVisibleAscii => {
+                        "its `headers` column has a header name that is not visible ASCII \
+                         (spaces, control or non-ASCII characters)"
+                    }
+                    _ => "its `headers` column has a header name the write helper refuses",
+                });
             }
             match v.as_str() {
                 Some(s) => Ok((k.clone(), s.to_owned())),
