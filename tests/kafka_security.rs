@@ -28,6 +28,14 @@ async fn tls_broker(
     (tansu, terminator, format!("127.0.0.1:{tls_port}"))
 }
 
+/// Client settings for TLS (`protocol` SSL or SASL_SSL) trusting `ca`.
+fn tls_options(protocol: &str, ca: &std::path::Path) -> Vec<String> {
+    vec![
+        format!("security.protocol={protocol}"),
+        format!("ssl.ca.location={}", ca.display()),
+    ]
+}
+
 /// Runs the kitchen through the relay and the consumer on `stand`: every
 /// event applied exactly once (the projection equals the source table).
 async fn events_flow(stand: &Stand) {
@@ -46,15 +54,7 @@ async fn the_relay_and_the_consumer_talk_tls_to_the_broker_and_verify_it() {
     let dir = std::env::temp_dir().join(unique("outbox-kafka-tls"));
     let certs = certificates(&dir);
     let (tansu, terminator, brokers) = tls_broker(&certs, &[]).await;
-    let stand = Stand::with_broker(
-        tansu,
-        brokers,
-        vec![
-            "security.protocol=SSL".into(),
-            format!("ssl.ca.location={}", certs.ca.display()),
-        ],
-    )
-    .await;
+    let stand = Stand::with_broker(tansu, brokers, tls_options("SSL", &certs.ca)).await;
     events_flow(&stand).await;
     // Every client connection went through the TLS listener: the broker
     // advertises only the terminator's port.
@@ -69,15 +69,7 @@ async fn a_broker_certificate_that_does_not_verify_stops_the_relay_with_the_caus
     // A CA that did not sign the broker's certificate.
     let other = certificates(&dir.join("other"));
     let (tansu, terminator, brokers) = tls_broker(&certs, &[]).await;
-    let stand = Stand::with_broker(
-        tansu,
-        brokers,
-        vec![
-            "security.protocol=SSL".into(),
-            format!("ssl.ca.location={}", other.ca.display()),
-        ],
-    )
-    .await;
+    let stand = Stand::with_broker(tansu, brokers, tls_options("SSL", &other.ca)).await;
     let mut relay = stand.relay_builder().spawn();
     let status = relay.wait_exit(Duration::from_secs(60)).await;
     let logs = relay.logs();
@@ -142,10 +134,7 @@ async fn sasl_ssl_with_scram_delivers_through_tls() {
     let dir = std::env::temp_dir().join(unique("outbox-kafka-tls"));
     let certs = certificates(&dir);
     let (tansu, terminator, brokers) = tls_broker(&certs, &[("relay", "s3cret")]).await;
-    let mut options = vec![
-        "security.protocol=SASL_SSL".to_owned(),
-        format!("ssl.ca.location={}", certs.ca.display()),
-    ];
+    let mut options = tls_options("SASL_SSL", &certs.ca);
     options.extend(scram("relay", "s3cret"));
     let stand = Stand::with_broker(tansu, brokers, options).await;
     events_flow(&stand).await;

@@ -261,22 +261,11 @@ async fn a_least_privilege_role_is_enough() {
     let f = Fixture::new().await;
     // What docs/operations.md asks for: REPLICATION and LOGIN, SELECT on the
     // outbox, and read/write on the relay's bookkeeping table. No superuser.
-    for sql in [
-        "CREATE ROLE relay LOGIN REPLICATION PASSWORD 'relay-Pw-1'",
-        "GRANT SELECT ON outbox TO relay",
-        "GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot TO relay",
-    ] {
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&f.pool)
-            .await
-            .unwrap();
-    }
+    let relay_url = f.create_relay_role().await;
     let mut seq = 0;
     let mut written = f.write_many(20, 5, 3, &mut seq).await;
     let mut builder = f.relay();
-    builder.database_url = f
-        .url
-        .replace(&format!("postgres:{PASSWORD}@"), "relay:relay-Pw-1@");
+    builder.database_url = relay_url;
     let mut relay = builder.spawn();
     relay
         .wait_log("backfill complete", Duration::from_secs(60))

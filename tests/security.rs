@@ -322,23 +322,14 @@ async fn the_metrics_endpoint_survives_many_idle_connections() {
 
 #[tokio::test]
 async fn the_documented_role_and_hba_line_are_enough_and_allow_no_physical_copy() {
-    use crate::support::postgres::{PASSWORD, SUPERUSER, bin};
+    use crate::support::postgres::{SUPERUSER, bin};
     let f = Fixture::new().await;
     let db: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&f.pool)
         .await
         .unwrap();
     // The role docs/operations.md documents.
-    for sql in [
-        "CREATE ROLE relay LOGIN REPLICATION PASSWORD 'relay-Pw-1'",
-        "GRANT SELECT ON outbox TO relay",
-        "GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot TO relay",
-    ] {
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(&f.pool)
-            .await
-            .unwrap();
-    }
+    let relay_url = f.create_relay_role().await;
     let superuser = format!("host all {SUPERUSER} 127.0.0.1/32 scram-sha-256\n");
     // The documented pg_hba.conf line: the database, not `replication`.
     f.pg.set_hba(&format!(
@@ -370,9 +361,6 @@ async fn the_documented_role_and_hba_line_are_enough_and_allow_no_physical_copy(
     let _ = std::fs::remove_dir_all(&backup_dir);
 
     // The relay streams through the database line.
-    let relay_url = f
-        .url
-        .replace(&format!("{SUPERUSER}:{PASSWORD}@"), "relay:relay-Pw-1@");
     let mut builder = f.relay();
     builder.database_url = relay_url.clone();
     let mut relay = builder.spawn();

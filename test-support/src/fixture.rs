@@ -56,6 +56,31 @@ impl Fixture {
         drop_row_checks(&self.pool).await;
     }
 
+    /// Creates the least-privilege role docs/operations.md documents
+    /// (`LOGIN REPLICATION`, `SELECT` on the outbox, read/write on the
+    /// relay's bookkeeping table; no superuser) and returns this database's
+    /// URL for it.
+    pub async fn create_relay_role(&self) -> String {
+        for sql in [
+            "CREATE ROLE relay LOGIN REPLICATION PASSWORD 'relay-Pw-1'",
+            "GRANT SELECT ON outbox TO relay",
+            "GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot TO relay",
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&self.pool)
+                .await
+                .expect("create the relay's role");
+        }
+        self.url.replace(
+            &format!(
+                "{}:{}@",
+                crate::postgres::SUPERUSER,
+                crate::postgres::PASSWORD
+            ),
+            "relay:relay-Pw-1@",
+        )
+    }
+
     pub fn topic(&self) -> String {
         format!("outbox.event.{}", self.aggregate_type)
     }

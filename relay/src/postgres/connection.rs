@@ -807,8 +807,13 @@ mod tests {
             // Keep the server side open while the client reads.
             let _ = server.read(&mut buf).await;
         });
+        over(client)
+    }
+
+    /// A client connection over `io`, before its startup.
+    fn over(io: tokio::io::DuplexStream) -> Connection {
         Connection {
-            io: Box::new(client),
+            io: Box::new(io),
             read_buf: BytesMut::new(),
             write_buf: BytesMut::new(),
             endpoint: "scripted".into(),
@@ -900,14 +905,7 @@ mod tests {
             let _ = server.read_to_end(&mut rest).await;
             rest.first() == Some(&b'p')
         });
-        let mut conn = Connection {
-            io: Box::new(client),
-            read_buf: BytesMut::new(),
-            write_buf: BytesMut::new(),
-            endpoint: "scripted".into(),
-            max_message: PRE_AUTH_MAX_MESSAGE,
-            security: Security::Plaintext(SslMode::Disable),
-        };
+        let mut conn = over(client);
         let result = conn.startup(cfg, Mode::Sql).await;
         drop(conn);
         (result, reader.await.unwrap())
