@@ -641,7 +641,11 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
     mock.broker_down(1).unwrap();
     let mark = current_lsn(&pool).await;
     insert(&pool, &agg, 1, 50).await;
-    relay.wait_log(" published ", Duration::from_secs(30)).await;
+    // The warm-up event already logged one " published ": wait for the next
+    // transaction's, or the stop can come before it is read (and exit 0).
+    relay
+        .wait_log_count(" published ", 2, Duration::from_secs(30))
+        .await;
     let started = std::time::Instant::now();
     let status = relay.stop().await;
     let logs = relay.logs();

@@ -223,6 +223,20 @@ impl Relay {
         }
     }
 
+    /// Waits until `needle` occurs at least `count` times in the output (for
+    /// a line that an earlier step already logged once).
+    pub async fn wait_log_count(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.logs().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "relay did not log {needle:?} {count} times within {timeout:?}; output:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
