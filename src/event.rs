@@ -200,6 +200,8 @@ impl Event {
     }
 
     /// Sends this event to `topic` instead of the relay's topic template.
+    /// The relay publishes it only if its `--allowed-topics` lists the
+    /// topic (by default only the template's topics are allowed).
     pub fn with_topic(mut self, topic: impl Into<String>) -> Result<Self> {
         let topic = topic.into();
         if let Err(reason) = topic::validate(&topic) {

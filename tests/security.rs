@@ -224,6 +224,11 @@ async fn rows_cannot_spoof_the_relays_headers_or_pick_an_illegal_topic() {
     )
     .await
     .expect("ordinary headers and a legal topic are accepted");
+    // (Its topic is outside the default allow-list: not this test's subject.)
+    sqlx::query("DELETE FROM outbox WHERE topic = 'a.b_c-1'")
+        .execute(&f.pool)
+        .await
+        .unwrap();
 
     // Rows from before the constraints reach the relay, which refuses them
     // too: dead-lettered here (stop is the default), without the spoofed
@@ -270,6 +275,109 @@ async fn rows_cannot_spoof_the_relays_headers_or_pick_an_illegal_topic() {
         dead[0].headers
     );
     assert!(relay.stop().await.success(), "{}", relay.logs());
+}
+
+/// Item 7 of issue 10: a row cannot publish to (or, with --create-topics,
+/// create) a topic outside the allow-list: by default what the template
+/// gives; never the dead-letter topic or Kafka's own. Such a row is
+/// undeliverable: dead-lettered or, by default, a stop that leaves the slot
+/// before it.
+#[tokio::test]
+async fn rows_cannot_publish_outside_the_allowed_topics() {
+    use crate::support::kafka::topic_names;
+    use crate::support::postgres::{confirmed_flush, lsn_after};
+    let f = Fixture::new().await;
+    let agg = &f.aggregate_type;
+    let brokers = f.tansu.brokers();
+    let dlt = unique("dlt").replace('_', "-");
+    let elsewhere = unique("payments.ledger");
+    // The fixture's relay creates topics: the allow-list must stop that too.
+    let mut relay = f
+        .relay()
+        .args([
+            "--on-undeliverable",
+            "dead-letter",
+            "--dead-letter-topic",
+            &dlt,
+        ])
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut written = f.write_tx(&[("a".into(), 1)]).await;
+    let mut refused = Vec::new();
+    for topic in [elsewhere.as_str(), dlt.as_str(), "__consumer_offsets"] {
+        refused.push(insert_raw(&f.pool, agg, "{}", Some(topic)).await.unwrap());
+    }
+    written.extend(f.write_tx(&[("a".into(), 2)]).await);
+    let records = f.read(written.len()).await;
+    assert_exactly_once(&written, &records);
+    let dead = crate::support::kafka::consume_settle(
+        &brokers,
+        &[&dlt],
+        3,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|r| {
+            (
+                r.id().to_owned(),
+                r.header("outbox.error").unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        refused,
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[0]
+            .1
+            .contains("is not one --topic-template gives (`outbox.event.*`)"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].1.contains("is the dead-letter topic"),
+        "{reasons:?}"
+    );
+    assert!(reasons[2].1.contains("internal topics"), "{reasons:?}");
+    assert!(
+        !topic_names(&brokers).contains(&elsewhere),
+        "the refused row created its topic"
+    );
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+
+    // A configured list replaces the default; under the default policy a
+    // row outside it stops the relay, which confirms nothing past it.
+    let listed = unique("orders.v1");
+    let allowed = format!("outbox.event.*,{listed}");
+    let builder = f.relay().args(["--allowed-topics", &allowed]);
+    let mut relay = builder.spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let to_listed = insert_raw(&f.pool, agg, "{}", Some(&listed)).await.unwrap();
+    let got = crate::support::consume(&brokers, &[&listed], 1, Duration::from_secs(60)).await;
+    assert_eq!(got[0].id(), to_listed);
+    let mark: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    let outside = insert_raw(&f.pool, agg, "{}", Some(&elsewhere))
+        .await
+        .unwrap();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    let logs = relay.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(
+        logs.contains(&format!(
+            "outbox event {outside} cannot be published: its topic `{elsewhere}` is not in --allowed-topics (`{allowed}`)"
+        )),
+        "{logs}"
+    );
+    let confirmed = confirmed_flush(&f.url, &f.slot).await.unwrap();
+    assert!(!lsn_after(&f.url, &confirmed, &mark).await, "{logs}");
+    assert!(!topic_names(&brokers).contains(&elsewhere));
 }
 
 #[tokio::test]

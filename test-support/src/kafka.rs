@@ -171,6 +171,23 @@ pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     }
 }
 
+/// The names of every topic the cluster has (a full metadata request, so
+/// asking cannot create one).
+pub fn topic_names(brokers: &str) -> Vec<String> {
+    let probe: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", crate::unique("test-metadata"))
+        .create()
+        .expect("consumer");
+    probe
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata")
+        .topics()
+        .iter()
+        .map(|t| t.name().to_owned())
+        .collect()
+}
+
 /// Reads every partition of the topics from the start to its high watermark
 /// as of this call, then for two more seconds: with the producer stopped the
 /// log no longer changes, so duplicates cannot hide behind a settle time

@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use crate::cli::parse_duration;
 use crate::kafka::config::{KafkaConfig, parse_kafka_option, split_kafka_options};
 use crate::pipeline::config::{RelayConfig, validate_slot_name};
-use crate::pipeline::topic::TopicTemplate;
+use crate::pipeline::topic::{AllowedTopics, TopicTemplate};
 use crate::postgres::config::PgConfig;
 use crate::{Error, Result};
 
@@ -48,6 +48,15 @@ pub struct RunArgs {
         default_value = "outbox.event.{aggregate_type}"
     )]
     pub topic_template: String,
+
+    /// Topics events may be published to (and created, with
+    /// --create-topics), comma-separated names or patterns where `*` matches
+    /// anything, e.g. `outbox.event.*,orders.v1`. Default: only what
+    /// --topic-template gives. A row whose topic is outside the list is
+    /// undeliverable (see --on-undeliverable). The dead-letter topic and
+    /// `__`-prefixed topics are never allowed for events.
+    #[arg(long, env = "OUTBOX_ALLOWED_TOPICS")]
+    pub allowed_topics: Option<String>,
 
     /// A librdkafka producer setting as key=value, taken verbatim (commas
     /// included); repeatable, e.g. --kafka-option security.protocol=SASL_SSL.
@@ -149,6 +158,11 @@ impl RunArgs {
         validate_publication_name(&args.publication)?;
         validate_name("schema", "--schema (OUTBOX_SCHEMA)", &args.schema)?;
         let topic_template = TopicTemplate::parse(&args.topic_template)?;
+        let allowed_topics = AllowedTopics::parse(
+            args.allowed_topics.as_deref(),
+            &topic_template,
+            &args.dead_letter_topic,
+        )?;
         let brokers = args.kafka_brokers.trim().to_owned();
         if brokers.is_empty() {
             return Err(Error::Config(
@@ -198,6 +212,7 @@ impl RunArgs {
             publication: args.publication.clone(),
             schema: args.schema.clone(),
             topic_template,
+            allowed_topics,
             kafka: KafkaConfig {
                 brokers,
                 options,

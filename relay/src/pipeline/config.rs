@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::kafka::config::KafkaConfig;
-use crate::pipeline::topic::TopicTemplate;
+use crate::pipeline::topic::{AllowedTopics, TopicTemplate};
 use crate::postgres::config::PgConfig;
 use crate::postgres::connection::quote_ident;
 use crate::{Error, Result};
@@ -23,6 +23,8 @@ pub struct RelayConfig {
     pub schema: String,
     /// Topic template.
     pub topic_template: TopicTemplate,
+    /// The topics events may go to (checked before publishing or creating).
+    pub allowed_topics: AllowedTopics,
     /// Kafka.
     pub kafka: KafkaConfig,
     /// In-flight window.

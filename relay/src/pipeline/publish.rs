@@ -22,7 +22,7 @@ use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::deliveries::{Deliveries, Producer};
 use crate::pipeline::event::OutboxEvent;
 use crate::pipeline::progress::{Ledger, Refused, Ticket};
-use crate::pipeline::topic::TopicTemplate;
+use crate::pipeline::topic::{AllowedTopics, TopicTemplate};
 use crate::{Error, Result};
 
 /// The Kafka side of the relay.
@@ -42,6 +42,7 @@ pub struct Publisher {
     topics: Topics,
     cfg: KafkaConfig,
     template: TopicTemplate,
+    allowed: AllowedTopics,
     /// The previous event's topic and what it was derived from: consecutive
     /// events usually share it, and rendering, validating and looking it up
     /// for each one showed up in the relay's profile.
@@ -72,6 +73,7 @@ impl Publisher {
     pub fn new(
         cfg: &KafkaConfig,
         template: TopicTemplate,
+        allowed: AllowedTopics,
         max_in_flight: usize,
         timeout: Duration,
         metrics: Arc<Metrics>,
@@ -91,6 +93,7 @@ impl Publisher {
             topics,
             cfg: cfg.clone(),
             template,
+            allowed,
             last_topic: None,
             timeout,
             stop: CancellationToken::new(),
@@ -256,6 +259,14 @@ impl Publisher {
                  fix its aggregate_type or event_type, or change --topic-template"
             ),
         })?;
+        // Before the topic is created or written: a row must not reach
+        // another service's topic or create topics at will.
+        self.allowed
+            .check(&topic)
+            .map_err(|reason| Error::BadEvent {
+                event_id: event.id.clone(),
+                reason,
+            })?;
         Ok(topic)
     }
 

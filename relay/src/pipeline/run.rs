@@ -50,12 +50,14 @@ pub async fn run_with_metrics(
         publication = %cfg.publication,
         brokers = %cfg.kafka.brokers,
         max_in_flight = cfg.max_in_flight,
+        allowed_topics = %cfg.allowed_topics.describe(),
         dead_letter_topic = cfg.dead_letter_topic.as_deref().unwrap_or("none: stop on undeliverable events"),
         "starting outbox relay"
     );
     let mut publisher = Publisher::new(
         &cfg.kafka,
         cfg.topic_template.clone(),
+        cfg.allowed_topics.clone(),
         cfg.max_in_flight,
         cfg.connect_timeout,
         metrics.clone(),
