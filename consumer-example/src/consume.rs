@@ -85,13 +85,13 @@ pub async fn run(
     for (k, v) in &cfg.options {
         client.set(k, v);
     }
-    let consumer: StreamConsumer = client.create().map_err(|err| match err {
-        // librdkafka's message repeats the refused value, which may be a
-        // secret: name the setting only.
-        rdkafka::error::KafkaError::ClientConfig(_, _, key, _) => {
-            anyhow::anyhow!("creating the kafka consumer: librdkafka refuses the value of `{key}`")
-        }
-        other => anyhow::Error::new(other).context("creating the kafka consumer"),
+    // librdkafka's message repeats the refused value, which may be a
+    // secret: the relay's rule keeps every option value out of it.
+    let consumer: StreamConsumer = client.create().map_err(|err| {
+        anyhow::anyhow!(
+            "creating the kafka consumer: {}",
+            outbox_relay::kafka::config::describe_config_error(&err, &cfg.options)
+        )
     })?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).context("subscribing")?;

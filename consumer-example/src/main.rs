@@ -1,12 +1,14 @@
 //! `outbox-consumer-example`: the burger stand's stock consumer (`consume`),
 //! its kitchen (`kitchen`), and their schema (`setup`).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outbox_consumer_example::consume::{self, ConsumerConfig};
 use outbox_consumer_example::kitchen;
+use outbox_relay::cli::secrets::{read_kafka_options_file, read_secret_file};
 use outbox_relay::kafka::config::split_kafka_options;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +23,14 @@ struct Cli {
         global = true
     )]
     database_url: Option<String>,
+    /// A file holding the PostgreSQL URL (one line), instead of --database-url.
+    #[arg(
+        long,
+        env = "OUTBOX_DATABASE_URL_FILE",
+        global = true,
+        conflicts_with = "database_url"
+    )]
+    database_url_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,6 +80,11 @@ enum Command {
             hide_env_values = true
         )]
         kafka_option_list: Option<String>,
+        /// A file of librdkafka consumer settings, one key=value per line
+        /// taken verbatim (`#` comments), for secrets such as sasl.password;
+        /// applied first.
+        #[arg(long, env = "OUTBOX_KAFKA_OPTIONS_FILE")]
+        kafka_options_file: Option<PathBuf>,
         /// Fault injection for tests: abort after N database commits, before storing offsets.
         #[arg(long, env = "OUTBOX_CONSUMER_CRASH_AFTER_COMMITS", hide = true)]
         crash_after_commits: Option<u64>,
@@ -95,9 +110,15 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let url = cli
-        .database_url
-        .context("--database-url (OUTBOX_DATABASE_URL) is required")?;
+    let url = match (cli.database_url, &cli.database_url_file) {
+        (Some(url), _) => url,
+        (None, Some(path)) => {
+            read_secret_file(path, "--database-url-file (OUTBOX_DATABASE_URL_FILE)")?
+        }
+        (None, None) => anyhow::bail!(
+            "--database-url (OUTBOX_DATABASE_URL) or --database-url-file (OUTBOX_DATABASE_URL_FILE) is required"
+        ),
+    };
     let pool = sqlx::PgPool::connect(&url)
         .await
         .context("connecting to PostgreSQL")?;
@@ -124,11 +145,23 @@ async fn main() -> anyhow::Result<()> {
             inbox,
             kafka_options,
             kafka_option_list,
+            kafka_options_file,
             crash_after_commits,
         } => {
-            let options = kafka_option_list
-                .iter()
-                .flat_map(|list| split_kafka_options(list))
+            let from_file = match &kafka_options_file {
+                Some(path) => read_kafka_options_file(
+                    path,
+                    "--kafka-options-file (OUTBOX_KAFKA_OPTIONS_FILE)",
+                )?,
+                None => Vec::new(),
+            };
+            let options = from_file
+                .into_iter()
+                .chain(
+                    kafka_option_list
+                        .iter()
+                        .flat_map(|list| split_kafka_options(list)),
+                )
                 .chain(kafka_options)
                 .map(|o| {
                     o.split_once('=')

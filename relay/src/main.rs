@@ -49,7 +49,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> outbox_relay::Result<()> {
     match command {
-        Command::Migrate(args) => outbox_relay::migrate::run(&args.database_url).await,
+        Command::Migrate(args) => outbox_relay::migrate::run(&args.database.pg_config()?).await,
         Command::Run(args) => {
             let cfg = args.relay_config()?;
             let token = CancellationToken::new();

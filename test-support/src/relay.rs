@@ -157,12 +157,26 @@ impl RelayBuilder {
             "PGSSLROOTCERT",
             "PGAPPNAME",
             "PGCONNECT_TIMEOUT",
+            "PGREQUIREAUTH",
+            // Refused by the relay when set (it does not read them).
+            "PGSERVICE",
+            "PGSERVICEFILE",
+            "PGHOSTADDR",
+            "PGSSLCERT",
+            "PGSSLKEY",
+            "PGSSLCRL",
+            "PGCHANNELBINDING",
+            "PGPASSFILE",
         ] {
             cmd.env_remove(var);
         }
+        // An empty URL: the test gives the database another way
+        // (--database-url-file).
+        if !self.database_url.is_empty() {
+            cmd.env("OUTBOX_DATABASE_URL", &self.database_url);
+        }
         cmd.arg("run")
             .args(&self.args)
-            .env("OUTBOX_DATABASE_URL", &self.database_url)
             .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
             .env("OUTBOX_SLOT", &self.slot)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));

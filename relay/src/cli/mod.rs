@@ -1,11 +1,17 @@
 //! The command line: flags and their environment variables, validated into
 //! each layer's settings before any connection is made.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::postgres::config::{PgConfig, Secret};
+use crate::{Error, Result};
+use secrets::read_secret_file;
+
 mod run;
+pub mod secrets;
 
 pub use run::{RunArgs, Undeliverable};
 
@@ -43,9 +49,64 @@ pub enum LogFormat {
 /// Flags of `outbox-relay migrate`.
 #[derive(Args)]
 pub struct MigrateArgs {
+    /// The database.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+/// Where the database is and how to log in: the URL, or files holding the
+/// URL and the password (secret mounts), so that no secret is on a command
+/// line or in the environment.
+#[derive(Args)]
+pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://relay:secret@db:5432/app?sslmode=verify-full.
-    #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    /// Query parameters: sslmode (disable, prefer, require, verify-ca, verify-full),
+    /// sslrootcert, require_auth, application_name, connect_timeout, host (a socket
+    /// directory). libpq's PG* variables fill what it leaves out.
+    #[arg(
+        long,
+        env = "OUTBOX_DATABASE_URL",
+        hide_env_values = true,
+        required_unless_present = "database_url_file",
+        conflicts_with = "database_url_file"
+    )]
+    pub database_url: Option<String>,
+
+    /// A file holding the PostgreSQL URL (one line), instead of --database-url.
+    #[arg(long, env = "OUTBOX_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+
+    /// A file holding the database password (one line); it replaces a
+    /// password in the URL or PGPASSWORD.
+    #[arg(long, env = "OUTBOX_DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<PathBuf>,
+}
+
+impl DatabaseArgs {
+    /// The connection settings, files read.
+    pub fn pg_config(&self) -> Result<PgConfig> {
+        let url = match (&self.database_url, &self.database_url_file) {
+            (Some(url), None) => url.clone(),
+            (None, Some(path)) => {
+                read_secret_file(path, "--database-url-file (OUTBOX_DATABASE_URL_FILE)")?
+            }
+            _ => {
+                return Err(Error::Config(
+                    "give the database with exactly one of --database-url (OUTBOX_DATABASE_URL) \
+                     and --database-url-file (OUTBOX_DATABASE_URL_FILE)"
+                        .into(),
+                ));
+            }
+        };
+        let mut pg = PgConfig::from_url(&url)?;
+        if let Some(path) = &self.database_password_file {
+            pg.password = Some(Secret::new(read_secret_file(
+                path,
+                "--database-password-file (OUTBOX_DATABASE_PASSWORD_FILE)",
+            )?));
+        }
+        Ok(pg)
+    }
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h` (a bare number means seconds).

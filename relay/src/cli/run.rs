@@ -6,21 +6,19 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::cli::parse_duration;
+use crate::cli::secrets::read_kafka_options_file;
+use crate::cli::{DatabaseArgs, parse_duration};
 use crate::kafka::config::{KafkaConfig, parse_kafka_option, split_kafka_options};
 use crate::pipeline::config::{RelayConfig, validate_slot_name};
 use crate::pipeline::topic::{AllowedTopics, TopicTemplate};
-use crate::postgres::config::PgConfig;
 use crate::{Error, Result};
 
 /// Flags of `outbox-relay run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// PostgreSQL URL, e.g. postgres://relay:secret@db:5432/app?sslmode=verify-full.
-    /// Query parameters: sslmode (disable, prefer, require, verify-ca, verify-full),
-    /// sslrootcert, application_name, connect_timeout, host (a socket directory).
-    #[arg(long, env = "OUTBOX_DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    /// The database.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 
     /// Kafka bootstrap servers, comma-separated host:port list.
     #[arg(long, env = "OUTBOX_KAFKA_BROKERS")]
@@ -74,6 +72,13 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub kafka_option_list: Option<String>,
+
+    /// A file of librdkafka producer settings, one key=value per line taken
+    /// verbatim (`#` comments, blank lines skipped), as Kafka client property
+    /// files are written: for secrets such as sasl.password. Applied first,
+    /// so --kafka-options and --kafka-option override it.
+    #[arg(long, env = "OUTBOX_KAFKA_OPTIONS_FILE")]
+    pub kafka_options_file: Option<std::path::PathBuf>,
 
     /// Create missing topics through the Kafka admin API instead of stopping.
     #[arg(long, env = "OUTBOX_CREATE_TOPICS")]
@@ -152,7 +157,7 @@ impl RunArgs {
     /// Validates the flags of `run` into the pipeline's settings.
     pub fn relay_config(&self) -> Result<RelayConfig> {
         let args = self;
-        let mut pg = PgConfig::from_url(&args.database_url)?;
+        let mut pg = args.database.pg_config()?;
         pg.connect_timeout = args.connect_timeout;
         validate_slot_name(&args.slot)?;
         validate_publication_name(&args.publication)?;
@@ -169,10 +174,19 @@ impl RunArgs {
                 "--kafka-brokers (OUTBOX_KAFKA_BROKERS) is empty; give host:port of at least one broker".into(),
             ));
         }
-        let options = args
-            .kafka_option_list
-            .iter()
-            .flat_map(|list| split_kafka_options(list))
+        let from_file = match &args.kafka_options_file {
+            Some(path) => {
+                read_kafka_options_file(path, "--kafka-options-file (OUTBOX_KAFKA_OPTIONS_FILE)")?
+            }
+            None => Vec::new(),
+        };
+        let options = from_file
+            .into_iter()
+            .chain(
+                args.kafka_option_list
+                    .iter()
+                    .flat_map(|list| split_kafka_options(list)),
+            )
             .chain(args.kafka_options.iter().cloned())
             .map(|o| parse_kafka_option(&o))
             .collect::<Result<Vec<_>>>()?;

@@ -133,6 +133,60 @@ fn weakens_delivery(key: &str, value: &str) -> Option<&'static str> {
     }
 }
 
+/// Setting names whose values are secrets: their values are kept out of
+/// every message, however short.
+fn is_secret_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "key.pem",
+        "sasl.oauthbearer.config",
+        "sasl.jaas.config",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+}
+
+/// librdkafka's refusal of the user's settings (`options`), without their
+/// values: librdkafka quotes a refused value in its message
+/// (`Invalid value "..." for configuration property "..."`), and that value
+/// may be a password. A refusal of one setting names the setting; its
+/// message is kept only once no option value is left in it.
+pub fn describe_config_error(
+    err: &rdkafka::error::KafkaError,
+    options: &[(String, String)],
+) -> String {
+    let (named, mut text) = match err {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, key, value) => {
+            // Quoted, the value is replaced whatever its length.
+            let desc = desc.replace(&format!("\"{value}\""), "\"[redacted]\"");
+            (Some(key.clone()), desc)
+        }
+        other => (None, other.to_string()),
+    };
+    for (key, value) in options {
+        if value.is_empty() || !text.contains(value.as_str()) {
+            continue;
+        }
+        if value.len() >= 3 {
+            text = text.replace(value.as_str(), "[redacted]");
+            continue;
+        }
+        // A short value (`a`) cannot be cut out of a sentence reliably; the
+        // refused setting's or a secret's must not stay in it at all.
+        if is_secret_setting(key) || named.as_deref() == Some(key.as_str()) {
+            text = "librdkafka's message is withheld because it repeats the value".into();
+            break;
+        }
+    }
+    match named {
+        Some(key) => format!("librdkafka refuses the setting `{key}`: {text}"),
+        None => text,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +259,40 @@ mod tests {
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
         assert!(err.contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn config_errors_never_carry_an_option_value() {
+        use rdkafka::ClientConfig;
+        let refuse = |key: &str, value: &str| {
+            ClientConfig::new()
+                .set(key, value)
+                .create::<rdkafka::producer::BaseProducer>()
+                .err()
+                .expect("an invalid value is refused")
+        };
+        // librdkafka echoes the value: a long one is cut out...
+        let err = refuse("linger.ms", "hunter2-not-a-number");
+        assert!(err.to_string().contains("hunter2"), "{err}");
+        let options = [("linger.ms".to_owned(), "hunter2-not-a-number".to_owned())];
+        let text = describe_config_error(&err, &options);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(
+            text.starts_with("librdkafka refuses the setting `linger.ms`"),
+            "{text}"
+        );
+        // ...and so is a short one, quoted or not.
+        let err = refuse("linger.ms", "x");
+        let text = describe_config_error(&err, &[("linger.ms".into(), "x".into())]);
+        assert!(!text.contains("\"x\""), "{text}");
+        assert!(text.contains("`linger.ms`"), "{text}");
+        let err = refuse("security.protocol", "zz");
+        let text = describe_config_error(&err, &[("security.protocol".into(), "zz".into())]);
+        assert!(!text.contains("zz"), "{text}");
+        // A secret setting's value never stays, whatever librdkafka says.
+        let err =
+            rdkafka::error::KafkaError::ClientCreation("sasl.password p1 is not accepted".into());
+        let text = describe_config_error(&err, &[("sasl.password".into(), "p1".into())]);
+        assert!(!text.contains("p1"), "{text}");
     }
 }

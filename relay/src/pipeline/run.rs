@@ -13,7 +13,7 @@ use crate::pipeline::config::RelayConfig;
 use crate::pipeline::lock::SlotLock;
 use crate::pipeline::publish::Publisher;
 use crate::pipeline::{slot, stream};
-use crate::postgres::connection::{Connection, Mode, Security};
+use crate::postgres::connection::{Connection, Mode};
 use crate::{Error, Result};
 
 /// Runs until `token` is cancelled (then returns `Ok` after flushing) or a
@@ -166,7 +166,7 @@ async fn session(
     metrics: &Arc<Metrics>,
 ) -> Result<()> {
     let mut conn = Connection::connect(&cfg.pg, Mode::Replication).await?;
-    log_security(conn.security());
+    conn.security().log();
     slot::check_wal_level(&mut conn).await?;
     slot::check_publication(&mut conn, &cfg.publication, &cfg.pg.dbname).await?;
     if !*brokers_checked {
@@ -180,31 +180,6 @@ async fn session(
     }
     let start = slot::prepare(&mut conn, cfg, publisher, token).await?;
     stream::run(conn, start, cfg, publisher, token, metrics).await
-}
-
-/// Says how the replication connection is protected, each session (a
-/// reconnection may negotiate differently: `prefer` falls back to plaintext
-/// when the server stops offering TLS), and warns when it is weak.
-fn log_security(security: Security) {
-    match security {
-        Security::UnixSocket => {
-            tracing::info!(tls = %security, "database connection over a Unix socket")
-        }
-        Security::Plaintext(_) => tracing::warn!(
-            tls = %security,
-            "the database connection is not encrypted: the password exchange and every event \
-             cross the network in the clear; set sslmode=verify-full (with sslrootcert) in the \
-             database URL"
-        ),
-        Security::Tls(_) if !security.server_verified() => tracing::warn!(
-            tls = %security,
-            "the database connection is encrypted but the server is not authenticated: anyone \
-             in the path can pose as it; set sslmode=verify-full (with sslrootcert)"
-        ),
-        Security::Tls(_) => {
-            tracing::info!(tls = %security, "database connection encrypted, server authenticated")
-        }
-    }
 }
 
 /// Exponential backoff from 100 ms up to a ceiling.

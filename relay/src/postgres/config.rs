@@ -1,7 +1,7 @@
 //! PostgreSQL connection settings, parsed from a `postgres://` URL the way
 //! libpq reads one, with libpq's environment variables (`PGHOST`, `PGPORT`,
 //! `PGDATABASE`, `PGUSER`, `PGPASSWORD`, `PGSSLMODE`, `PGSSLROOTCERT`,
-//! `PGAPPNAME`, `PGCONNECT_TIMEOUT`) filling what the URL leaves out, as
+//! `PGREQUIREAUTH`, `PGAPPNAME`, `PGCONNECT_TIMEOUT`) filling what the URL leaves out, as
 //! libpq and sqlx (`outbox-relay migrate`) do. Passwords are redacted from
 //! every `Debug` and `Display`.
 
@@ -40,6 +40,11 @@ pub enum PgHost {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a password.
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
     /// The secret itself, for the one place that sends it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -224,8 +229,10 @@ impl PgConfig {
         // libpq accepts `postgres://user@/db?host=/socket/dir`; the url crate
         // refuses user info without a host, so give it a placeholder host that
         // the `host` parameter then replaces.
+        let mut placeholder_host = false;
         let url = match url::Url::parse(raw) {
             Err(url::ParseError::EmptyHost) if raw.contains("@/") => {
+                placeholder_host = true;
                 url::Url::parse(&raw.replacen("@/", "@localhost/", 1))
             }
             other => other,
@@ -277,7 +284,7 @@ impl PgConfig {
         };
         let mut host = url
             .host_str()
-            .filter(|h| !h.is_empty())
+            .filter(|h| !h.is_empty() && !placeholder_host)
             .map(|h| PgHost::Tcp(h.trim_matches(['[', ']']).to_owned()));
         let mut port = url.port();
         let mut dbname = decode(url.path().trim_start_matches('/'))?;
@@ -310,7 +317,35 @@ impl PgConfig {
             }
         }
         // What the URL leaves out comes from libpq's variables; an empty
-        // variable counts as unset, as in libpq.
+        // variable counts as unset, as in libpq, except PGSSLMODE, which
+        // libpq refuses when empty (below).
+        if env("PGSSLMODE").is_some_and(|v| v.is_empty()) && sslmode.is_none() {
+            return Err(Error::Config(
+                "PGSSLMODE is set but empty; unset it or give one of disable, prefer, require, \
+                 verify-ca, verify-full"
+                    .into(),
+            ));
+        }
+        // Variables libpq reads that this relay does not: refuse rather than
+        // connect differently from what the environment asks for.
+        for name in [
+            "PGSERVICE",
+            "PGSERVICEFILE",
+            "PGHOSTADDR",
+            "PGSSLCERT",
+            "PGSSLKEY",
+            "PGSSLCRL",
+            "PGCHANNELBINDING",
+            "PGPASSFILE",
+        ] {
+            if env(name).is_some_and(|v| !v.is_empty()) {
+                return Err(Error::Config(format!(
+                    "{name} is set, and the relay does not read it (it reads PGHOST, PGPORT, PGDATABASE, \
+                     PGUSER, PGPASSWORD, PGSSLMODE, PGSSLROOTCERT, PGREQUIREAUTH, PGAPPNAME, PGCONNECT_TIMEOUT); \
+                     put the setting in the database URL or unset {name}"
+                )));
+            }
+        }
         let env = |name: &str| env(name).filter(|v| !v.is_empty());
         if user.is_empty() {
             user = env("PGUSER").unwrap_or_else(|| "postgres".to_owned());
@@ -338,6 +373,12 @@ impl PgConfig {
             Some(m) => Some(m),
             None => env("PGSSLMODE")
                 .map(|v| SslMode::parse(&v, "PGSSLMODE"))
+                .transpose()?,
+        };
+        let require_auth = match require_auth {
+            Some(r) => Some(r),
+            None => env("PGREQUIREAUTH")
+                .map(|v| RequireAuth::parse(&v))
                 .transpose()?,
         };
         let sslrootcert = sslrootcert.or_else(|| env("PGSSLROOTCERT").map(PathBuf::from));
@@ -490,14 +531,42 @@ mod tests {
         assert_eq!(c.sslrootcert, Some(PathBuf::from("/ca2.pem")));
         assert_eq!(c.application_name, "a");
 
-        // A socket directory from PGHOST; empty variables count as unset.
+        // A socket directory from PGHOST; empty variables count as unset,
+        // but an empty PGSSLMODE is refused (as libpq does).
         let c = with_env(
             "postgres:///d",
-            &[("PGHOST", "/run/postgresql"), ("PGSSLMODE", "")],
+            &[("PGHOST", "/run/postgresql"), ("PGUSER", "")],
         )
         .unwrap();
         assert_eq!(c.host, PgHost::Socket("/run/postgresql".into()));
         assert_eq!(c.sslmode, SslMode::Prefer);
+        let err = with_env("postgres://h/d", &[("PGSSLMODE", "")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PGSSLMODE is set but empty"), "{err}");
+        // `postgres://u@/db`: no host in the URL, so PGHOST gives it.
+        let c = with_env("postgres://u@/db", &[("PGHOST", "db.internal")]).unwrap();
+        assert_eq!(c.host, PgHost::Tcp("db.internal".into()));
+        assert_eq!((c.user.as_str(), c.dbname.as_str()), ("u", "db"));
+        // PGREQUIREAUTH is read; variables the relay does not read are
+        // refused by name rather than ignored.
+        let c = with_env("postgres://h/d", &[("PGREQUIREAUTH", "scram-sha-256")]).unwrap();
+        assert!(c.require_auth.unwrap().names(AuthMethod::ScramSha256));
+        for name in [
+            "PGSERVICE",
+            "PGSSLCERT",
+            "PGSSLKEY",
+            "PGHOSTADDR",
+            "PGPASSFILE",
+        ] {
+            let err = with_env("postgres://h/d", &[(name, "x")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("{name} is set, and the relay does not read it")),
+                "{err}"
+            );
+        }
 
         let err = with_env("postgres://h/d", &[("PGSSLMODE", "strict")])
             .unwrap_err()

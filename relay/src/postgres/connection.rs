@@ -128,6 +128,34 @@ impl Security {
     }
 }
 
+impl Security {
+    /// Says how a connection is protected (the relay does so each session:
+    /// a reconnection may negotiate differently, as `prefer` falls back to
+    /// plaintext when the server stops offering TLS), and warns when it is
+    /// weak.
+    pub fn log(self) {
+        match self {
+            Security::UnixSocket => {
+                tracing::info!(tls = %self, "database connection over a Unix socket")
+            }
+            Security::Plaintext(_) => tracing::warn!(
+                tls = %self,
+                "the database connection is not encrypted: the password exchange and every event \
+                 cross the network in the clear; set sslmode=verify-full (with sslrootcert) in the \
+                 database URL"
+            ),
+            Security::Tls(_) if !self.server_verified() => tracing::warn!(
+                tls = %self,
+                "the database connection is encrypted but the server is not authenticated: anyone \
+                 in the path can pose as it; set sslmode=verify-full (with sslrootcert)"
+            ),
+            Security::Tls(_) => {
+                tracing::info!(tls = %self, "database connection encrypted, server authenticated")
+            }
+        }
+    }
+}
+
 impl fmt::Display for Security {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
