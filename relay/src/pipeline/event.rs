@@ -89,7 +89,7 @@ impl Layout {
     /// Maps the columns of a Relation message. A table without the required
     /// columns is refused (it is not an outbox, or a required column was dropped).
     pub fn from_relation(rel: &Relation) -> Result<Self> {
-        let table = format!("{}.{}", rel.namespace, rel.name);
+        let table = format!("{}.{}", printable(&rel.namespace), printable(&rel.name));
         let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
         Self::from_names(table, &names)
     }
@@ -179,8 +179,9 @@ impl Layout {
             .filter_map(|(name, i)| text(i).map(|v| ((*name).to_owned(), v.to_vec())))
             .collect();
         DeadLetter {
+            // Logged: escaped. (The `id` header keeps the row's bytes.)
             event_id: text(self.required[0])
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map(|b| printable(&String::from_utf8_lossy(&b)).into_owned())
                 .unwrap_or_else(|| "unknown".to_owned()),
             key: text(self.required[2]).map(|b| b.to_vec()),
             value: text(self.required[4]).map(|b| b.to_vec()),
@@ -196,10 +197,22 @@ impl Layout {
     fn build<'a>(&self, get: impl Fn(usize) -> Option<&'a Bytes>) -> Result<OutboxEvent> {
         let text = |i: usize| get(i).map(|b| String::from_utf8_lossy(b).into_owned());
         let id = text(self.required[0]).unwrap_or_else(|| "unknown".to_owned());
+        let shown_id = printable(&id).into_owned();
         let bad = |reason: String| Error::BadEvent {
-            event_id: id.clone(),
+            event_id: shown_id.clone(),
             reason,
         };
+        // The id is logged with every event from here on: one that could
+        // forge a log line (a line break) or hide itself (bidi controls) is
+        // refused here, escaped, so no later log needs to escape it. (The
+        // migrations' `id` is a uuid; a user's table may use text.)
+        if shown_id != id {
+            return Err(bad(format!(
+                "its `id` has control or invisible formatting characters (shown escaped); \
+                 give {} ids of visible characters",
+                self.table
+            )));
+        }
         let required = |pos: usize, name: &str| -> Result<String> {
             match text(self.required[pos]) {
                 Some(v) if !v.is_empty() => Ok(v),
@@ -226,7 +239,8 @@ impl Layout {
             && let Err(why) = outbox::topic::validate(t)
         {
             return Err(bad(format!(
-                "its topic override `{t}` is not a legal Kafka topic: {why}"
+                "its topic override `{}` is not a legal Kafka topic: {why}",
+                printable(t)
             )));
         }
         Ok(OutboxEvent {
@@ -240,6 +254,33 @@ impl Layout {
             trace_context: self.trace_context.and_then(text),
         })
     }
+}
+
+/// A row's string as it may appear in a log line or an error: control
+/// characters (line breaks that would forge a log line, terminal escapes)
+/// and invisible formatting characters (bidi overrides, zero-width
+/// characters that make one name look like another) escaped as `\u{..}`;
+/// everything else as is.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    fn hidden(c: char) -> bool {
+        c.is_control()
+            || matches!(c,
+                '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}')
+    }
+    if !s.chars().any(hidden) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if hidden(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn parse_headers(raw: &[u8]) -> std::result::Result<Vec<(String, String)>, &'static str> {
@@ -471,5 +512,50 @@ mod tests {
             .event(&row("{}", Cell::Null, Cell::Null))
             .unwrap_err();
         assert!(err.to_string().contains("`payload`"), "{err}");
+    }
+
+    /// Issue 10, item 11: row strings reach logs only escaped: an id with a
+    /// line break (a forged log line), a terminal escape or a bidi override
+    /// is refused, shown escaped; so is such a topic override.
+    #[test]
+    fn row_strings_reach_logs_escaped() {
+        assert_eq!(printable("ord-1.v2 ünïcode"), "ord-1.v2 ünïcode");
+        assert_eq!(
+            printable("a\nb\x1b[31m\u{202e}c"),
+            "a\\u{a}b\\u{1b}[31m\\u{202e}c"
+        );
+        let layout = Layout::from_relation(&relation(&FULL)).unwrap();
+        let row = |id: &str, topic: Cell| {
+            vec![
+                t(id),
+                t("order"),
+                t("42"),
+                t("Placed"),
+                t("{}"),
+                t("{}"),
+                topic,
+                Cell::Null,
+                Cell::Null,
+            ]
+        };
+        let forged = "ev-1\n2026-11-23T00:00:00Z  INFO outbox_relay: all good";
+        let err = layout
+            .event(&row(forged, Cell::Null))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains('\n'), "{err}");
+        assert!(err.contains("ev-1\\u{a}2026"), "{err}");
+        assert!(
+            err.contains("control or invisible formatting characters"),
+            "{err}"
+        );
+        let letter = layout.dead_letter(&row(forged, Cell::Null), &Error::Config("x".into()));
+        assert!(!letter.event_id.contains('\n'), "{}", letter.event_id);
+        let err = layout
+            .event(&row("ev-2", t("topic\u{1b}[2J")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`topic\\u{1b}[2J`"), "{err}");
+        assert!(!err.contains('\u{1b}'), "{err}");
     }
 }

@@ -20,7 +20,7 @@ use crate::kafka::topics::Topics;
 use crate::metrics::Metrics;
 use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::deliveries::{Deliveries, Producer};
-use crate::pipeline::event::OutboxEvent;
+use crate::pipeline::event::{OutboxEvent, printable};
 use crate::pipeline::progress::{Ledger, Refused, Ticket};
 use crate::pipeline::topic::{AllowedTopics, TopicTemplate};
 use crate::{Error, Result};
@@ -255,8 +255,9 @@ impl Publisher {
         outbox::topic::validate(&topic).map_err(|why| Error::BadEvent {
             event_id: event.id.clone(),
             reason: format!(
-                "the topic template gives `{topic}`, which is not a legal Kafka topic ({why}); \
-                 fix its aggregate_type or event_type, or change --topic-template"
+                "the topic template gives `{}`, which is not a legal Kafka topic ({why}); \
+                 fix its aggregate_type or event_type, or change --topic-template",
+                printable(&topic)
             ),
         })?;
         // Before the topic is created or written: a row must not reach
