@@ -1072,7 +1072,7 @@ mod tests {
         fn the_startup_and_query_loop_never_panics(
             frames in proptest::collection::vec(
                 (
-                    proptest::sample::select(b"RZTDCEINSKpv0123AVWHGcdfs".iter().copied().collect::<Vec<u8>>()),
+                    proptest::sample::select(Vec::from(&b"RZTDCEINSKpv0123AVWHGcdfs"[..])),
                     proptest::collection::vec(proptest::num::u8::ANY, 0..48),
                 ),
                 0..10,
