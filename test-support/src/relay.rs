@@ -158,6 +158,7 @@ impl RelayBuilder {
             "PGAPPNAME",
             "PGCONNECT_TIMEOUT",
             "PGREQUIREAUTH",
+            "PGCHANNELBINDING",
             // Refused by the relay when set (it does not read them).
             "PGSERVICE",
             "PGSERVICEFILE",
@@ -165,7 +166,6 @@ impl RelayBuilder {
             "PGSSLCERT",
             "PGSSLKEY",
             "PGSSLCRL",
-            "PGCHANNELBINDING",
             "PGPASSFILE",
         ] {
             cmd.env_remove(var);

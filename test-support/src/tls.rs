@@ -91,6 +91,56 @@ pub fn certificates(dir: &Path) -> Certificates {
     }
 }
 
+/// A second server certificate in `dir`, signed by the CA that
+/// [`certificates`] made there: an ECDSA P-384 key signed with SHA-384
+/// (`server384.pem`, `server384.key`), for SCRAM channel binding, whose
+/// hash follows the certificate's signature algorithm.
+pub fn server_certificate_p384(dir: &Path) -> Certificates {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:secp384r1",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server384.key",
+            "-out",
+            "server384.csr",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-sha384",
+            "-in",
+            "server384.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server384.pem",
+        ],
+    );
+    Certificates {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server384.pem"),
+        key: dir.join("server384.key"),
+    }
+}
+
 /// A TLS listener on `port` that forwards each connection's plaintext to
 /// 127.0.0.1:`target`. Dropped: stops accepting and closes its connections.
 pub struct TlsTerminator {

@@ -1,7 +1,7 @@
 //! PostgreSQL connection settings, parsed from a `postgres://` URL the way
 //! libpq reads one, with libpq's environment variables (`PGHOST`, `PGPORT`,
 //! `PGDATABASE`, `PGUSER`, `PGPASSWORD`, `PGSSLMODE`, `PGSSLROOTCERT`,
-//! `PGREQUIREAUTH`, `PGAPPNAME`, `PGCONNECT_TIMEOUT`) filling what the URL leaves out, as
+//! `PGREQUIREAUTH`, `PGCHANNELBINDING`, `PGAPPNAME`, `PGCONNECT_TIMEOUT`) filling what the URL leaves out, as
 //! libpq and sqlx (`outbox-relay migrate`) do. Passwords are redacted from
 //! every `Debug` and `Display`.
 
@@ -76,6 +76,8 @@ pub struct PgConfig {
     pub sslrootcert: Option<PathBuf>,
     /// libpq's `require_auth`, when given.
     pub require_auth: Option<RequireAuth>,
+    /// libpq's `channel_binding`.
+    pub channel_binding: ChannelBinding,
     /// Reported in pg_stat_activity.
     pub application_name: String,
     /// Connection timeout.
@@ -126,6 +128,36 @@ impl SslMode {
                 return Err(Error::Config(format!(
                     "sslmode `{}` in {source} is not one of disable, prefer, require, verify-ca, \
                      verify-full",
+                    other.escape_debug()
+                )));
+            }
+        })
+    }
+}
+
+/// libpq's `channel_binding`: whether SCRAM binds the authentication to
+/// the TLS connection (SCRAM-SHA-256-PLUS, `tls-server-end-point`), so that
+/// a machine in the middle holding its own certificate cannot relay it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelBinding {
+    /// Never bind.
+    Disable,
+    /// Bind when the connection is TLS and the server offers it (default).
+    Prefer,
+    /// Bind or refuse to connect: the server must authenticate with
+    /// SCRAM-SHA-256-PLUS over TLS.
+    Require,
+}
+
+impl ChannelBinding {
+    fn parse(value: &str, source: &str) -> Result<Self> {
+        Ok(match value {
+            "disable" => ChannelBinding::Disable,
+            "prefer" => ChannelBinding::Prefer,
+            "require" => ChannelBinding::Require,
+            other => {
+                return Err(Error::Config(format!(
+                    "channel_binding `{}` in {source} is not one of disable, prefer, require",
                     other.escape_debug()
                 )));
             }
@@ -291,6 +323,7 @@ impl PgConfig {
         let mut sslmode = None;
         let mut sslrootcert = None;
         let mut require_auth = None;
+        let mut channel_binding = None;
         let mut application_name = None;
         let mut connect_timeout = None;
         for (key, value) in url.query_pairs() {
@@ -299,6 +332,9 @@ impl PgConfig {
                 "sslmode" => sslmode = Some(SslMode::parse(&value, "the database URL")?),
                 "sslrootcert" => sslrootcert = Some(PathBuf::from(value)),
                 "require_auth" => require_auth = Some(RequireAuth::parse(&value)?),
+                "channel_binding" => {
+                    channel_binding = Some(ChannelBinding::parse(&value, "the database URL")?)
+                }
                 "application_name" => application_name = Some(value),
                 "connect_timeout" => {
                     connect_timeout = Some(timeout_param(&value, "the database URL")?)
@@ -311,7 +347,7 @@ impl PgConfig {
                 other => {
                     return Err(Error::Config(format!(
                         "unknown parameter `{other}` in the database URL; supported: sslmode, sslrootcert, \
-                         require_auth, application_name, connect_timeout, host, port, user, password, dbname"
+                         require_auth, channel_binding, application_name, connect_timeout, host, port, user, password, dbname"
                     )));
                 }
             }
@@ -335,13 +371,13 @@ impl PgConfig {
             "PGSSLCERT",
             "PGSSLKEY",
             "PGSSLCRL",
-            "PGCHANNELBINDING",
             "PGPASSFILE",
         ] {
             if env(name).is_some_and(|v| !v.is_empty()) {
                 return Err(Error::Config(format!(
                     "{name} is set, and the relay does not read it (it reads PGHOST, PGPORT, PGDATABASE, \
-                     PGUSER, PGPASSWORD, PGSSLMODE, PGSSLROOTCERT, PGREQUIREAUTH, PGAPPNAME, PGCONNECT_TIMEOUT); \
+                     PGUSER, PGPASSWORD, PGSSLMODE, PGSSLROOTCERT, PGREQUIREAUTH, PGCHANNELBINDING, PGAPPNAME, \
+                     PGCONNECT_TIMEOUT); \
                      put the setting in the database URL or unset {name}"
                 )));
             }
@@ -381,6 +417,13 @@ impl PgConfig {
                 .map(|v| RequireAuth::parse(&v))
                 .transpose()?,
         };
+        let channel_binding = match channel_binding {
+            Some(c) => c,
+            None => env("PGCHANNELBINDING")
+                .map(|v| ChannelBinding::parse(&v, "PGCHANNELBINDING"))
+                .transpose()?
+                .unwrap_or(ChannelBinding::Prefer),
+        };
         let sslrootcert = sslrootcert.or_else(|| env("PGSSLROOTCERT").map(PathBuf::from));
         let application_name = application_name
             .or_else(|| env("PGAPPNAME"))
@@ -419,6 +462,13 @@ impl PgConfig {
                 sslmode.as_str()
             )));
         }
+        if channel_binding == ChannelBinding::Require && sslmode == SslMode::Disable {
+            return Err(Error::Config(
+                "channel_binding=require needs TLS, and sslmode=disable turns it off; use \
+                 sslmode=verify-full"
+                    .into(),
+            ));
+        }
         Ok(Self {
             host,
             port,
@@ -428,6 +478,7 @@ impl PgConfig {
             sslmode,
             sslrootcert,
             require_auth,
+            channel_binding,
             application_name,
             connect_timeout,
         })

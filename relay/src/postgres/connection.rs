@@ -15,7 +15,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::error::PgError;
-use crate::postgres::config::{AuthMethod, PgConfig, PgHost, SslMode};
+use crate::postgres::config::{
+    AuthMethod, ChannelBinding as ChannelBindingMode, PgConfig, PgHost, SslMode,
+};
 use crate::{Error, Result};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -106,6 +108,9 @@ pub struct Connection {
     /// The longest message `read_frame` accepts right now.
     max_message: usize,
     security: Security,
+    /// The server's certificate (DER) when the connection is TLS: SCRAM's
+    /// channel binding hashes it.
+    server_cert: Option<Vec<u8>>,
 }
 
 /// How a connection is protected, as negotiated.
@@ -189,7 +194,8 @@ impl Connection {
             context: format!("connecting to {endpoint}"),
             source,
         };
-        let (io, security): (Box<dyn Io>, Security) = match &cfg.host {
+        let (io, security, server_cert): (Box<dyn Io>, Security, Option<Vec<u8>>) = match &cfg.host
+        {
             PgHost::Tcp(host) => {
                 let tcp = TcpStream::connect((host.as_str(), cfg.port))
                     .await
@@ -202,7 +208,7 @@ impl Connection {
                 let unix = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(io_err)?;
-                (Box::new(unix), Security::UnixSocket)
+                (Box::new(unix), Security::UnixSocket, None)
             }
         };
         let mut conn = Connection {
@@ -212,6 +218,7 @@ impl Connection {
             endpoint,
             max_message: PRE_AUTH_MAX_MESSAGE,
             security,
+            server_cert,
         };
         conn.startup(cfg, mode).await?;
         Ok(conn)
@@ -220,6 +227,84 @@ impl Connection {
     /// How this connection is protected.
     pub fn security(&self) -> Security {
         self.security
+    }
+
+    /// The SASL mechanism and channel binding for the server's offer, as
+    /// libpq chooses them: SCRAM-SHA-256-PLUS bound to the server's
+    /// certificate when the connection is TLS, the server offers it and
+    /// `channel_binding` is not `disable`; otherwise SCRAM-SHA-256, saying
+    /// "y" (able to bind, server did not offer) over TLS so that a machine
+    /// in the middle cannot strip PLUS from the offer unnoticed, and "n"
+    /// without TLS.
+    fn choose_sasl(
+        &self,
+        cfg: &PgConfig,
+        mechanisms: &[&[u8]],
+    ) -> Result<(&'static str, ChannelBinding)> {
+        let plus = mechanisms.contains(&sasl::SCRAM_SHA_256_PLUS.as_bytes());
+        let plain = mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes());
+        let require = cfg.channel_binding == ChannelBindingMode::Require;
+        let refuse = |why: &str| {
+            Err(Error::Auth(format!(
+                "channel_binding=require in the database URL, but {why}; use scram-sha-256 in \
+                 pg_hba.conf over TLS (sslmode=verify-full), or lower channel_binding"
+            )))
+        };
+        let Some(cert) = &self.server_cert else {
+            if require {
+                return refuse(&format!("the connection to {} is not TLS", self.endpoint));
+            }
+            if !plain {
+                return Err(Error::Auth(format!(
+                    "{} offers no SASL mechanism this relay can use without TLS (SCRAM-SHA-256)",
+                    self.endpoint
+                )));
+            }
+            return Ok((sasl::SCRAM_SHA_256, ChannelBinding::unsupported()));
+        };
+        if cfg.channel_binding == ChannelBindingMode::Disable {
+            if !plain {
+                return Err(Error::Auth(format!(
+                    "{} offers only SCRAM-SHA-256-PLUS, and channel_binding=disable in the \
+                     database URL forbids it",
+                    self.endpoint
+                )));
+            }
+            return Ok((sasl::SCRAM_SHA_256, ChannelBinding::unsupported()));
+        }
+        if plus {
+            return match crate::postgres::tls::server_end_point(cert) {
+                Some(hash) => Ok((
+                    sasl::SCRAM_SHA_256_PLUS,
+                    ChannelBinding::tls_server_end_point(hash),
+                )),
+                None if require => refuse(
+                    "the server's certificate is signed with an algorithm that has no \
+                     tls-server-end-point hash (e.g. Ed25519)",
+                ),
+                // "n": we cannot bind, which is true, so the server's
+                // downgrade check does not fire.
+                None if plain => Ok((sasl::SCRAM_SHA_256, ChannelBinding::unsupported())),
+                None => Err(Error::Auth(format!(
+                    "{} offers only SCRAM-SHA-256-PLUS, and its certificate's signature \
+                     algorithm has no tls-server-end-point hash",
+                    self.endpoint
+                ))),
+            };
+        }
+        if require {
+            return refuse(&format!(
+                "{} does not offer SCRAM-SHA-256-PLUS",
+                self.endpoint
+            ));
+        }
+        if !plain {
+            return Err(Error::Auth(format!(
+                "{} offers no SASL mechanism this relay supports (SCRAM-SHA-256, SCRAM-SHA-256-PLUS)",
+                self.endpoint
+            )));
+        }
+        Ok((sasl::SCRAM_SHA_256, ChannelBinding::unrequested()))
     }
 
     async fn startup(&mut self, cfg: &PgConfig, mode: Mode) -> Result<()> {
@@ -257,6 +342,8 @@ impl Connection {
         let mut scram: Option<ScramSha256> = None;
         let mut scram_continued = false;
         let mut scram_verified = false;
+        // Whether the SCRAM exchange is bound to this TLS connection.
+        let mut bound = false;
         let mut method_used: Option<AuthMethod> = None;
         loop {
             let (tag, mut body) = self.read_frame().await?;
@@ -274,6 +361,25 @@ impl Connection {
                     } {
                         self.check_method(cfg, method, method_used)?;
                         method_used = Some(method);
+                    }
+                    // libpq: with channel_binding=require, only a SCRAM
+                    // exchange bound to the TLS connection may end in
+                    // AuthenticationOk; nothing else gets a password either.
+                    if cfg.channel_binding == ChannelBindingMode::Require
+                        && (kind == 3 || kind == 5 || (kind == 0 && !bound))
+                    {
+                        return Err(Error::Auth(format!(
+                            "channel_binding=require in the database URL, but {} {}; use \
+                             scram-sha-256 in pg_hba.conf over TLS, or lower channel_binding",
+                            self.endpoint,
+                            match kind {
+                                3 => "asks for a cleartext password (the password is not sent)",
+                                5 => "asks for an MD5 password (the password is not sent)",
+                                _ if method_used.is_none() =>
+                                    "let the user in without authentication",
+                                _ => "authenticated without channel binding",
+                            }
+                        )));
                     }
                     match kind {
                         0 => {
@@ -326,20 +432,12 @@ impl Connection {
                         10 => {
                             let mechanisms: Vec<&[u8]> =
                                 body.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
-                            if !mechanisms.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
-                                return Err(Error::Auth(
-                                    "the server offers no SASL mechanism this relay supports (SCRAM-SHA-256)".into(),
-                                ));
-                            }
+                            let (mechanism, binding) = self.choose_sasl(cfg, &mechanisms)?;
+                            bound = mechanism == sasl::SCRAM_SHA_256_PLUS;
                             let password = self.password(cfg)?;
-                            // Channel binding is declined ("n"), which servers accept
-                            // whether or not they offer SCRAM-SHA-256-PLUS.
-                            let s = ScramSha256::new(
-                                password.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
+                            let s = ScramSha256::new(password.as_bytes(), binding);
                             frontend::sasl_initial_response(
-                                sasl::SCRAM_SHA_256,
+                                mechanism,
                                 s.message(),
                                 &mut self.write_buf,
                             )
@@ -648,10 +746,10 @@ async fn negotiate_tls(
     mut tcp: TcpStream,
     cfg: &PgConfig,
     host: &str,
-) -> Result<(Box<dyn Io>, Security)> {
+) -> Result<(Box<dyn Io>, Security, Option<Vec<u8>>)> {
     let mode = crate::postgres::tls::effective_mode(cfg.sslmode, cfg.sslrootcert.as_deref());
     let Some(tls) = crate::postgres::tls::client_config(mode, cfg.sslrootcert.as_deref())? else {
-        return Ok((Box::new(tcp), Security::Plaintext(cfg.sslmode)));
+        return Ok((Box::new(tcp), Security::Plaintext(cfg.sslmode), None));
     };
     let io_err = |source| Error::Io {
         context: format!("negotiating TLS with {host}:{}", cfg.port),
@@ -665,7 +763,7 @@ async fn negotiate_tls(
     match answer[0] {
         b'S' => {}
         b'N' if cfg.sslmode == SslMode::Prefer => {
-            return Ok((Box::new(tcp), Security::Plaintext(cfg.sslmode)));
+            return Ok((Box::new(tcp), Security::Plaintext(cfg.sslmode), None));
         }
         b'N' => {
             return Err(Error::Tls(format!(
@@ -691,7 +789,13 @@ async fn negotiate_tls(
                 cfg.port
             ))
         })?;
-    Ok((Box::new(stream), Security::Tls(mode)))
+    let server_cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|cert| cert.to_vec());
+    Ok((Box::new(stream), Security::Tls(mode), server_cert))
 }
 
 fn parse_error(mut body: Bytes) -> PgError {
@@ -847,6 +951,7 @@ mod tests {
             endpoint: "scripted".into(),
             max_message: PRE_AUTH_MAX_MESSAGE,
             security: Security::Plaintext(SslMode::Disable),
+            server_cert: None,
         }
     }
 
@@ -924,19 +1029,138 @@ mod tests {
     /// server sees it: runs the startup against `script` and returns the
     /// result and whether a password message ('p') was sent.
     async fn startup_sends_password(script: Vec<u8>, cfg: &PgConfig) -> (Result<()>, bool) {
+        let (result, sent) = startup_against(script, cfg, None).await;
+        (result, sent.first() == Some(&b'p'))
+    }
+
+    /// Runs the startup against `script` on a connection that counts as TLS
+    /// with `server_cert` when given; returns the result and every byte the
+    /// client wrote after its startup message.
+    async fn startup_against(
+        script: Vec<u8>,
+        cfg: &PgConfig,
+        server_cert: Option<Vec<u8>>,
+    ) -> (Result<()>, Vec<u8>) {
         let (client, mut server) = tokio::io::duplex(1 << 20);
         let reader = tokio::spawn(async move {
             let mut startup = vec![0u8; 4096];
             let _ = server.read(&mut startup).await;
             server.write_all(&script).await.unwrap();
+            // End of the script, end of the server's stream: a client
+            // waiting for more fails instead of hanging.
+            server.shutdown().await.unwrap();
             let mut rest = Vec::new();
             let _ = server.read_to_end(&mut rest).await;
-            rest.first() == Some(&b'p')
+            rest
         });
         let mut conn = over(client);
+        if server_cert.is_some() {
+            conn.security = Security::Tls(SslMode::VerifyFull);
+            conn.server_cert = server_cert;
+        }
         let result = conn.startup(cfg, Mode::Sql).await;
         drop(conn);
         (result, reader.await.unwrap())
+    }
+
+    /// Issue 10, item 2: SCRAM-SHA-256-PLUS with tls-server-end-point over
+    /// TLS when offered; "y" over TLS when not offered (so a stripped offer
+    /// is detected by the server), "n" without TLS; channel_binding=require
+    /// refuses everything but a bound exchange, before any password is sent.
+    #[tokio::test]
+    async fn channel_binding_is_chosen_as_libpq_does_and_require_is_enforced() {
+        let sasl = |mechanisms: &[&str]| {
+            let mut body = 10_i32.to_be_bytes().to_vec();
+            for m in mechanisms {
+                body.extend_from_slice(m.as_bytes());
+                body.push(0);
+            }
+            body.push(0);
+            message(b'R', &body)
+        };
+        // An RSA/SHA-256 certificate shape is enough for the client side.
+        let cert = {
+            let mut alg = vec![
+                0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05, 0x00,
+            ];
+            alg.insert(0, alg.len() as u8);
+            alg.insert(0, 0x30);
+            let mut body = vec![0x30, 0x00];
+            body.extend(alg);
+            body.extend([0x03, 0x01, 0x00]);
+            let mut cert = vec![0x30, body.len() as u8];
+            cert.extend(body);
+            cert
+        };
+        let both = sasl(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        let initial = |sent: &[u8]| String::from_utf8_lossy(sent).into_owned();
+
+        // TLS, PLUS offered: bound.
+        let (_, sent) = startup_against(both.clone(), &cfg(), Some(cert.clone())).await;
+        let sent = initial(&sent);
+        assert!(sent.contains("SCRAM-SHA-256-PLUS\0"), "{sent:?}");
+        assert!(sent.contains("p=tls-server-end-point,,n="), "{sent:?}");
+        // TLS, PLUS not offered: "y".
+        let (_, sent) = startup_against(sasl(&["SCRAM-SHA-256"]), &cfg(), Some(cert.clone())).await;
+        assert!(initial(&sent).contains("y,,n="), "{:?}", initial(&sent));
+        // channel_binding=disable over TLS, and no TLS: "n".
+        let (_, sent) = startup_against(
+            both.clone(),
+            &cfg_with("channel_binding=disable"),
+            Some(cert.clone()),
+        )
+        .await;
+        assert!(
+            initial(&sent).contains("SCRAM-SHA-256\0"),
+            "{:?}",
+            initial(&sent)
+        );
+        assert!(initial(&sent).contains("n,,n="), "{:?}", initial(&sent));
+        let (_, sent) = startup_against(both.clone(), &cfg(), None).await;
+        assert!(initial(&sent).contains("n,,n="), "{:?}", initial(&sent));
+
+        // require: refused without TLS, without PLUS, for password, MD5 and
+        // trust; nothing is sent in any of these.
+        let require = PgConfig::from_url(
+            "postgres://relay:pw@localhost/app?sslmode=prefer&channel_binding=require&require_auth=password,md5,scram-sha-256,none",
+        )
+        .unwrap();
+        let ok = {
+            let mut s = message(b'R', &0_i32.to_be_bytes());
+            s.extend(message(b'Z', b"I"));
+            s
+        };
+        let mut md5 = 5_i32.to_be_bytes().to_vec();
+        md5.extend_from_slice(b"salt");
+        for (script, cert, expect) in [
+            (both.clone(), None, "is not TLS"),
+            (
+                sasl(&["SCRAM-SHA-256"]),
+                Some(cert.clone()),
+                "does not offer SCRAM-SHA-256-PLUS",
+            ),
+            (
+                message(b'R', &3_i32.to_be_bytes()),
+                Some(cert.clone()),
+                "cleartext password (the password is not sent)",
+            ),
+            (
+                message(b'R', &md5),
+                Some(cert.clone()),
+                "MD5 password (the password is not sent)",
+            ),
+            (ok.clone(), Some(cert.clone()), "without authentication"),
+        ] {
+            let (result, sent) = startup_against(script, &require, cert).await;
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("channel_binding=require"), "{err}");
+            assert!(err.contains(expect), "{err}");
+            assert!(sent.is_empty(), "sent {:?}", initial(&sent));
+        }
+        let err = PgConfig::from_url("postgres://h/d?sslmode=disable&channel_binding=require")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("channel_binding=require needs TLS"), "{err}");
     }
 
     /// Issue 10, item 2: a server that is not authenticated (no TLS here)

@@ -1,7 +1,8 @@
 //! TLS for PostgreSQL connections: a rustls client configuration per libpq
 //! `sslmode`, with the CA certificates from `sslrootcert`, `~/.postgresql/root.crt`
 //! or the system store (`sslrootcert=system`, or verify-full without a CA
-//! file; never verify-ca, which with public CAs would authenticate nobody).
+//! file; never verify-ca, which with public CAs would authenticate nobody),
+//! and the `tls-server-end-point` channel binding of SCRAM-SHA-256-PLUS.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -221,6 +222,128 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
+/// The `tls-server-end-point` channel binding data (RFC 5929) of a server
+/// certificate (DER): its hash under the hash function of its signature
+/// algorithm, SHA-256 for MD5 and SHA-1 signatures. `None` when the
+/// algorithm has no such hash (Ed25519, Ed448) or the certificate cannot be
+/// read: PostgreSQL cannot bind such a certificate either.
+pub fn server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest as _;
+    let hash = signature_hash(cert)?;
+    Some(match hash {
+        Hash::Sha256 => sha2::Sha256::digest(cert).to_vec(),
+        Hash::Sha384 => sha2::Sha384::digest(cert).to_vec(),
+        Hash::Sha512 => sha2::Sha512::digest(cert).to_vec(),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hash {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+/// The hash of a certificate's `signatureAlgorithm`:
+/// `Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm
+/// AlgorithmIdentifier, signatureValue }`, `AlgorithmIdentifier ::=
+/// SEQUENCE { algorithm OID, parameters }`.
+fn signature_hash(cert: &[u8]) -> Option<Hash> {
+    let (tag, certificate, _) = der(cert)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (_, _tbs, rest) = der(certificate)?;
+    let (tag, algorithm, _) = der(rest)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (tag, oid, parameters) = der(algorithm)?;
+    if tag != 0x06 {
+        return None;
+    }
+    // OIDs in DER (the bytes after tag and length).
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    const ECDSA_SHA2: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    const DSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x38, 0x04, 0x03];
+    if let Some(last) = oid
+        .strip_prefix(RSA)
+        .and_then(|r| (r.len() == 1).then(|| r[0]))
+    {
+        return match last {
+            // md5WithRSAEncryption, sha1WithRSAEncryption: SHA-256 (RFC 5929).
+            4 | 5 | 11 | 14 => Some(Hash::Sha256),
+            12 => Some(Hash::Sha384),
+            13 => Some(Hash::Sha512),
+            // RSASSA-PSS: the hash is in the parameters.
+            10 => pss_hash(parameters),
+            _ => None,
+        };
+    }
+    if oid == ECDSA_SHA1 || oid == DSA_SHA1 {
+        return Some(Hash::Sha256);
+    }
+    if let Some(last) = oid
+        .strip_prefix(ECDSA_SHA2)
+        .and_then(|r| (r.len() == 1).then(|| r[0]))
+    {
+        return match last {
+            1 | 2 => Some(Hash::Sha256),
+            3 => Some(Hash::Sha384),
+            4 => Some(Hash::Sha512),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// `RSASSA-PSS-params ::= SEQUENCE { hashAlgorithm [0] AlgorithmIdentifier
+/// DEFAULT sha1, ... }`.
+fn pss_hash(parameters: &[u8]) -> Option<Hash> {
+    const SHA2: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02];
+    let (tag, params, _) = der(parameters)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let Some((0xa0, explicit, _)) = der(params) else {
+        return Some(Hash::Sha256); // the default, SHA-1
+    };
+    let (_, algorithm, _) = der(explicit)?;
+    let (tag, oid, _) = der(algorithm)?;
+    if tag != 0x06 {
+        return None;
+    }
+    match oid.strip_prefix(SHA2) {
+        Some([1]) => Some(Hash::Sha256),
+        Some([2]) => Some(Hash::Sha384),
+        Some([3]) => Some(Hash::Sha512),
+        _ => None,
+    }
+}
+
+/// One DER element: its tag, its contents and what follows it.
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | b as usize);
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +382,87 @@ mod tests {
             let err = err.to_string();
             assert!(err.contains("sslrootcert=/path/ca.pem"), "{err}");
         }
+    }
+
+    /// A certificate as DER: SEQUENCE { tbs, SEQUENCE { OID, params }, BIT STRING }.
+    fn certificate(oid: &[u8], params: &[u8]) -> Vec<u8> {
+        let element = |tag: u8, content: &[u8]| {
+            let mut out = vec![tag];
+            if content.len() < 0x80 {
+                out.push(content.len() as u8);
+            } else {
+                out.push(0x82);
+                out.extend_from_slice(&(content.len() as u16).to_be_bytes());
+            }
+            out.extend_from_slice(content);
+            out
+        };
+        // A long tbsCertificate, for the long length form.
+        let tbs = element(0x30, &[0x55; 300]);
+        let mut algorithm = element(0x06, oid);
+        algorithm.extend_from_slice(params);
+        let mut body = tbs;
+        body.extend(element(0x30, &algorithm));
+        body.extend(element(0x03, &[0, 1, 2, 3]));
+        element(0x30, &body)
+    }
+
+    /// Issue 10, item 2: tls-server-end-point hashes the certificate with
+    /// its signature's hash, SHA-256 for MD5/SHA-1 (RFC 5929), and gives
+    /// nothing for a signature without one (Ed25519).
+    #[test]
+    fn the_end_point_hash_follows_the_signature_algorithm() {
+        use sha2::Digest as _;
+        let rsa = |n: u8| vec![0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, n];
+        let ecdsa = |n: u8| vec![0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, n];
+        let null = [0x05, 0x00];
+        for (oid, params, want) in [
+            (rsa(11), &null[..], 32),
+            (rsa(5), &null[..], 32),
+            (rsa(4), &null[..], 32),
+            (rsa(12), &null[..], 48),
+            (rsa(13), &null[..], 64),
+            (ecdsa(2), &[][..], 32),
+            (ecdsa(3), &[][..], 48),
+            (ecdsa(4), &[][..], 64),
+        ] {
+            let cert = certificate(&oid, params);
+            let hash = server_end_point(&cert).expect("a hash");
+            assert_eq!(hash.len(), want, "{oid:x?}");
+            let expected = match want {
+                32 => sha2::Sha256::digest(&cert).to_vec(),
+                48 => sha2::Sha384::digest(&cert).to_vec(),
+                _ => sha2::Sha512::digest(&cert).to_vec(),
+            };
+            assert_eq!(hash, expected);
+        }
+        // RSASSA-PSS with SHA-384 in its parameters, and with the default.
+        let sha384 = [
+            0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02, 0x05,
+            0x00,
+        ];
+        let mut explicit = vec![0xa0, sha384.len() as u8];
+        explicit.extend_from_slice(&sha384);
+        let mut params = vec![0x30, explicit.len() as u8];
+        params.extend_from_slice(&explicit);
+        assert_eq!(
+            server_end_point(&certificate(&rsa(10), &params))
+                .unwrap()
+                .len(),
+            48
+        );
+        assert_eq!(
+            server_end_point(&certificate(&rsa(10), &[0x30, 0x00]))
+                .unwrap()
+                .len(),
+            32
+        );
+        // Ed25519: no hash; garbage: none.
+        assert_eq!(
+            server_end_point(&certificate(&[0x2b, 0x65, 0x70], &[])),
+            None
+        );
+        assert_eq!(server_end_point(&[0x30, 0x84, 0xff]), None);
+        assert_eq!(server_end_point(&[]), None);
     }
 }
