@@ -3,7 +3,7 @@
 
 use ::tokio_postgres::Transaction;
 
-use crate::write::{INSERT_MANY, INSERT_ONE};
+use crate::write::{DELETE_MANY, INSERT_MANY, INSERT_ONE};
 use crate::{Event, EventId, Outbox, Result};
 
 impl Outbox {
@@ -24,6 +24,10 @@ impl Outbox {
             ],
         )
         .await?;
+        if !self.keep_rows {
+            tx.execute(DELETE_MANY, &[&vec![event.id.as_uuid()]])
+                .await?;
+        }
         Ok(event.id)
     }
 
@@ -52,6 +56,9 @@ impl Outbox {
             ],
         )
         .await?;
+        if !self.keep_rows {
+            tx.execute(DELETE_MANY, &[&c.ids]).await?;
+        }
         Ok(events.iter().map(|e| e.id).collect())
     }
 }

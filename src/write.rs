@@ -21,17 +21,24 @@ pub(crate) const INSERT_MANY: &str = "INSERT INTO outbox \
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) \
     AS t(id, aggregate_type, aggregate_id, event_type, payload, headers, topic, trace_context)";
 
+// With `keep_rows(false)`: the rows just inserted, deleted in the same
+// transaction. The insert is in the WAL either way; the outbox publication
+// publishes inserts only, so the delete never reaches the relay.
+pub(crate) const DELETE_MANY: &str = "DELETE FROM outbox WHERE id = ANY($1::uuid[])";
+
 /// Write settings. The free functions [`write`] and [`write_all`] use the
 /// defaults; build an `Outbox` to change them.
 #[derive(Debug, Clone, Copy)]
 pub struct Outbox {
     max_payload_bytes: usize,
+    pub(crate) keep_rows: bool,
 }
 
 impl Default for Outbox {
     fn default() -> Self {
         Self {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            keep_rows: true,
         }
     }
 }
@@ -59,6 +66,19 @@ impl Outbox {
     /// broker's `message.max.bytes`, or the relay will be refused by Kafka.
     pub fn max_payload_bytes(mut self, max: usize) -> Self {
         self.max_payload_bytes = max;
+        self
+    }
+
+    /// Whether the rows stay in the table (the default). With `false`, each
+    /// write also deletes its rows in the same transaction: the table stays
+    /// empty and the event still reaches Kafka, because the relay reads the
+    /// insert from the WAL, and no pruning is needed. What is given up:
+    /// nothing is left in the table to backfill or republish, so write this
+    /// way only once the relay's slot exists (after its first start): an
+    /// event committed before the slot was created reaches Kafka only
+    /// through the backfill, which reads the table.
+    pub fn keep_rows(mut self, keep: bool) -> Self {
+        self.keep_rows = keep;
         self
     }
 
@@ -102,6 +122,12 @@ impl Outbox {
             .bind(&event.trace_context)
             .execute(&mut **tx)
             .await?;
+        if !self.keep_rows {
+            sqlx::query(DELETE_MANY)
+                .bind([event.id.as_uuid()].as_slice())
+                .execute(&mut **tx)
+                .await?;
+        }
         Ok(event.id)
     }
 
@@ -128,6 +154,12 @@ impl Outbox {
             .bind(&c.trace_contexts)
             .execute(&mut **tx)
             .await?;
+        if !self.keep_rows {
+            sqlx::query(DELETE_MANY)
+                .bind(&c.ids)
+                .execute(&mut **tx)
+                .await?;
+        }
         Ok(events.iter().map(|e| e.id).collect())
     }
 }

@@ -11,6 +11,7 @@ mod failures;
 mod faults;
 mod kafka_security;
 mod library;
+mod operations;
 mod reliability;
 mod security;
 mod tls;

@@ -15,6 +15,7 @@ pub mod migrate;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod postgres;
+pub mod prune;
 
 pub use error::{Error, Result};
 pub use pipeline::{run, run_with_metrics};

@@ -50,6 +50,9 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> outbox_relay::Result<()> {
     match command {
         Command::Migrate(args) => outbox_relay::migrate::run(&args.database.pg_config()?).await,
+        Command::Prune(args) => outbox_relay::prune::run(&args.prune_config()?)
+            .await
+            .map(|_| ()),
         Command::Run(args) => {
             let cfg = args.relay_config()?;
             let token = CancellationToken::new();

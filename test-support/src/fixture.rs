@@ -92,6 +92,15 @@ impl Fixture {
     /// Writes one transaction of events for the given aggregates and sequence
     /// numbers, and returns them.
     pub async fn write_tx(&self, items: &[(String, u64)]) -> Vec<Written> {
+        self.write_tx_with(outbox::Outbox::new(), items).await
+    }
+
+    /// [`write_tx`](Self::write_tx) with the write helper's settings.
+    pub async fn write_tx_with(
+        &self,
+        writer: outbox::Outbox,
+        items: &[(String, u64)],
+    ) -> Vec<Written> {
         let mut events = Vec::new();
         let mut written = Vec::new();
         for (aggregate_id, seq) in items {
@@ -116,7 +125,7 @@ impl Fixture {
             events.push(e);
         }
         let mut tx = self.pool.begin().await.unwrap();
-        outbox::write_all(&mut tx, &events).await.unwrap();
+        writer.write_all(&mut tx, &events).await.unwrap();
         tx.commit().await.unwrap();
         written
     }

@@ -35,6 +35,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Apply the SQL migrations (outbox table, publication, relay bookkeeping).
     Migrate(MigrateArgs),
+    /// Delete old outbox and inbox rows in small batches (run it from cron).
+    Prune(PruneArgs),
 }
 
 /// Log output formats.
@@ -52,6 +54,62 @@ pub struct MigrateArgs {
     /// The database.
     #[command(flatten)]
     pub database: DatabaseArgs,
+}
+
+/// Flags of `outbox-relay prune`.
+#[derive(Args)]
+pub struct PruneArgs {
+    /// The database.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Schema of the outbox, inbox and outbox_relay_slot tables.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = "public")]
+    pub schema: String,
+
+    /// Delete outbox rows created longer ago than this (e.g. 7d, 12h).
+    /// Delivery does not need them (the relay reads the WAL); a replay
+    /// (republishing from the table) does.
+    #[arg(long, env = "OUTBOX_PRUNE_OLDER_THAN", value_parser = parse_duration)]
+    pub older_than: Option<Duration>,
+
+    /// Delete inbox rows received longer ago than this (e.g. 30d). Keep
+    /// them longer than any redelivery can come late: a pruned id is
+    /// applied again if its event arrives again.
+    #[arg(long, env = "OUTBOX_PRUNE_INBOX_OLDER_THAN", value_parser = parse_duration)]
+    pub inbox_older_than: Option<Duration>,
+
+    /// Rows deleted per transaction.
+    #[arg(long, env = "OUTBOX_PRUNE_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: u32,
+}
+
+impl PruneArgs {
+    /// Validates the flags into what to prune.
+    pub fn prune_config(&self) -> Result<crate::prune::PruneConfig> {
+        if self.older_than.is_none() && self.inbox_older_than.is_none() {
+            return Err(Error::Config(
+                "nothing to prune: give --older-than (the outbox) and/or --inbox-older-than".into(),
+            ));
+        }
+        if !(1..=100_000).contains(&self.batch_size) {
+            return Err(Error::Config(
+                "--batch-size must be between 1 and 100000".into(),
+            ));
+        }
+        if self.schema.is_empty() || self.schema.len() > 63 || self.schema.contains('\0') {
+            return Err(Error::Config(
+                "--schema (OUTBOX_SCHEMA) must be 1 to 63 bytes".into(),
+            ));
+        }
+        Ok(crate::prune::PruneConfig {
+            pg: self.database.pg_config()?,
+            schema: self.schema.clone(),
+            outbox_older_than: self.older_than,
+            inbox_older_than: self.inbox_older_than,
+            batch_size: self.batch_size,
+        })
+    }
 }
 
 /// Where the database is and how to log in: the URL, or files holding the
@@ -109,7 +167,7 @@ impl DatabaseArgs {
     }
 }
 
-/// Parses `500ms`, `10s`, `2m`, `1h` (a bare number means seconds).
+/// Parses `500ms`, `10s`, `2m`, `1h`, `7d` (a bare number means seconds).
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -117,12 +175,18 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a duration; write e.g. 500ms, 10s, 2m"))?;
+    let secs = |per: u64| {
+        n.checked_mul(per)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("`{s}` is too long a duration"))
+    };
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{s}` has an unknown unit; use ms, s, m or h")),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => Err(format!("`{s}` has an unknown unit; use ms, s, m, h or d")),
     }
 }
 
@@ -136,6 +200,15 @@ mod tests {
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert!(
+            parse_duration("999999999999999999d")
+                .unwrap_err()
+                .contains("too long")
+        );
         assert!(parse_duration("10 parsecs").is_err());
         assert!(parse_duration("s").is_err());
     }

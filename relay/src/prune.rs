@@ -1,0 +1,156 @@
+//! `outbox-relay prune`: keeps the outbox and inbox tables small by
+//! deleting old rows in small batches, each its own short transaction that
+//! skips rows someone else holds, so it never takes a long lock.
+//!
+//! Deleting outbox rows does not affect delivery: the relay reads inserts
+//! from the WAL, which keeps the row as it was inserted, and the outbox
+//! publication does not publish deletes. Only a first backfill reads the
+//! table, so pruning the outbox is refused while one has not completed.
+
+use std::time::{Duration, Instant};
+
+use crate::postgres::config::PgConfig;
+use crate::postgres::connection::{Connection, Mode, quote_ident, quote_literal};
+use crate::{Error, Result};
+
+/// What to prune.
+#[derive(Debug, Clone)]
+pub struct PruneConfig {
+    /// The database.
+    pub pg: PgConfig,
+    /// The schema of the outbox, inbox and relay bookkeeping tables.
+    pub schema: String,
+    /// Delete outbox rows created longer ago than this.
+    pub outbox_older_than: Option<Duration>,
+    /// Delete inbox rows received longer ago than this.
+    pub inbox_older_than: Option<Duration>,
+    /// Rows per delete.
+    pub batch_size: u32,
+}
+
+/// Rows deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// From the outbox.
+    pub outbox: u64,
+    /// From the inbox.
+    pub inbox: u64,
+}
+
+/// Deletes what `cfg` asks for, batch by batch.
+pub async fn run(cfg: &PruneConfig) -> Result<Pruned> {
+    let mut conn = Connection::connect(&cfg.pg, Mode::Sql).await?;
+    conn.security().log();
+    // A batch that waits on a row lock gives up quickly and is retried:
+    // a prune must never queue writers behind it.
+    conn.query("SET lock_timeout = '2s'").await?;
+    let schema = quote_ident(&cfg.schema);
+    let mut pruned = Pruned::default();
+    if let Some(age) = cfg.outbox_older_than {
+        let pending: Vec<String> = conn
+            .query(&format!(
+                "SELECT slot_name FROM {schema}.outbox_relay_slot WHERE backfilled_at IS NULL"
+            ))
+            .await?
+            .iter()
+            .filter_map(|r| r.get("slot_name").map(str::to_owned))
+            .collect();
+        if !pending.is_empty() {
+            return Err(Error::Config(format!(
+                "slot(s) {} have not finished their first backfill, which reads the outbox table; \
+                 pruning now could drop rows they have not published. Let the relay finish \
+                 (`backfill complete` in its log), or remove the row from {}.outbox_relay_slot \
+                 if that slot is gone",
+                pending.join(", "),
+                cfg.schema
+            )));
+        }
+        pruned.outbox = prune_table(
+            &mut conn,
+            &format!("{schema}.outbox"),
+            "created_at",
+            "id",
+            age,
+            cfg.batch_size,
+        )
+        .await?;
+    }
+    if let Some(age) = cfg.inbox_older_than {
+        pruned.inbox = prune_table(
+            &mut conn,
+            &format!("{schema}.inbox"),
+            "received_at",
+            "consumer, event_id",
+            age,
+            cfg.batch_size,
+        )
+        .await?;
+    }
+    conn.terminate().await;
+    Ok(pruned)
+}
+
+/// Deletes rows of `table` whose `time_column` is older than `age` (as of
+/// the start: the cutoff does not move while it runs), `batch` at a time.
+async fn prune_table(
+    conn: &mut Connection,
+    table: &str,
+    time_column: &str,
+    key: &str,
+    age: Duration,
+    batch: u32,
+) -> Result<u64> {
+    let cutoff = conn
+        .query(&format!(
+            "SELECT (pg_catalog.now() - pg_catalog.make_interval(secs => {}))::text AS cutoff",
+            age.as_secs_f64()
+        ))
+        .await?
+        .first()
+        .and_then(|r| r.get("cutoff").map(str::to_owned))
+        .ok_or_else(|| Error::Protocol("no cutoff time".into()))?;
+    // Oldest first; rows another transaction holds are skipped (a later
+    // run takes them), so writers never wait for the prune.
+    let sql = format!(
+        "WITH doomed AS (SELECT {key} FROM {table} WHERE {time_column} < {}::timestamptz \
+         ORDER BY {time_column} LIMIT {batch} FOR UPDATE SKIP LOCKED), \
+         gone AS (DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM doomed) RETURNING 1) \
+         SELECT pg_catalog.count(*)::text AS n FROM gone",
+        quote_literal(&cutoff)
+    );
+    let started = Instant::now();
+    let (mut total, mut batches, mut retries) = (0u64, 0u64, 0u32);
+    loop {
+        let deleted = conn.query(&sql).await.and_then(|rows| {
+            rows.first()
+                .and_then(|r| r.get("n"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .ok_or_else(|| Error::Protocol(format!("no row count from a delete of {table}")))
+        });
+        match deleted {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n;
+                batches += 1;
+                retries = 0;
+                tracing::debug!(table = %table, deleted = n, "batch deleted");
+            }
+            // A lock wait over lock_timeout (55P03): back off and go on.
+            Err(err) if err.is_retryable() && retries < 5 => {
+                retries += 1;
+                tracing::warn!(table = %table, error = %err, "batch not deleted; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(retries))).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    tracing::info!(
+        table = %table,
+        older_than = %cutoff,
+        deleted = total,
+        batches,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "pruned"
+    );
+    Ok(total)
+}
