@@ -275,6 +275,9 @@ async fn help_documents_every_flag_and_hides_secrets() {
         "OUTBOX_KAFKA_BROKERS",
         "OUTBOX_SLOT",
         "OUTBOX_PUBLICATION",
+        "OUTBOX_DATABASE_URL_FILE",
+        "OUTBOX_DATABASE_PASSWORD_FILE",
+        "OUTBOX_KAFKA_OPTIONS_FILE",
         "OUTBOX_SCHEMA",
         "OUTBOX_TOPIC_TEMPLATE",
         "OUTBOX_ALLOWED_TOPICS",
@@ -293,7 +296,12 @@ async fn help_documents_every_flag_and_hides_secrets() {
         "OUTBOX_SHUTDOWN_TIMEOUT",
         "OUTBOX_LOG_FORMAT",
     ] {
-        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+        // Whole names: OUTBOX_DATABASE_URL must not pass for
+        // OUTBOX_DATABASE_URL_FILE.
+        assert!(
+            help.contains(&format!("[env: {flag}=")) || help.contains(&format!("[env: {flag}]")),
+            "--help lacks {flag}:\n{help}"
+        );
     }
     assert!(!help.contains("hunter2pw"), "{help}");
 }

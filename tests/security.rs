@@ -343,6 +343,11 @@ async fn rows_cannot_publish_outside_the_allowed_topics() {
         "{reasons:?}"
     );
     assert!(reasons[2].1.contains("internal topics"), "{reasons:?}");
+    // The topic the row asked for travels with its dead letter.
+    assert_eq!(
+        dead[0].header("outbox.original_topic"),
+        Some(elsewhere.as_str())
+    );
     assert!(
         !topic_names(&brokers).contains(&elsewhere),
         "the refused row created its topic"

@@ -1,24 +1,30 @@
 //! `outbox-relay migrate`: applies the embedded SQL migrations of the
 //! `outbox` crate (outbox table, publication, relay bookkeeping) with sqlx.
 //!
-//! sqlx speaks the protocol with its own, laxer rules (it answers a
-//! cleartext password request over any connection), so the relay's own
-//! client connects first with the same settings: its TLS checks
-//! (`verify-ca` without a CA file, `sslrootcert=system`) and password rules
-//! (`require_auth`, no password to an unauthenticated server) decide
-//! whether migrate goes on, and it logs how the connection is protected.
-//! sqlx then connects with options built from the same parsed settings, not
-//! from the raw URL.
+//! sqlx speaks the protocol with its own, laxer rules: it answers a
+//! cleartext password request over any connection, never binds SCRAM to
+//! TLS, and trusts the system's CAs next to `sslrootcert`. So the relay's
+//! own client connects first with the same settings (its TLS checks and
+//! password rules decide whether migrate goes on, and it logs how the
+//! connection is protected), settings sqlx cannot honour are refused
+//! (`verify-ca`, which in sqlx would accept any public certificate for any
+//! name, and `channel_binding=require`), and sqlx then connects with options
+//! built from the same parsed settings, not from the raw URL. What remains
+//! (docs/configuration.md): under `prefer`/`require` an active attacker who
+//! lets the probe through can still ask sqlx's connection for a cleartext
+//! password, and under `verify-full` sqlx also accepts a public CA's
+//! certificate for the server's name.
 
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
-use crate::postgres::config::{PgConfig, PgHost, SYSTEM_ROOTS, SslMode};
+use crate::postgres::config::{ChannelBinding, PgConfig, PgHost, SYSTEM_ROOTS, SslMode};
 use crate::postgres::connection::{Connection, Mode};
 use crate::postgres::tls;
 use crate::{Error, Result};
 
 /// Applies every pending migration.
 pub async fn run(cfg: &PgConfig) -> Result<()> {
+    refuse_what_sqlx_cannot_honour(cfg)?;
     let probe = Connection::connect(cfg, Mode::Sql).await?;
     let security = probe.security();
     probe.terminate().await;
@@ -35,6 +41,34 @@ pub async fn run(cfg: &PgConfig) -> Result<()> {
     outbox::MIGRATOR.run(&pool).await?;
     pool.close().await;
     tracing::info!(database = %cfg, "migrations applied");
+    Ok(())
+}
+
+fn refuse_what_sqlx_cannot_honour(cfg: &PgConfig) -> Result<()> {
+    let mode = tls::effective_mode(cfg.sslmode, cfg.sslrootcert.as_deref());
+    if mode == SslMode::VerifyCa {
+        return Err(Error::Config(format!(
+            "outbox-relay migrate cannot check sslmode={} (verify-ca{}): it applies the \
+             migrations through sqlx, which also trusts the system's public CAs and, under \
+             verify-ca, any name; use sslmode=verify-full for migrate, or apply \
+             migrations/ with your own tool",
+            cfg.sslmode.as_str(),
+            if cfg.sslmode == SslMode::Require {
+                ", as require with a CA file means"
+            } else {
+                ""
+            }
+        )));
+    }
+    if cfg.channel_binding == ChannelBinding::Require {
+        return Err(Error::Config(
+            "outbox-relay migrate cannot honour channel_binding=require: it applies the \
+             migrations through sqlx, which does not bind SCRAM to TLS; drop \
+             channel_binding=require for migrate (keep sslmode=verify-full), or apply \
+             migrations/ with your own tool"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
@@ -61,15 +95,19 @@ fn sqlx_options(cfg: &PgConfig) -> PgConnectOptions {
     if let Some(password) = &cfg.password {
         opts = opts.password(password.expose());
     }
-    // `system` is libpq's word for the system's trust store, which is what
-    // sqlx uses when given no file (its native-roots TLS feature).
-    if let Some(root) = cfg
-        .sslrootcert
-        .as_deref()
-        .filter(|p| p.as_os_str() != SYSTEM_ROOTS)
-    {
-        opts = opts.ssl_root_cert(root);
-    }
+    // Always set: sqlx would otherwise take PGSSLROOTCERT itself, `system`
+    // included, as a file name. `system` (libpq's word for the system's
+    // trust store) is what sqlx trusts anyway: no extra certificate. With
+    // nothing given, libpq's default file ~/.postgresql/root.crt, as the
+    // relay's own client reads it.
+    opts = match cfg.sslrootcert.as_deref() {
+        Some(p) if p.as_os_str() == SYSTEM_ROOTS => opts.ssl_root_cert_from_pem(Vec::new()),
+        Some(p) => opts.ssl_root_cert(p),
+        None => match tls::default_root_file() {
+            Some(p) => opts.ssl_root_cert(p),
+            None => opts.ssl_root_cert_from_pem(Vec::new()),
+        },
+    };
     opts
 }
 
@@ -88,15 +126,24 @@ mod tests {
         assert_eq!(opts.get_username(), "relay");
         assert_eq!(opts.get_database(), Some("app"));
         assert!(matches!(opts.get_ssl_mode(), PgSslMode::VerifyFull));
-        let cfg = PgConfig::from_url_with_env(
+        // What sqlx cannot check is refused: verify-ca (also as require
+        // with a CA file) and channel_binding=require.
+        for url in [
             "postgres://relay@db/app?sslmode=require&sslrootcert=/etc/ca.pem",
+            "postgres://relay@db/app?sslmode=verify-ca&sslrootcert=/etc/ca.pem",
+            "postgres://relay@db/app?sslmode=verify-full&channel_binding=require",
+        ] {
+            let cfg = PgConfig::from_url_with_env(url, |_| None).unwrap();
+            let err = refuse_what_sqlx_cannot_honour(&cfg)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("outbox-relay migrate cannot"), "{url}: {err}");
+        }
+        let cfg = PgConfig::from_url_with_env(
+            "postgres://relay@db/app?sslmode=verify-full&sslrootcert=/etc/ca.pem",
             |_| None,
         )
         .unwrap();
-        // libpq: require with a CA file verifies the chain.
-        assert!(matches!(
-            sqlx_options(&cfg).get_ssl_mode(),
-            PgSslMode::VerifyCa
-        ));
+        refuse_what_sqlx_cannot_honour(&cfg).unwrap();
     }
 }

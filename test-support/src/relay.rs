@@ -167,6 +167,12 @@ impl RelayBuilder {
             "PGSSLKEY",
             "PGSSLCRL",
             "PGPASSFILE",
+            "PGSSLCRLDIR",
+            "PGREQUIREPEER",
+            "PGGSSENCMODE",
+            "PGTARGETSESSIONATTRS",
+            "PGSSLMINPROTOCOLVERSION",
+            "PGSSLNEGOTIATION",
         ] {
             cmd.env_remove(var);
         }

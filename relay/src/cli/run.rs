@@ -73,10 +73,11 @@ pub struct RunArgs {
     )]
     pub kafka_option_list: Option<String>,
 
-    /// A file of librdkafka producer settings, one key=value per line taken
-    /// verbatim (`#` comments, blank lines skipped), as Kafka client property
-    /// files are written: for secrets such as sasl.password. Applied first,
-    /// so --kafka-options and --kafka-option override it.
+    /// A file of librdkafka producer settings, one key=value per line, the
+    /// value verbatim after the first `=` (`#` comments, blank lines
+    /// skipped; no escapes or continuations): for secrets such as
+    /// sasl.password. Applied first, so --kafka-options and --kafka-option
+    /// override it.
     #[arg(long, env = "OUTBOX_KAFKA_OPTIONS_FILE")]
     pub kafka_options_file: Option<std::path::PathBuf>,
 

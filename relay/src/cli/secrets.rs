@@ -31,11 +31,11 @@ pub fn read_secret_file(path: &Path, flag: &str) -> Result<String> {
     Ok(value.to_owned())
 }
 
-/// Reads librdkafka settings from a file, one `key=value` per line as
-/// librdkafka's and Kafka's own client property files have them: blank
-/// lines and lines starting with `#` are skipped, the value is the rest of
-/// the line verbatim (commas included). A line without `=` is refused by
-/// its line number, without echoing it.
+/// Reads librdkafka settings from a file, one `key=value` per line: blank
+/// lines and lines starting with `#` are skipped, leading spaces dropped,
+/// the value is the rest of the line after the first `=` verbatim (commas
+/// and spaces included; no escapes, no line continuations, no `:` form). A
+/// line without `=` is refused by its line number, without echoing it.
 pub fn read_kafka_options_file(path: &Path, flag: &str) -> Result<Vec<String>> {
     let text = read(path, flag)?;
     let mut options = Vec::new();
@@ -65,15 +65,17 @@ fn read(path: &Path, flag: &str) -> Result<String> {
 }
 
 /// libpq ignores a `.pgpass` that others can read; a secret file is the
-/// user's choice, so it is used, with a warning.
+/// user's choice (Kubernetes mounts secrets 0644 by default, inside a
+/// container of one user), so it is used, with a note.
 fn warn_if_others_can_read(path: &Path, flag: &str) {
     use std::os::unix::fs::PermissionsExt as _;
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o004 != 0
     {
-        tracing::warn!(
+        tracing::info!(
             path = %path.display(),
-            "{flag} can be read by every user on this machine; restrict it (chmod 600 or 640)"
+            "{flag} can be read by every user on this machine; if others log in there, restrict it \
+             (chmod 600 or 640, or defaultMode: 0400 for a Kubernetes secret)"
         );
     }
 }

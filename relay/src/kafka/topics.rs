@@ -28,9 +28,12 @@ pub struct Topics {
 impl Topics {
     /// An admin client with the producer's settings; nothing is known yet.
     pub fn new(client: &ClientConfig, cfg: &KafkaConfig, timeout: Duration) -> Result<Self> {
-        let admin = client.create().map_err(|e| Error::Kafka {
-            context: "creating the kafka admin client".into(),
-            source: Box::new(e),
+        // librdkafka's refusal quotes the refused value: described without it.
+        let admin = client.create().map_err(|e| {
+            Error::Config(format!(
+                "creating the kafka admin client: {}",
+                crate::kafka::config::describe_config_error(&e, &cfg.options)
+            ))
         })?;
         Ok(Self {
             admin,

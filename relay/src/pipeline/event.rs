@@ -257,17 +257,21 @@ impl Layout {
 }
 
 /// A row's string as it may appear in a log line or an error: control
-/// characters (line breaks that would forge a log line, terminal escapes)
-/// and invisible formatting characters (bidi overrides, zero-width
-/// characters that make one name look like another) escaped as `\u{..}`;
-/// everything else as is.
+/// characters (line breaks that would forge a log line, terminal escapes),
+/// invisible formatting characters (bidi overrides, zero-width and filler
+/// characters, variation selectors, tags: what makes one name look like
+/// another) and the backslash itself (so a literal `\u{a}` cannot pose as
+/// an escaped one) escaped as `\u{..}`; everything else as is.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
     fn hidden(c: char) -> bool {
         c.is_control()
             || matches!(c,
-                '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
-                | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
-                | '\u{FFF9}'..='\u{FFFB}')
+                '\\' | '\u{00AD}' | '\u{034F}' | '\u{0600}'..='\u{0605}' | '\u{061C}'
+                | '\u{06DD}' | '\u{070F}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+                | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+                | '\u{FFA0}' | '\u{FFF9}'..='\u{FFFB}' | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}')
     }
     if !s.chars().any(hidden) {
         return std::borrow::Cow::Borrowed(s);
@@ -520,6 +524,14 @@ mod tests {
     #[test]
     fn row_strings_reach_logs_escaped() {
         assert_eq!(printable("ord-1.v2 ünïcode"), "ord-1.v2 ünïcode");
+        // A literal escape cannot pose as a real one.
+        assert_eq!(printable("a\\u{a}b"), "a\\u{5c}u{a}b");
+        for hidden in ['\u{e0041}', '\u{fe0f}', '\u{3164}', '\u{2066}', '\u{034f}'] {
+            assert!(
+                !printable(&format!("id{hidden}")).contains(hidden),
+                "{hidden:?}"
+            );
+        }
         assert_eq!(
             printable("a\nb\x1b[31m\u{202e}c"),
             "a\\u{a}b\\u{1b}[31m\\u{202e}c"

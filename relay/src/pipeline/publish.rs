@@ -244,14 +244,20 @@ impl Publisher {
         .await
     }
 
-    /// The topic an event goes to.
-    pub fn topic_for(&self, event: &OutboxEvent) -> Result<String> {
-        let topic = match &event.topic {
+    /// The topic an event asks for (its override, or the template's),
+    /// unchecked: for a dead letter's `outbox.original_topic`.
+    pub fn requested_topic(&self, event: &OutboxEvent) -> String {
+        match &event.topic {
             Some(t) => t.clone(),
             None => self
                 .template
                 .render(&event.aggregate_type, &event.event_type),
-        };
+        }
+    }
+
+    /// The topic an event goes to: legal, and allowed.
+    pub fn topic_for(&self, event: &OutboxEvent) -> Result<String> {
+        let topic = self.requested_topic(event);
         outbox::topic::validate(&topic).map_err(|why| Error::BadEvent {
             event_id: event.id.clone(),
             reason: format!(

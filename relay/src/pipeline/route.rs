@@ -37,7 +37,7 @@ pub async fn publish(
         (None, Ok(event)) => match publisher.send(&event, ticket).await {
             Ok(()) => return Ok(()),
             Err(err) if err.is_undeliverable() && dead_letter_topic.is_some() => {
-                let topic = publisher.topic_for(&event).ok();
+                let topic = Some(publisher.requested_topic(&event));
                 event.dead_letter(topic, &err)
             }
             Err(err) => return Err(err),

@@ -54,6 +54,14 @@ pub async fn run_with_metrics(
         dead_letter_topic = cfg.dead_letter_topic.as_deref().unwrap_or("none: stop on undeliverable events"),
         "starting outbox relay"
     );
+    if cfg.allowed_topics.is_open() {
+        tracing::warn!(
+            allowed_topics = %cfg.allowed_topics.describe(),
+            "rows can pick any topic name (only the dead-letter topic and `_`-prefixed topics are \
+             refused): another service's topics included; narrow --allowed-topics or start \
+             --topic-template with a literal prefix"
+        );
+    }
     let mut publisher = Publisher::new(
         &cfg.kafka,
         cfg.topic_template.clone(),

@@ -221,7 +221,7 @@ impl Session<'_> {
         self.isolated = Some(ticket);
         let dead_letter_topic = self.cfg.dead_letter_topic.clone();
         let id = event.id.clone();
-        let salvage_topic = publisher.topic_for(&event).ok();
+        let salvage_topic = Some(publisher.requested_topic(&event));
         route::publish(
             publisher,
             ticket,

@@ -156,6 +156,12 @@ impl AllowedTopics {
         })
     }
 
+    /// Whether a pattern lets rows pick any topic name (`*`, or a template
+    /// that starts with a placeholder): worth a warning at start.
+    pub fn is_open(&self) -> bool {
+        self.patterns.iter().any(|p| p.starts_with('*'))
+    }
+
     /// The patterns, comma-separated, for logs and errors.
     pub fn describe(&self) -> String {
         self.patterns.join(",")
@@ -170,10 +176,12 @@ impl AllowedTopics {
             ));
         }
         // Kafka's own topics (`__consumer_offsets`, `__transaction_state`)
+        // and its ecosystem's (`_schemas` of Schema Registry, `_confluent-*`)
         // are never an event's, whatever a pattern such as `*` says.
-        if topic.starts_with("__") {
+        if topic.starts_with('_') {
             return Err(format!(
-                "its topic `{topic}` starts with `__`, which Kafka reserves for its internal topics"
+                "its topic `{topic}` starts with `_`, which Kafka and its tools (`__consumer_offsets`, \
+                 `_schemas`) use for internal topics"
             ));
         }
         if self
@@ -289,8 +297,13 @@ mod tests {
         assert!(a.check("orders").is_ok());
         let err = a.check("outbox.dead-letter").unwrap_err();
         assert!(err.contains("is the dead-letter topic"), "{err}");
-        let err = a.check("__consumer_offsets").unwrap_err();
-        assert!(err.contains("internal topics"), "{err}");
+        for internal in ["__consumer_offsets", "_schemas", "_confluent-metrics"] {
+            let err = a.check(internal).unwrap_err();
+            assert!(err.contains("internal topics"), "{err}");
+        }
+        assert!(a.is_open());
+        let t = TopicTemplate::parse("outbox.event.{aggregate_type}").unwrap();
+        assert!(!AllowedTopics::parse(None, &t, "dlt").unwrap().is_open());
     }
 
     #[test]

@@ -355,6 +355,12 @@ impl PgConfig {
         // What the URL leaves out comes from libpq's variables; an empty
         // variable counts as unset, as in libpq, except PGSSLMODE, which
         // libpq refuses when empty (below).
+        if env("PGCHANNELBINDING").is_some_and(|v| v.is_empty()) && channel_binding.is_none() {
+            return Err(Error::Config(
+                "PGCHANNELBINDING is set but empty; unset it or give one of disable, prefer, require"
+                    .into(),
+            ));
+        }
         if env("PGSSLMODE").is_some_and(|v| v.is_empty()) && sslmode.is_none() {
             return Err(Error::Config(
                 "PGSSLMODE is set but empty; unset it or give one of disable, prefer, require, \
@@ -362,26 +368,7 @@ impl PgConfig {
                     .into(),
             ));
         }
-        // Variables libpq reads that this relay does not: refuse rather than
-        // connect differently from what the environment asks for.
-        for name in [
-            "PGSERVICE",
-            "PGSERVICEFILE",
-            "PGHOSTADDR",
-            "PGSSLCERT",
-            "PGSSLKEY",
-            "PGSSLCRL",
-            "PGPASSFILE",
-        ] {
-            if env(name).is_some_and(|v| !v.is_empty()) {
-                return Err(Error::Config(format!(
-                    "{name} is set, and the relay does not read it (it reads PGHOST, PGPORT, PGDATABASE, \
-                     PGUSER, PGPASSWORD, PGSSLMODE, PGSSLROOTCERT, PGREQUIREAUTH, PGCHANNELBINDING, PGAPPNAME, \
-                     PGCONNECT_TIMEOUT); \
-                     put the setting in the database URL or unset {name}"
-                )));
-            }
-        }
+        let raw_env = &env;
         let env = |name: &str| env(name).filter(|v| !v.is_empty());
         if user.is_empty() {
             user = env("PGUSER").unwrap_or_else(|| "postgres".to_owned());
@@ -462,6 +449,7 @@ impl PgConfig {
                 sslmode.as_str()
             )));
         }
+        refuse_unread_variables(&raw_env, &host, sslmode)?;
         if channel_binding == ChannelBinding::Require && sslmode == SslMode::Disable {
             return Err(Error::Config(
                 "channel_binding=require needs TLS, and sslmode=disable turns it off; use \
@@ -483,6 +471,88 @@ impl PgConfig {
             connect_timeout,
         })
     }
+}
+
+/// libpq variables this relay does not read, refused when they would make
+/// libpq connect differently from the relay (a service file, another
+/// address, a client certificate, revocation checks, a stricter TLS floor),
+/// rather than ignored. Variables that change nothing for this connection
+/// (a client certificate with sslmode=disable) pass.
+fn refuse_unread_variables(
+    env: &impl Fn(&str) -> Option<String>,
+    host: &PgHost,
+    sslmode: SslMode,
+) -> Result<()> {
+    let set = |name: &str| env(name).filter(|v| !v.is_empty());
+    let tls = sslmode != SslMode::Disable && matches!(host, PgHost::Tcp(_));
+    let verifying = matches!(sslmode, SslMode::VerifyCa | SslMode::VerifyFull);
+    let socket = matches!(host, PgHost::Socket(_));
+    let refused = |name: &str, what: &str| {
+        Err(Error::Config(format!(
+            "{name} is set, and the relay does not read it ({what}); put the setting in the \
+             database URL if it has one, or unset {name}"
+        )))
+    };
+    for (name, applies, what) in [
+        (
+            "PGSERVICE",
+            true,
+            "connection service files are not supported",
+        ),
+        (
+            "PGSERVICEFILE",
+            true,
+            "connection service files are not supported",
+        ),
+        (
+            "PGHOSTADDR",
+            true,
+            "libpq would connect to that address; give it as the URL's host",
+        ),
+        ("PGSSLCERT", tls, "client certificates are not supported"),
+        ("PGSSLKEY", tls, "client certificates are not supported"),
+        (
+            "PGSSLCRL",
+            verifying,
+            "certificate revocation lists are not checked",
+        ),
+        (
+            "PGSSLCRLDIR",
+            verifying,
+            "certificate revocation lists are not checked",
+        ),
+        (
+            "PGREQUIREPEER",
+            socket,
+            "the socket peer's user is not checked",
+        ),
+    ] {
+        if applies && set(name).is_some() {
+            return refused(name, what);
+        }
+    }
+    if set("PGGSSENCMODE").is_some_and(|v| v == "require") {
+        return refused("PGGSSENCMODE", "GSSAPI encryption is not supported");
+    }
+    if set("PGTARGETSESSIONATTRS").is_some_and(|v| v != "any") {
+        return refused(
+            "PGTARGETSESSIONATTRS",
+            "the relay connects to its one host whatever its role",
+        );
+    }
+    if tls && set("PGSSLMINPROTOCOLVERSION").is_some_and(|v| v == "TLSv1.3") {
+        return refused(
+            "PGSSLMINPROTOCOLVERSION",
+            "the relay accepts TLS 1.2 and 1.3",
+        );
+    }
+    if tls && set("PGSSLNEGOTIATION").is_some_and(|v| v == "direct") {
+        return refused(
+            "PGSSLNEGOTIATION",
+            "the relay negotiates TLS the PostgreSQL way",
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -603,14 +673,16 @@ mod tests {
         // refused by name rather than ignored.
         let c = with_env("postgres://h/d", &[("PGREQUIREAUTH", "scram-sha-256")]).unwrap();
         assert!(c.require_auth.unwrap().names(AuthMethod::ScramSha256));
-        for name in [
-            "PGSERVICE",
-            "PGSSLCERT",
-            "PGSSLKEY",
-            "PGHOSTADDR",
-            "PGPASSFILE",
+        for (name, value) in [
+            ("PGSERVICE", "x"),
+            ("PGSSLCERT", "x"),
+            ("PGSSLKEY", "x"),
+            ("PGHOSTADDR", "x"),
+            ("PGTARGETSESSIONATTRS", "read-write"),
+            ("PGGSSENCMODE", "require"),
+            ("PGSSLMINPROTOCOLVERSION", "TLSv1.3"),
         ] {
-            let err = with_env("postgres://h/d", &[(name, "x")])
+            let err = with_env("postgres://h/d", &[(name, value)])
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -618,6 +690,20 @@ mod tests {
                 "{err}"
             );
         }
+        // Set globally in an image but irrelevant here: they pass.
+        for (url, name, value) in [
+            ("postgres://h/d?sslmode=disable", "PGSSLCERT", "/c.pem"),
+            ("postgres://h/d?sslmode=require", "PGSSLCRL", "/crl.pem"),
+            ("postgres://h/d", "PGPASSFILE", "/p"),
+            ("postgres://h/d", "PGTARGETSESSIONATTRS", "any"),
+            ("postgres://h/d", "PGGSSENCMODE", "prefer"),
+        ] {
+            with_env(url, &[(name, value)]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let err = with_env("postgres://h/d", &[("PGCHANNELBINDING", "")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PGCHANNELBINDING is set but empty"), "{err}");
 
         let err = with_env("postgres://h/d", &[("PGSSLMODE", "strict")])
             .unwrap_err()

@@ -254,6 +254,15 @@ impl Connection {
             if require {
                 return refuse(&format!("the connection to {} is not TLS", self.endpoint));
             }
+            // libpq: PLUS binds to TLS, so an offer of it over plaintext
+            // means something in the path removed the TLS the server uses.
+            if plus {
+                return Err(Error::Auth(format!(
+                    "{} offers SCRAM-SHA-256-PLUS over a connection without TLS: something in \
+                     the path may have stripped TLS; connect with sslmode=verify-full",
+                    self.endpoint
+                )));
+            }
             if !plain {
                 return Err(Error::Auth(format!(
                     "{} offers no SASL mechanism this relay can use without TLS (SCRAM-SHA-256)",
@@ -278,16 +287,14 @@ impl Connection {
                     sasl::SCRAM_SHA_256_PLUS,
                     ChannelBinding::tls_server_end_point(hash),
                 )),
-                None if require => refuse(
-                    "the server's certificate is signed with an algorithm that has no \
-                     tls-server-end-point hash (e.g. Ed25519)",
-                ),
-                // "n": we cannot bind, which is true, so the server's
-                // downgrade check does not fire.
-                None if plain => Ok((sasl::SCRAM_SHA_256, ChannelBinding::unsupported())),
+                // As libpq: no binding data, no connection. (Falling back
+                // to "n" would let whoever presented this certificate, which
+                // prefer/require do not verify, relay the exchange.)
                 None => Err(Error::Auth(format!(
-                    "{} offers only SCRAM-SHA-256-PLUS, and its certificate's signature \
-                     algorithm has no tls-server-end-point hash",
+                    "{} offers SCRAM-SHA-256-PLUS, but its certificate's signature algorithm \
+                     has no tls-server-end-point hash (e.g. Ed25519), so the exchange cannot be \
+                     bound to this connection; use a server certificate signed with RSA or \
+                     ECDSA, or set channel_binding=disable",
                     self.endpoint
                 ))),
             };
@@ -565,7 +572,8 @@ impl Connection {
         cfg.password.as_ref().map(|p| p.expose().to_owned()).ok_or_else(|| {
             Error::Auth(format!(
                 "PostgreSQL at {} asks for a password for user `{}` but none was given; put it in the \
-                 database URL or PGPASSWORD",
+                 database URL, PGPASSWORD or --database-password-file (.pgpass and PGPASSFILE are \
+                 not read)",
                 self.endpoint, cfg.user
             ))
         })
@@ -955,8 +963,13 @@ mod tests {
         }
     }
 
+    /// Settings from a URL alone: the caller's PG* variables play no part.
+    fn url(url: &str) -> PgConfig {
+        PgConfig::from_url_with_env(url, |_| None).unwrap()
+    }
+
     fn cfg() -> PgConfig {
-        PgConfig::from_url("postgres://relay:pw@localhost/app?sslmode=disable").unwrap()
+        url("postgres://relay:pw@localhost/app?sslmode=disable")
     }
 
     fn message(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -1019,10 +1032,9 @@ mod tests {
     }
 
     fn cfg_with(params: &str) -> PgConfig {
-        PgConfig::from_url(&format!(
+        url(&format!(
             "postgres://relay:pw@localhost/app?sslmode=disable&{params}"
         ))
-        .unwrap()
     }
 
     /// What the client wrote after its startup message, as a scripted
@@ -1116,15 +1128,33 @@ mod tests {
             initial(&sent)
         );
         assert!(initial(&sent).contains("n,,n="), "{:?}", initial(&sent));
-        let (_, sent) = startup_against(both.clone(), &cfg(), None).await;
+        let (_, sent) = startup_against(sasl(&["SCRAM-SHA-256"]), &cfg(), None).await;
         assert!(initial(&sent).contains("n,,n="), "{:?}", initial(&sent));
+        // PLUS offered without TLS: TLS was stripped on the way (libpq).
+        let (result, sent) = startup_against(both.clone(), &cfg(), None).await;
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("over a connection without TLS"), "{err}");
+        assert!(sent.is_empty());
+        // A certificate whose algorithm has no hash (Ed25519): refused even
+        // under prefer, rather than falling back to an unbound exchange.
+        let ed25519 = {
+            let mut c = vec![
+                0x30, 0x0b, 0x30, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70,
+            ];
+            c.extend([0x03, 0x00]);
+            c[1] = (c.len() - 2) as u8;
+            c
+        };
+        let (result, sent) = startup_against(both.clone(), &cfg(), Some(ed25519)).await;
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("cannot be bound"), "{err}");
+        assert!(sent.is_empty());
 
         // require: refused without TLS, without PLUS, for password, MD5 and
         // trust; nothing is sent in any of these.
-        let require = PgConfig::from_url(
+        let require = url(
             "postgres://relay:pw@localhost/app?sslmode=prefer&channel_binding=require&require_auth=password,md5,scram-sha-256,none",
-        )
-        .unwrap();
+        );
         let ok = {
             let mut s = message(b'R', &0_i32.to_be_bytes());
             s.extend(message(b'Z', b"I"));
@@ -1157,9 +1187,12 @@ mod tests {
             assert!(err.contains(expect), "{err}");
             assert!(sent.is_empty(), "sent {:?}", initial(&sent));
         }
-        let err = PgConfig::from_url("postgres://h/d?sslmode=disable&channel_binding=require")
-            .unwrap_err()
-            .to_string();
+        let err = PgConfig::from_url_with_env(
+            "postgres://h/d?sslmode=disable&channel_binding=require",
+            |_| None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("channel_binding=require needs TLS"), "{err}");
     }
 
@@ -1303,6 +1336,9 @@ mod tests {
             ),
             auth in proptest::collection::vec(0i32..13, 0..4),
             raw in proptest::collection::vec(proptest::num::u8::ANY, 0..48),
+            // Half the cases count as TLS with a server certificate of
+            // random bytes: the channel-binding choice and its DER walk.
+            cert in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..64)),
         ) {
             // Authentication requests with plausible codes first, so the
             // run reaches past the first message.
@@ -1327,6 +1363,10 @@ mod tests {
                     // Then the end of the stream.
                 });
                 let mut conn = over(client);
+                if cert.is_some() {
+                    conn.security = Security::Tls(SslMode::Require);
+                    conn.server_cert = cert;
+                }
                 let limit = std::time::Duration::from_secs(5);
                 let started = tokio::time::timeout(limit, conn.startup(&cfg(), Mode::Sql))
                     .await

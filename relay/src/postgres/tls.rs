@@ -33,7 +33,8 @@ pub fn effective_mode(mode: SslMode, rootcert: Option<&Path>) -> SslMode {
     if has_file { SslMode::VerifyCa } else { mode }
 }
 
-fn default_root_file() -> Option<PathBuf> {
+/// libpq's default CA file, `~/.postgresql/root.crt`, when it exists.
+pub fn default_root_file() -> Option<PathBuf> {
     std::env::var_os("HOME")
         .map(|h| PathBuf::from(h).join(".postgresql/root.crt"))
         .filter(|p| p.exists())
@@ -231,6 +232,7 @@ pub fn server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
     use sha2::Digest as _;
     let hash = signature_hash(cert)?;
     Some(match hash {
+        Hash::Sha224 => sha2::Sha224::digest(cert).to_vec(),
         Hash::Sha256 => sha2::Sha256::digest(cert).to_vec(),
         Hash::Sha384 => sha2::Sha384::digest(cert).to_vec(),
         Hash::Sha512 => sha2::Sha512::digest(cert).to_vec(),
@@ -239,6 +241,7 @@ pub fn server_end_point(cert: &[u8]) -> Option<Vec<u8>> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hash {
+    Sha224,
     Sha256,
     Sha384,
     Sha512,
@@ -273,7 +276,8 @@ fn signature_hash(cert: &[u8]) -> Option<Hash> {
     {
         return match last {
             // md5WithRSAEncryption, sha1WithRSAEncryption: SHA-256 (RFC 5929).
-            4 | 5 | 11 | 14 => Some(Hash::Sha256),
+            4 | 5 | 11 => Some(Hash::Sha256),
+            14 => Some(Hash::Sha224),
             12 => Some(Hash::Sha384),
             13 => Some(Hash::Sha512),
             // RSASSA-PSS: the hash is in the parameters.
@@ -284,12 +288,19 @@ fn signature_hash(cert: &[u8]) -> Option<Hash> {
     if oid == ECDSA_SHA1 || oid == DSA_SHA1 {
         return Some(Hash::Sha256);
     }
+    // dsa-with-sha224 / dsa-with-sha256 (2.16.840.1.101.3.4.3.1/2).
+    match oid.strip_prefix(&[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x03][..]) {
+        Some([1]) => return Some(Hash::Sha224),
+        Some([2]) => return Some(Hash::Sha256),
+        _ => {}
+    }
     if let Some(last) = oid
         .strip_prefix(ECDSA_SHA2)
         .and_then(|r| (r.len() == 1).then(|| r[0]))
     {
         return match last {
-            1 | 2 => Some(Hash::Sha256),
+            1 => Some(Hash::Sha224),
+            2 => Some(Hash::Sha256),
             3 => Some(Hash::Sha384),
             4 => Some(Hash::Sha512),
             _ => None,
@@ -318,6 +329,7 @@ fn pss_hash(parameters: &[u8]) -> Option<Hash> {
         Some([1]) => Some(Hash::Sha256),
         Some([2]) => Some(Hash::Sha384),
         Some([3]) => Some(Hash::Sha512),
+        Some([4]) => Some(Hash::Sha224),
         _ => None,
     }
 }
@@ -417,6 +429,8 @@ mod tests {
         let ecdsa = |n: u8| vec![0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, n];
         let null = [0x05, 0x00];
         for (oid, params, want) in [
+            (rsa(14), &null[..], 28),
+            (ecdsa(1), &[][..], 28),
             (rsa(11), &null[..], 32),
             (rsa(5), &null[..], 32),
             (rsa(4), &null[..], 32),
@@ -430,6 +444,7 @@ mod tests {
             let hash = server_end_point(&cert).expect("a hash");
             assert_eq!(hash.len(), want, "{oid:x?}");
             let expected = match want {
+                28 => sha2::Sha224::digest(&cert).to_vec(),
                 32 => sha2::Sha256::digest(&cert).to_vec(),
                 48 => sha2::Sha384::digest(&cert).to_vec(),
                 _ => sha2::Sha512::digest(&cert).to_vec(),
