@@ -180,3 +180,134 @@ async fn prune_deletes_old_rows_in_batches_and_waits_for_no_one() {
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("nothing to prune"), "{log}");
 }
+
+/// Runs `outbox-relay status --json` for `slot`; its exit code and report.
+async fn status(url: &str, slot: &str, extra: &[&str]) -> (i32, serde_json::Value) {
+    let out = tokio::process::Command::new(binary())
+        .args(["status", "--json", "--slot", slot])
+        .args(extra)
+        .env("OUTBOX_DATABASE_URL", url)
+        .output()
+        .await
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), report)
+}
+
+/// The table form of `status` (printed, for the record).
+async fn status_text(url: &str, slot: &str) -> String {
+    let out = tokio::process::Command::new(binary())
+        .args(["status", "--slot", slot])
+        .env("OUTBOX_DATABASE_URL", url)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!(
+        "outbox-relay status (exit {:?}):\n{text}",
+        out.status.code()
+    );
+    text
+}
+
+fn notes(report: &serde_json::Value) -> String {
+    report["notes"].to_string()
+}
+
+/// Issue 11, item 1: `status` reports a missing slot as broken (2), a
+/// streaming relay as healthy (0) with the last event it delivered (id and
+/// topic, recorded by the relay), a stopped relay with events waiting as
+/// broken with the lag in bytes, and a backfilling, lagging slot as
+/// degraded (1); it warns when the slot's WAL is unlimited.
+#[tokio::test]
+async fn status_tells_healthy_from_degraded_and_broken() {
+    let f = Fixture::new().await;
+    let (code, report) = status(&f.url, &f.slot, &[]).await;
+    assert_eq!(code, 2, "{report}");
+    assert_eq!(report["slot_exists"], false, "{report}");
+    assert!(notes(&report).contains("does not exist"), "{report}");
+
+    let mut relay = f.relay().spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut written = Vec::new();
+    for n in 1..=3u64 {
+        written.extend(
+            f.write_tx(&[("a".into(), n * 2 - 1), ("b".into(), n * 2)])
+                .await,
+        );
+    }
+    f.read(written.len()).await;
+    let last = written.last().unwrap().id.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let (code, report) = status(&f.url, &f.slot, &[]).await;
+        if code == 0 && report["last_event_id"] == last.as_str() {
+            break report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status did not show the last delivered event {last} (exit {code}): {report}\n{}",
+            relay.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(report["health"], "healthy", "{report}");
+    assert_eq!(report["active"], true, "{report}");
+    assert_eq!(report["backfill"], "complete", "{report}");
+    assert_eq!(report["last_event_topic"], f.topic().as_str(), "{report}");
+    assert_eq!(report["outbox_rows"], 6, "{report}");
+    assert!(report["active_pid"].as_i64().is_some(), "{report}");
+    assert!(report["retained_wal_bytes"].as_i64().is_some(), "{report}");
+    assert!(
+        notes(&report).contains("max_slot_wal_keep_size is unlimited"),
+        "{report}"
+    );
+    let text = status_text(&f.url, &f.slot).await;
+    let line = |name: &str| -> Vec<String> {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(line("health"), ["health", "healthy"], "{text}");
+    assert_eq!(
+        line("last_event_id"),
+        ["last_event_id", last.as_str()],
+        "{text}"
+    );
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+
+    // Stopped, with events waiting: broken, and how far behind.
+    f.write_tx(&[("a".into(), 7)]).await;
+    let (code, report) = status(&f.url, &f.slot, &[]).await;
+    assert_eq!(code, 2, "{report}");
+    assert_eq!(report["active"], false, "{report}");
+    assert!(report["lag_bytes"].as_i64().unwrap() > 0, "{report}");
+    assert!(report["lag_seconds"].as_f64().is_some(), "{report}");
+    assert!(notes(&report).contains("no relay is streaming"), "{report}");
+    let text = status_text(&f.url, &f.slot).await;
+    assert!(text.lines().next().unwrap().ends_with(" broken"), "{text}");
+
+    // A first backfill under way with the lag over the limit: degraded.
+    sqlx::query("UPDATE outbox_relay_slot SET backfilled_at = NULL")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let (code, report) = status(&f.url, &f.slot, &["--max-lag-bytes", "1"]).await;
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(report["health"], "degraded", "{report}");
+    assert!(
+        notes(&report).contains("first backfill has not completed"),
+        "{report}"
+    );
+    assert!(
+        notes(&report).contains("bytes of WAL are not confirmed"),
+        "{report}"
+    );
+}

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             tracing::error!(error = %err, "outbox-relay stopped");
             eprintln!("error: {err}");
@@ -47,19 +47,38 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> outbox_relay::Result<()> {
+async fn dispatch(command: Command) -> outbox_relay::Result<ExitCode> {
     match command {
-        Command::Migrate(args) => outbox_relay::migrate::run(&args.database.pg_config()?).await,
-        Command::Prune(args) => outbox_relay::prune::run(&args.prune_config()?)
-            .await
-            .map(|_| ()),
+        Command::Migrate(args) => outbox_relay::migrate::run(&args.database.pg_config()?).await?,
+        Command::Prune(args) => {
+            outbox_relay::prune::run(&args.prune_config()?).await?;
+        }
+        Command::Status(args) => {
+            // Exit 3 when the status cannot be read (Nagios' UNKNOWN): 1 and
+            // 2 are verdicts.
+            let status =
+                match async { outbox_relay::status::run(&args.status_config()?).await }.await {
+                    Ok(status) => status,
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        return Ok(ExitCode::from(3));
+                    }
+                };
+            if args.json {
+                println!("{}", status.to_json());
+            } else {
+                print!("{}", status.to_text());
+            }
+            return Ok(ExitCode::from(status.health.exit_code()));
+        }
         Command::Run(args) => {
             let cfg = args.relay_config()?;
             let token = CancellationToken::new();
             tokio::spawn(cancel_on_signal(token.clone()));
-            outbox_relay::run(cfg, token).await
+            outbox_relay::run(cfg, token).await?;
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn cancel_on_signal(token: CancellationToken) {

@@ -37,6 +37,9 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Delete old outbox and inbox rows in small batches (run it from cron).
     Prune(PruneArgs),
+    /// How a slot and its relay are doing; exit code 0 healthy, 1 degraded,
+    /// 2 broken, 3 the status could not be read.
+    Status(StatusArgs),
 }
 
 /// Log output formats.
@@ -108,6 +111,48 @@ impl PruneArgs {
             outbox_older_than: self.older_than,
             inbox_older_than: self.inbox_older_than,
             batch_size: self.batch_size,
+        })
+    }
+}
+
+/// Flags of `outbox-relay status`.
+#[derive(Args)]
+pub struct StatusArgs {
+    /// The database.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// The relay's replication slot.
+    #[arg(long, env = "OUTBOX_SLOT", default_value = "outbox_relay")]
+    pub slot: String,
+
+    /// Schema of the outbox, inbox and outbox_relay_slot tables.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = "public")]
+    pub schema: String,
+
+    /// Unconfirmed WAL (bytes) above which the relay counts as degraded.
+    #[arg(long, env = "OUTBOX_STATUS_MAX_LAG_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub max_lag_bytes: u64,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl StatusArgs {
+    /// Validates the flags into what to look at.
+    pub fn status_config(&self) -> Result<crate::status::StatusConfig> {
+        crate::pipeline::config::validate_slot_name(&self.slot)?;
+        if self.schema.is_empty() || self.schema.len() > 63 || self.schema.contains('\0') {
+            return Err(Error::Config(
+                "--schema (OUTBOX_SCHEMA) must be 1 to 63 bytes".into(),
+            ));
+        }
+        Ok(crate::status::StatusConfig {
+            pg: self.database.pg_config()?,
+            slot: self.slot.clone(),
+            schema: self.schema.clone(),
+            max_lag_bytes: self.max_lag_bytes,
         })
     }
 }

@@ -67,7 +67,16 @@ impl ProducerContext for Deliveries {
                         "delivered"
                     );
                 }
-                self.ledger.acknowledged(ticket);
+                let committed_at = self.ledger.acknowledged(ticket);
+                if !ticket.is_dead_letter()
+                    && let Some(id) = message
+                        .headers()
+                        .and_then(|h| h.iter().find(|x| x.key == "id"))
+                        .and_then(|x| x.value)
+                {
+                    self.ledger
+                        .note_delivered(ticket, id, message.topic(), committed_at);
+                }
             }
             Err((source, message)) => {
                 let event_id = header(message, "id").unwrap_or_else(|| "unknown".into());

@@ -4,6 +4,7 @@
 //! routing. `run` supervises sessions until stopped.
 
 pub mod backfill;
+pub mod bookkeeping;
 pub mod config;
 pub mod dead_letter;
 pub mod deliveries;

@@ -111,6 +111,28 @@ pub struct Ledger {
     handed: AtomicU64,
     reported: AtomicU64,
     metrics: Arc<Metrics>,
+    /// The last event Kafka acknowledged, for the relay's bookkeeping
+    /// (`outbox-relay status`); its own lock, away from the ring's.
+    last: Mutex<Option<LastDelivered>>,
+}
+
+/// The last event Kafka acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastDelivered {
+    /// Its id.
+    pub event_id: String,
+    /// Its topic.
+    pub topic: String,
+    /// When the acknowledgement came.
+    pub at: std::time::SystemTime,
+    /// Its transaction's commit time (µs since 2000-01-01); none for
+    /// events from the backfill.
+    pub committed_at_us: Option<i64>,
+    /// Acknowledged events so far, over the process's life: tells a new
+    /// one from the one recorded last.
+    pub count: u64,
+    /// Its ticket's place in stream order.
+    pub seq: u64,
 }
 
 #[derive(Debug)]
@@ -156,6 +178,7 @@ impl Ledger {
             handed: AtomicU64::new(0),
             reported: AtomicU64::new(0),
             metrics,
+            last: Mutex::new(None),
         })
     }
 
@@ -182,17 +205,65 @@ impl Ledger {
         self.handed.load(Ordering::Acquire).saturating_sub(reported)
     }
 
+    /// Kafka acknowledged the event `event_id` in `topic` (not a dead
+    /// letter), holding `ticket`: remembered as the last one delivered when
+    /// it is the newest so far in stream order (acknowledgements come per
+    /// partition, so an older event's may come last). The strings' buffers
+    /// are reused, so this allocates nothing once warm.
+    pub fn note_delivered(
+        &self,
+        ticket: Ticket,
+        event_id: &[u8],
+        topic: &str,
+        committed_at_us: Option<i64>,
+    ) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let at = std::time::SystemTime::now();
+        let id = String::from_utf8_lossy(event_id);
+        match last.as_mut() {
+            // An older event's acknowledgement: counted, not recorded.
+            Some(l) if l.seq > ticket.seq() => l.count += 1,
+            Some(l) => {
+                l.seq = ticket.seq();
+                l.event_id.clear();
+                l.event_id.push_str(&id);
+                l.topic.clear();
+                l.topic.push_str(topic);
+                l.at = at;
+                l.committed_at_us = committed_at_us;
+                l.count += 1;
+            }
+            None => {
+                *last = Some(LastDelivered {
+                    event_id: id.into_owned(),
+                    topic: topic.to_owned(),
+                    at,
+                    committed_at_us,
+                    count: 1,
+                    seq: ticket.seq(),
+                })
+            }
+        }
+    }
+
+    /// The last event Kafka acknowledged, if any.
+    pub fn last_delivered(&self) -> Option<LastDelivered> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Kafka acknowledged the record (or dead letter) holding `ticket`.
-    pub fn acknowledged(&self, ticket: Ticket) {
+    /// Returns its transaction's commit time (µs since 2000-01-01) when it
+    /// settled a ticket of this session that has one.
+    pub fn acknowledged(&self, ticket: Ticket) -> Option<i64> {
         let mut s = self.lock();
         let seq = ticket.seq();
         if seq < s.base.max(s.settled_below) || seq >= s.next {
-            return;
+            return None;
         }
         let len = s.ring.len() as u64;
         let slot = &mut s.ring[(seq % len) as usize];
         if slot.settled {
-            return;
+            return None;
         }
         slot.settled = true;
         let commit_ts = slot.commit_ts;
@@ -217,6 +288,7 @@ impl Ledger {
             drop(s);
             self.changed.notify_one();
         }
+        commit_ts
     }
 
     /// Kafka refused the record holding `ticket` for good.

@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::config::RelayConfig;
 use crate::pipeline::lock::SlotLock;
 use crate::pipeline::publish::Publisher;
-use crate::pipeline::{slot, stream};
+use crate::pipeline::{bookkeeping, slot, stream};
 use crate::postgres::connection::{Connection, Mode};
 use crate::{Error, Result};
 
@@ -84,6 +84,13 @@ pub async fn run_with_metrics(
         });
     }
     publisher.stop_on(hand_over);
+    // The last delivered event, for `outbox-relay status`.
+    let bookkeeping_stop = CancellationToken::new();
+    let bookkeeping = tokio::spawn(bookkeeping::run(
+        cfg.clone(),
+        publisher.ledger(),
+        bookkeeping_stop.clone(),
+    ));
     let mut backoff = Backoff::new(cfg.max_backoff);
     let mut lock = SlotLock::new();
     // The brokers are checked once, at the first session that reaches that
@@ -148,6 +155,10 @@ pub async fn run_with_metrics(
     // refusal the producer holds nothing behind the refused record (the
     // gapless guarantee stops it), so this sends only records before it.
     let flushed = publisher.flush(cfg.shutdown_timeout).await;
+    // Its last write, with what the flush acknowledged, before the lock
+    // goes to another instance.
+    bookkeeping_stop.cancel();
+    let _ = tokio::time::timeout(cfg.connect_timeout, bookkeeping).await;
     lock.release().await;
     let outstanding = publisher.in_flight();
     let refused = publisher.refused_at_exit();

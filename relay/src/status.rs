@@ -1,0 +1,345 @@
+//! `outbox-relay status`: how a slot and its relay are doing, from the
+//! database alone (the relay need not be reachable): the slot (active, by
+//! which backend and host, confirmed position), lag in bytes and in time,
+//! WAL the slot retains against `max_slot_wal_keep_size`, the backfill,
+//! the outbox and inbox tables, and the last event the relay recorded as
+//! delivered. A verdict, healthy / degraded / broken, is also the exit
+//! code (0 / 1 / 2), for cron jobs and probes.
+
+use serde_json::{Value, json};
+
+use crate::postgres::config::PgConfig;
+use crate::postgres::connection::{Connection, Mode, Row, quote_ident, quote_literal};
+use crate::{Error, Result};
+
+/// What to look at.
+#[derive(Debug, Clone)]
+pub struct StatusConfig {
+    /// The database.
+    pub pg: PgConfig,
+    /// The slot.
+    pub slot: String,
+    /// Schema of the outbox, inbox and bookkeeping tables.
+    pub schema: String,
+    /// Lag (bytes of WAL not yet confirmed) above which the relay counts
+    /// as degraded.
+    pub max_lag_bytes: u64,
+}
+
+/// The verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Health {
+    /// Streaming, caught up within the limits.
+    Healthy,
+    /// Working, but something needs a look (lag, WAL at risk, backfilling).
+    Degraded,
+    /// Events are not flowing, or the slot is gone or lost.
+    Broken,
+}
+
+impl Health {
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Degraded => "degraded",
+            Health::Broken => "broken",
+        }
+    }
+
+    /// The exit code for it.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Health::Healthy => 0,
+            Health::Degraded => 1,
+            Health::Broken => 2,
+        }
+    }
+}
+
+/// A status report: the verdict, why, and the facts (as JSON, which the
+/// human form prints too).
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// The verdict.
+    pub health: Health,
+    /// Why it is not healthy, and warnings that do not change it.
+    pub notes: Vec<String>,
+    /// Every fact gathered.
+    pub facts: Value,
+}
+
+impl Status {
+    /// The report as one JSON object.
+    pub fn to_json(&self) -> Value {
+        let mut v = self.facts.clone();
+        v["health"] = json!(self.health.as_str());
+        v["notes"] = json!(self.notes);
+        v
+    }
+
+    /// The report for people: one `name  value` line per fact.
+    pub fn to_text(&self) -> String {
+        let mut out = format!("{:<27}{}\n", "health", self.health.as_str());
+        for note in &self.notes {
+            out.push_str(&format!("  ! {note}\n"));
+        }
+        if let Value::Object(map) = &self.facts {
+            for (k, v) in map {
+                let shown = match v {
+                    Value::Null => "-".to_owned(),
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                out.push_str(&format!("{k:<27}{shown}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// Gathers the report.
+pub async fn run(cfg: &StatusConfig) -> Result<Status> {
+    let mut conn = Connection::connect(&cfg.pg, Mode::Sql).await?;
+    let status = gather(&mut conn, cfg).await;
+    conn.terminate().await;
+    status
+}
+
+fn one(rows: Vec<Row>, what: &str) -> Result<Row> {
+    rows.into_iter()
+        .next()
+        .ok_or_else(|| Error::Protocol(format!("no row from the {what} query")))
+}
+
+fn text(row: &Row, col: &str) -> Value {
+    row.get(col).map_or(Value::Null, |v| json!(v))
+}
+
+fn number(row: &Row, col: &str) -> Value {
+    row.get(col)
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(Value::Null, |n| {
+            if n.fract() == 0.0 && n.abs() < 9e15 {
+                json!(n as i64)
+            } else {
+                json!((n * 1000.0).round() / 1000.0)
+            }
+        })
+}
+
+async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
+    let schema = quote_ident(&cfg.schema);
+    let slot = quote_literal(&cfg.slot);
+    let mut notes = Vec::new();
+    let mut health = Health::Healthy;
+    let mut worse = |h: Health, note: String, notes: &mut Vec<String>| {
+        health = health.max(h);
+        notes.push(note);
+    };
+    let server = one(
+        conn.query(
+            "SELECT pg_catalog.pg_current_wal_lsn()::text AS server_lsn, \
+             pg_catalog.current_setting('max_slot_wal_keep_size') AS max_slot_wal_keep_size, \
+             pg_catalog.current_setting('server_version') AS server_version",
+        )
+        .await?,
+        "server",
+    )?;
+    let keep = server
+        .get("max_slot_wal_keep_size")
+        .unwrap_or("-1")
+        .to_owned();
+    let rows = conn
+        .query(&format!(
+            "SELECT s.active::text AS active, s.active_pid::text AS active_pid, \
+             a.client_addr::text AS client_addr, a.application_name, \
+             s.confirmed_flush_lsn::text AS confirmed_lsn, \
+             pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::text AS lag_bytes, \
+             pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn)::text AS retained_wal_bytes, \
+             s.wal_status, s.safe_wal_size::text AS safe_wal_size \
+             FROM pg_catalog.pg_replication_slots s \
+             LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid \
+             WHERE s.slot_name = {slot}"
+        ))
+        .await?;
+    let slot_row = rows.into_iter().next();
+    let book = conn
+        .query(&format!(
+            "SELECT backfilled_at::text AS backfilled_at, last_event_id, last_event_topic, \
+             last_delivered_at::text AS last_delivered_at, \
+             EXTRACT(epoch FROM pg_catalog.now() - last_delivered_at)::text AS last_delivery_age_seconds, \
+             EXTRACT(epoch FROM pg_catalog.now() - last_event_committed_at)::text AS last_event_age_seconds \
+             FROM {schema}.outbox_relay_slot WHERE slot_name = {slot}"
+        ))
+        .await
+        .map_err(|err| match &err {
+            // No such table or column: wrong schema, or migrations not applied.
+            Error::Server { source, .. } if source.code == "42P01" || source.code == "42703" => {
+                Error::Config(format!(
+                    "cannot read {}.outbox_relay_slot ({err}); give the schema the migrations \
+                     used with --schema, and apply them (outbox-relay migrate)",
+                    cfg.schema
+                ))
+            }
+            _ => err,
+        })?
+        .into_iter()
+        .next();
+    let table = |name: &str, time: &str| {
+        format!(
+            "SELECT pg_catalog.count(*)::text AS n, pg_catalog.min({time})::text AS oldest \
+             FROM {schema}.{}",
+            quote_ident(name)
+        )
+    };
+    let outbox = one(conn.query(&table("outbox", "created_at")).await?, "outbox")?;
+    // The inbox is the consumers' table and may live elsewhere.
+    let inbox = conn
+        .query(&table("inbox", "received_at"))
+        .await
+        .ok()
+        .and_then(|r| r.into_iter().next());
+
+    let mut facts = serde_json::Map::new();
+    facts.insert("slot".into(), json!(cfg.slot));
+    facts.insert("server_version".into(), text(&server, "server_version"));
+    facts.insert("server_lsn".into(), text(&server, "server_lsn"));
+    match &slot_row {
+        None => {
+            facts.insert("slot_exists".into(), json!(false));
+            worse(
+                Health::Broken,
+                format!(
+                    "slot `{}` does not exist: no relay has created it, or it was dropped (after a \
+                     failover to a server without it, or by hand); a relay started on it creates it \
+                     with a backfill of the rows in the table",
+                    cfg.slot
+                ),
+                &mut notes,
+            );
+        }
+        Some(s) => {
+            facts.insert("slot_exists".into(), json!(true));
+            let active = s.get("active") == Some("true");
+            facts.insert("active".into(), json!(active));
+            facts.insert("active_pid".into(), number(s, "active_pid"));
+            facts.insert("client_addr".into(), text(s, "client_addr"));
+            facts.insert("application_name".into(), text(s, "application_name"));
+            facts.insert("confirmed_lsn".into(), text(s, "confirmed_lsn"));
+            facts.insert("lag_bytes".into(), number(s, "lag_bytes"));
+            facts.insert("retained_wal_bytes".into(), number(s, "retained_wal_bytes"));
+            facts.insert("wal_status".into(), text(s, "wal_status"));
+            facts.insert("safe_wal_size_bytes".into(), number(s, "safe_wal_size"));
+            let lag = s
+                .get("lag_bytes")
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            match s.get("wal_status") {
+                Some("lost") => worse(
+                    Health::Broken,
+                    "the slot's WAL was removed (wal_status=lost): events in it are gone from the \
+                     stream; recover with a new slot (see docs/operations.md)"
+                        .into(),
+                    &mut notes,
+                ),
+                Some("unreserved") => worse(
+                    Health::Degraded,
+                    "the slot has passed max_slot_wal_keep_size (wal_status=unreserved): its WAL \
+                     will be removed at the next checkpoint unless the relay catches up"
+                        .into(),
+                    &mut notes,
+                ),
+                _ => {}
+            }
+            let backfilling = book
+                .as_ref()
+                .is_some_and(|b| b.get("backfilled_at").is_none());
+            if !active && !backfilling {
+                worse(
+                    Health::Broken,
+                    "no relay is streaming from the slot (inactive): events are not delivered; \
+                     start the relay, or look at its log"
+                        .into(),
+                    &mut notes,
+                );
+            }
+            if lag > cfg.max_lag_bytes as f64 {
+                worse(
+                    Health::Degraded,
+                    format!(
+                        "{} bytes of WAL are not confirmed yet (more than --max-lag-bytes {})",
+                        lag as u64, cfg.max_lag_bytes
+                    ),
+                    &mut notes,
+                );
+            }
+        }
+    }
+    if keep == "-1" {
+        notes.push(
+            "max_slot_wal_keep_size is unlimited: a stopped relay makes the server keep WAL until \
+             its disk is full; set a limit (see docs/operations.md)"
+                .into(),
+        );
+    }
+    facts.insert("max_slot_wal_keep_size".into(), json!(keep));
+    match &book {
+        None => {
+            facts.insert("backfill".into(), json!("no bookkeeping row"));
+        }
+        Some(b) => {
+            let done = b.get("backfilled_at").is_some();
+            facts.insert(
+                "backfill".into(),
+                json!(if done { "complete" } else { "in progress" }),
+            );
+            facts.insert("backfilled_at".into(), text(b, "backfilled_at"));
+            if !done {
+                worse(
+                    Health::Degraded,
+                    "the first backfill has not completed (it publishes the rows the table held \
+                     when the slot was created)"
+                        .into(),
+                    &mut notes,
+                );
+            }
+            facts.insert("last_event_id".into(), text(b, "last_event_id"));
+            facts.insert("last_event_topic".into(), text(b, "last_event_topic"));
+            facts.insert("last_delivered_at".into(), text(b, "last_delivered_at"));
+            facts.insert(
+                "last_delivery_age_seconds".into(),
+                number(b, "last_delivery_age_seconds"),
+            );
+            // How far behind: the newest delivered event's commit time vs
+            // now, while WAL is pending; caught up, nothing is behind.
+            let pending = facts
+                .get("lag_bytes")
+                .and_then(Value::as_f64)
+                .is_some_and(|lag| lag > 0.0);
+            let behind = if pending {
+                number(b, "last_event_age_seconds")
+            } else {
+                json!(0)
+            };
+            facts.insert("lag_seconds".into(), behind);
+        }
+    }
+    facts.insert("outbox_rows".into(), number(&outbox, "n"));
+    facts.insert("outbox_oldest".into(), text(&outbox, "oldest"));
+    match &inbox {
+        Some(i) => {
+            facts.insert("inbox_rows".into(), number(i, "n"));
+            facts.insert("inbox_oldest".into(), text(i, "oldest"));
+        }
+        None => {
+            facts.insert("inbox_rows".into(), Value::Null);
+            facts.insert("inbox_oldest".into(), Value::Null);
+        }
+    }
+    Ok(Status {
+        health,
+        notes,
+        facts: Value::Object(facts),
+    })
+}
