@@ -1,5 +1,7 @@
 //! The HTTP endpoint on `--metrics-addr`: `GET /metrics` in the OpenMetrics
-//! text format. Everything else is a 404 that names what is served.
+//! text format, `GET /healthz` (the process serves: 200) and `GET /readyz`
+//! (200 while streaming, 503 naming the state otherwise). Everything else
+//! is a 404 that names what is served.
 //!
 //! The accept loop is ours (axum routes, hyper serves each connection) so
 //! that whoever can reach the port cannot take the endpoint away: at most
@@ -123,8 +125,35 @@ pub async fn serve_on(
 fn router(metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(render))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "try GET /metrics\n") })
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "try GET /metrics, /healthz or /readyz\n",
+            )
+        })
         .with_state(metrics)
+}
+
+/// 200 while streaming; 503 otherwise, saying what the relay does instead
+/// (a standby waiting for the slot lock is alive but not ready).
+async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    use crate::metrics::RelayState;
+    let state = metrics.state();
+    let why = match state {
+        RelayState::Streaming => return (StatusCode::OK, "streaming\n".to_owned()),
+        RelayState::WaitingForLock => {
+            "standby: another instance works the slot, or the lock is being taken"
+        }
+        RelayState::Starting => "starting: checking the slot, creating it or backfilling",
+        RelayState::Reconnecting => "reconnecting after a failure (see the log)",
+        RelayState::Stopping => "stopping",
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{}: {why}\n", state.as_str()),
+    )
 }
 
 async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {

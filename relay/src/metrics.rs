@@ -4,10 +4,11 @@
 //! benchmark reads the same endpoint.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -17,6 +18,43 @@ const LATENCY_BOUNDS: [f64; 24] = [
     0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
     0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
 ];
+
+/// What the relay is doing, for `/readyz` and `outbox_relay_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RelayState {
+    /// Taking the slot lock: a standby while another instance holds it.
+    WaitingForLock = 0,
+    /// Lock held: checking the slot, creating it, backfilling.
+    Starting = 1,
+    /// Streaming from the slot.
+    Streaming = 2,
+    /// Between sessions, after a retryable failure.
+    Reconnecting = 3,
+    /// Shutting down.
+    Stopping = 4,
+}
+
+impl RelayState {
+    const ALL: [RelayState; 5] = [
+        RelayState::WaitingForLock,
+        RelayState::Starting,
+        RelayState::Streaming,
+        RelayState::Reconnecting,
+        RelayState::Stopping,
+    ];
+
+    /// Its label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayState::WaitingForLock => "waiting_for_lock",
+            RelayState::Starting => "starting",
+            RelayState::Streaming => "streaming",
+            RelayState::Reconnecting => "reconnecting",
+            RelayState::Stopping => "stopping",
+        }
+    }
+}
 
 /// The relay's metrics; shared by the stream, the delivery reports and the
 /// endpoint. Each field is a handle on the series registered in `registry`.
@@ -32,6 +70,10 @@ pub struct Metrics {
     stalled_seconds: Gauge<f64, AtomicU64>,
     commit_to_ack: Histogram,
     commit_to_receive: Histogram,
+    state: AtomicU8,
+    states: Family<Vec<(String, String)>, Gauge>,
+    last_delivery: Gauge<f64, AtomicU64>,
+    retained_wal: Gauge,
 }
 
 impl Default for Metrics {
@@ -48,6 +90,10 @@ impl Default for Metrics {
             stalled_seconds: Gauge::default(),
             commit_to_ack: latency(),
             commit_to_receive: latency(),
+            state: AtomicU8::new(RelayState::WaitingForLock as u8),
+            states: Family::default(),
+            last_delivery: Gauge::default(),
+            retained_wal: Gauge::default(),
         };
         let r = &mut m.registry;
         // Counters get their `_total` suffix from the encoder.
@@ -92,6 +138,25 @@ impl Default for Metrics {
             "Time from the transaction's commit in PostgreSQL to Kafka's acknowledgement of each event",
             m.commit_to_ack.clone(),
         );
+        r.register(
+            "outbox_relay_state",
+            "What the relay is doing: 1 for the current state (waiting_for_lock is a standby \
+             while another instance works the slot)",
+            m.states.clone(),
+        );
+        r.register(
+            "outbox_relay_last_delivery_timestamp_seconds",
+            "When Kafka last acknowledged an event (Unix time; 0: none yet by this process)",
+            m.last_delivery.clone(),
+        );
+        r.register(
+            "outbox_relay_slot_retained_wal_bytes",
+            "WAL the server keeps for the slot (current position minus the slot's restart_lsn), \
+             read every --status-interval",
+            m.retained_wal.clone(),
+        );
+        m.set_state(RelayState::WaitingForLock);
+        let r = &mut m.registry;
         r.register(
             "outbox_relay_commit_to_receive_seconds",
             "Time from a transaction's commit to its arrival at the relay (PostgreSQL's share of the latency)",
@@ -164,6 +229,35 @@ impl Metrics {
         self.stalled_seconds.set(seconds);
     }
 
+    /// What the relay is doing now.
+    pub fn set_state(&self, state: RelayState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+        for s in RelayState::ALL {
+            self.states
+                .get_or_create(&vec![("state".to_owned(), s.as_str().to_owned())])
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// What the relay is doing.
+    pub fn state(&self) -> RelayState {
+        let v = self.state.load(Ordering::Relaxed);
+        RelayState::ALL
+            .into_iter()
+            .find(|s| *s as u8 == v)
+            .unwrap_or(RelayState::Starting)
+    }
+
+    /// When Kafka last acknowledged an event, as Unix time.
+    pub fn last_delivery(&self, unix_seconds: f64) {
+        self.last_delivery.set(unix_seconds);
+    }
+
+    /// WAL the server keeps for the slot.
+    pub fn retained_wal(&self, bytes: i64) {
+        self.retained_wal.set(bytes);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -207,6 +301,17 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+        m.set_state(RelayState::Streaming);
+        let text = m.render();
+        assert!(
+            text.contains("outbox_relay_state{state=\"streaming\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_state{state=\"waiting_for_lock\"} 0"),
+            "{text}"
+        );
+        assert_eq!(m.state(), RelayState::Streaming);
         assert!(
             text.contains("outbox_relay_commit_to_ack_seconds_bucket{le=\"0.001\"} 1"),
             "{text}"

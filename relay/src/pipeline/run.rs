@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RelayState};
 use crate::pipeline::config::RelayConfig;
 use crate::pipeline::lock::SlotLock;
 use crate::pipeline::publish::Publisher;
@@ -89,6 +89,7 @@ pub async fn run_with_metrics(
     let bookkeeping = tokio::spawn(bookkeeping::run(
         cfg.clone(),
         publisher.ledger(),
+        metrics.clone(),
         bookkeeping_stop.clone(),
     ));
     let mut backoff = Backoff::new(cfg.max_backoff);
@@ -107,8 +108,9 @@ pub async fn run_with_metrics(
             Err(err) => break Err(err),
         }
         // One instance works the slot at a time, the backfill included.
+        metrics.set_state(RelayState::WaitingForLock);
         match lock.ensure(&cfg, &token).await {
-            Ok(true) => {}
+            Ok(true) => metrics.set_state(RelayState::Starting),
             Ok(false) => break Ok(()),
             Err(err) if err.is_retryable() => {
                 if !backoff
@@ -141,6 +143,7 @@ pub async fn run_with_metrics(
                 break Ok(());
             }
             Err(err) if err.is_retryable() && !token.is_cancelled() => {
+                metrics.set_state(RelayState::Reconnecting);
                 if !backoff
                     .wait(&err, "relay interrupted; resuming from the slot", &token)
                     .await
@@ -151,6 +154,7 @@ pub async fn run_with_metrics(
             Err(err) => break Err(err),
         }
     };
+    metrics.set_state(RelayState::Stopping);
     // Dropping a producer purges what it still holds: flush first. After a
     // refusal the producer holds nothing behind the refused record (the
     // gapless guarantee stops it), so this sends only records before it.

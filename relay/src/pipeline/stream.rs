@@ -59,6 +59,7 @@ pub async fn run(
 
     let progress = Progress::start(publisher.ledger(), start_lsn, cfg.max_in_flight);
     metrics.session_started();
+    metrics.set_state(crate::metrics::RelayState::Streaming);
     let mut session = Session {
         conn,
         cfg,
