@@ -16,6 +16,7 @@ pub mod pgoutput;
 pub mod pipeline;
 pub mod postgres;
 pub mod prune;
+pub mod replay;
 pub mod status;
 
 pub use error::{Error, Result};

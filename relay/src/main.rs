@@ -50,6 +50,12 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> outbox_relay::Result<ExitCode> {
     match command {
         Command::Migrate(args) => outbox_relay::migrate::run(&args.database.pg_config()?).await?,
+        Command::Replay(args) => {
+            let cfg = args.replay_config()?;
+            let token = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(token.clone()));
+            outbox_relay::replay::run(&cfg, &token).await?;
+        }
         Command::Prune(args) => {
             outbox_relay::prune::run(&args.prune_config()?).await?;
         }

@@ -37,6 +37,8 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Delete old outbox and inbox rows in small batches (run it from cron).
     Prune(PruneArgs),
+    /// Republish rows still in the outbox table (never touches the slot).
+    Replay(Box<ReplayArgs>),
     /// How a slot and its relay are doing; exit code 0 healthy, 1 degraded,
     /// 2 broken, 3 the status could not be read.
     Status(StatusArgs),
@@ -111,6 +113,125 @@ impl PruneArgs {
             outbox_older_than: self.older_than,
             inbox_older_than: self.inbox_older_than,
             batch_size: self.batch_size,
+        })
+    }
+}
+
+/// Flags of `outbox-relay replay`.
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// The database.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Schema of the outbox table.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = "public")]
+    pub schema: String,
+
+    /// Republish rows created at or after this time (any PostgreSQL
+    /// timestamptz, e.g. 2026-11-23T08:00:00Z).
+    #[arg(long)]
+    pub since: String,
+
+    /// Only rows created before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+
+    /// Only rows of this aggregate type.
+    #[arg(long)]
+    pub aggregate_type: Option<String>,
+
+    /// Only this event id (repeatable).
+    #[arg(long = "id")]
+    pub ids: Vec<String>,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "OUTBOX_KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// A librdkafka producer setting as key=value, verbatim; repeatable.
+    #[arg(long = "kafka-option")]
+    pub kafka_options: Vec<String>,
+
+    /// A file of librdkafka producer settings, one key=value per line.
+    #[arg(long, env = "OUTBOX_KAFKA_OPTIONS_FILE")]
+    pub kafka_options_file: Option<PathBuf>,
+
+    /// Topic template, as given to `run`.
+    #[arg(
+        long,
+        env = "OUTBOX_TOPIC_TEMPLATE",
+        default_value = "outbox.event.{aggregate_type}"
+    )]
+    pub topic_template: String,
+
+    /// Allowed topics, as given to `run`.
+    #[arg(long, env = "OUTBOX_ALLOWED_TOPICS")]
+    pub allowed_topics: Option<String>,
+
+    /// The dead-letter topic given to `run` (never replayed to).
+    #[arg(
+        long,
+        env = "OUTBOX_DEAD_LETTER_TOPIC",
+        default_value = "outbox.dead-letter"
+    )]
+    pub dead_letter_topic: String,
+
+    /// Time allowed for the broker's first answer and for Kafka to
+    /// acknowledge everything at the end.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+impl ReplayArgs {
+    /// Validates the flags into what to replay.
+    pub fn replay_config(&self) -> Result<crate::replay::ReplayConfig> {
+        use crate::kafka::config::{KafkaConfig, parse_kafka_option};
+        let topic_template = crate::pipeline::topic::TopicTemplate::parse(&self.topic_template)?;
+        let allowed_topics = crate::pipeline::topic::AllowedTopics::parse(
+            self.allowed_topics.as_deref(),
+            &topic_template,
+            &self.dead_letter_topic,
+        )?;
+        let from_file = match &self.kafka_options_file {
+            Some(path) => secrets::read_kafka_options_file(
+                path,
+                "--kafka-options-file (OUTBOX_KAFKA_OPTIONS_FILE)",
+            )?,
+            None => Vec::new(),
+        };
+        let options = from_file
+            .into_iter()
+            .chain(self.kafka_options.iter().cloned())
+            .map(|o| parse_kafka_option(&o))
+            .collect::<Result<Vec<_>>>()?;
+        if self.kafka_brokers.trim().is_empty() {
+            return Err(Error::Config(
+                "--kafka-brokers (OUTBOX_KAFKA_BROKERS) is empty".into(),
+            ));
+        }
+        for id in &self.ids {
+            uuid::Uuid::parse_str(id).map_err(|_| {
+                Error::Config(format!("--id `{}` is not a UUID", id.escape_debug()))
+            })?;
+        }
+        Ok(crate::replay::ReplayConfig {
+            pg: self.database.pg_config()?,
+            schema: self.schema.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            aggregate_type: self.aggregate_type.clone(),
+            ids: self.ids.clone(),
+            kafka: KafkaConfig {
+                brokers: self.kafka_brokers.trim().to_owned(),
+                options,
+                create_topics: false,
+                topic_partitions: None,
+                topic_replication_factor: None,
+            },
+            topic_template,
+            allowed_topics,
+            timeout: self.timeout,
         })
     }
 }

@@ -50,6 +50,20 @@ impl OutboxEvent {
         .chain(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
     }
 
+    /// [`record_headers`](Self::record_headers) as Kafka record headers,
+    /// with room for `extra` more.
+    pub fn kafka_headers(&self, extra: usize) -> rdkafka::message::OwnedHeaders {
+        self.record_headers().fold(
+            rdkafka::message::OwnedHeaders::new_with_capacity(5 + self.headers.len() + extra),
+            |h, (key, value)| {
+                h.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(value),
+                })
+            },
+        )
+    }
+
     /// The dead letter for this event, which the relay could not send, and why.
     pub fn dead_letter(&self, original_topic: Option<String>, err: &Error) -> DeadLetter {
         let headers = self
@@ -86,6 +100,13 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// Maps the columns of a query result over `table` (schema-qualified,
+    /// for messages).
+    pub fn from_columns(table: &str, columns: &[String]) -> Result<Self> {
+        let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+        Self::from_names(table.to_owned(), &names)
+    }
+
     /// Maps the columns of a Relation message. A table without the required
     /// columns is refused (it is not an outbox, or a required column was dropped).
     pub fn from_relation(rel: &Relation) -> Result<Self> {

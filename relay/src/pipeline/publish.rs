@@ -309,15 +309,7 @@ impl Publisher {
             });
         }
         let topic = &self.last_topic.as_ref().expect("resolved above").topic;
-        let headers = event.record_headers().fold(
-            OwnedHeaders::new_with_capacity(5 + event.headers.len()),
-            |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            },
-        );
+        let headers = event.kafka_headers(0);
         let record = BaseRecord::with_opaque_to(topic, ticket.into_opaque())
             .key(event.aggregate_id.as_bytes())
             .payload(&event.payload[..])
