@@ -73,9 +73,10 @@ impl Outbox {
     /// write also deletes its rows in the same transaction: the table stays
     /// empty and the event still reaches Kafka, because the relay reads the
     /// insert from the WAL, and no pruning is needed. What is given up:
-    /// nothing is left in the table to backfill or republish, so write this
-    /// way only once the relay's slot exists (after its first start): an
-    /// event committed before the slot was created reaches Kafka only
+    /// nothing is left in the table to backfill or republish (after a lost
+    /// slot, or for a replay), so write this way only once the relay
+    /// finished its first start (`backfill complete` in its log): an event
+    /// committed before the slot's consistent point reaches Kafka only
     /// through the backfill, which reads the table.
     pub fn keep_rows(mut self, keep: bool) -> Self {
         self.keep_rows = keep;

@@ -435,6 +435,7 @@ impl BrokerRefusal {
         let before = current_lsn(&pool).await;
         wait_confirmed(&url, &slot, &before, "the slot to catch up").await;
         mock.request_errors(RDKafkaApiKey::Produce, errors);
+        crate::support::postgres::wait_recorded(&pool, &slot).await;
         let mark = current_lsn(&pool).await;
         insert(&pool, &agg, 2, last).await;
         let refused_id: String =
@@ -638,6 +639,7 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
     .await;
     let caught_up = current_lsn(&pool).await;
     wait_confirmed(&url, &slot, &caught_up, "the slot to catch up").await;
+    crate::support::postgres::wait_recorded(&pool, &slot).await;
     mock.broker_down(1).unwrap();
     let mark = current_lsn(&pool).await;
     insert(&pool, &agg, 1, 50).await;
@@ -792,6 +794,7 @@ async fn a_topic_that_disappears_stops_the_relay_and_parks_nothing() {
     let unknown = RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
     mock.topic_error(&topic, unknown).unwrap();
     mock.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &[unknown; 50]);
+    crate::support::postgres::wait_recorded(&pool, &slot).await;
     let mark = current_lsn(&pool).await;
     insert(&pool, &agg, 2, 3).await;
     let status = relay.wait_exit(Duration::from_secs(120)).await;

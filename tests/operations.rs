@@ -72,9 +72,10 @@ async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
 }
 
 /// Issue 11, item 5b: `prune` deletes outbox and inbox rows older than the
-/// cutoff, oldest first, in batches of `--batch-size`, skipping a row a
-/// writer holds instead of waiting for it; it refuses to touch the outbox
-/// while a slot's first backfill (which reads the table) is unfinished.
+/// cutoff in batches of `--batch-size`, skipping a row a writer holds
+/// instead of waiting for it; it refuses to touch the outbox before any
+/// relay finished a first start, and while a slot's first backfill (which
+/// reads the table) is unfinished.
 #[tokio::test]
 async fn prune_deletes_old_rows_in_batches_and_waits_for_no_one() {
     let pg = Postgres::start();
@@ -104,6 +105,17 @@ async fn prune_deletes_old_rows_in_batches_and_waits_for_no_one() {
     .await
     .unwrap();
 
+    // No relay has finished a first start: the rows may be unpublished.
+    let (status, log) = prune(&url, &["--older-than", "7d"]).await;
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("no relay has finished its first start"),
+        "{log}"
+    );
+    sqlx::query("INSERT INTO outbox_relay_slot (slot_name, publication_name, backfilled_at) VALUES ('done_slot', 'outbox_pub', now())")
+        .execute(&pool)
+        .await
+        .unwrap();
     // A slot whose first backfill has not finished: the outbox is left alone.
     sqlx::query("INSERT INTO outbox_relay_slot (slot_name, publication_name) VALUES ('pending_slot', 'outbox_pub')")
         .execute(&pool)
@@ -116,7 +128,7 @@ async fn prune_deletes_old_rows_in_batches_and_waits_for_no_one() {
         "{log}"
     );
     assert_eq!(count(&pool, "SELECT count(*) FROM outbox").await, 2510);
-    sqlx::query("DELETE FROM outbox_relay_slot")
+    sqlx::query("DELETE FROM outbox_relay_slot WHERE slot_name = 'pending_slot'")
         .execute(&pool)
         .await
         .unwrap();
@@ -289,27 +301,60 @@ async fn status_tells_healthy_from_degraded_and_broken() {
     assert_eq!(code, 2, "{report}");
     assert_eq!(report["active"], false, "{report}");
     assert!(report["lag_bytes"].as_i64().unwrap() > 0, "{report}");
-    assert!(report["lag_seconds"].as_f64().is_some(), "{report}");
-    assert!(notes(&report).contains("no relay is streaming"), "{report}");
+    assert!(
+        report["last_event_age_seconds"].as_f64().unwrap() >= 0.0,
+        "{report}"
+    );
+    assert_eq!(report["lock_held"], false, "{report}");
+    assert!(
+        notes(&report).contains("no relay works the slot"),
+        "{report}"
+    );
     let text = status_text(&f.url, &f.slot).await;
     assert!(text.lines().next().unwrap().ends_with(" broken"), "{text}");
 
-    // A first backfill under way with the lag over the limit: degraded.
-    sqlx::query("UPDATE outbox_relay_slot SET backfilled_at = NULL")
-        .execute(&f.pool)
-        .await
-        .unwrap();
+    // An instance holding the slot lock without streaming (starting,
+    // backfilling, reconnecting), with the lag over the limit: degraded.
+    let lock_key = format!("hashtextextended('outbox-relay slot {}', 0)", f.slot);
+    let mut holder = f.pool.acquire().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_advisory_lock({lock_key})"
+    )))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
     let (code, report) = status(&f.url, &f.slot, &["--max-lag-bytes", "1"]).await;
     assert_eq!(code, 1, "{report}");
     assert_eq!(report["health"], "degraded", "{report}");
+    assert_eq!(report["lock_held"], true, "{report}");
     assert!(
-        notes(&report).contains("first backfill has not completed"),
+        notes(&report).contains("holds the slot lock but is not streaming"),
         "{report}"
     );
     assert!(
         notes(&report).contains("bytes of WAL are not confirmed"),
         "{report}"
     );
+    // A first backfill that never finished: degraded while an instance
+    // holds the lock, broken once nobody does.
+    sqlx::query("UPDATE outbox_relay_slot SET backfilled_at = NULL")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let (code, report) = status(&f.url, &f.slot, &[]).await;
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        notes(&report).contains("first backfill has not completed"),
+        "{report}"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_advisory_unlock({lock_key})"
+    )))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let (code, report) = status(&f.url, &f.slot, &[]).await;
+    assert_eq!(code, 2, "{report}");
 }
 
 /// Issue 11, items 2 and 3: `/healthz` answers while the process serves,

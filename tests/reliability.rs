@@ -116,6 +116,7 @@ async fn an_illegal_topic_override_stops_the_relay_by_default() {
     relay.wait_log("streaming", Duration::from_secs(60)).await;
     f.write_tx(&[("a".into(), 1)]).await;
     f.read(1).await;
+    crate::support::postgres::wait_recorded(&f.pool, &f.slot).await;
     let mark: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
         .fetch_one(&f.pool)
         .await

@@ -364,6 +364,7 @@ async fn rows_cannot_publish_outside_the_allowed_topics() {
     let to_listed = insert_raw(&f.pool, agg, "{}", Some(&listed)).await.unwrap();
     let got = crate::support::consume(&brokers, &[&listed], 1, Duration::from_secs(60)).await;
     assert_eq!(got[0].id(), to_listed);
+    crate::support::postgres::wait_recorded(&f.pool, &f.slot).await;
     let mark: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
         .fetch_one(&f.pool)
         .await

@@ -90,7 +90,7 @@ impl Default for Metrics {
             stalled_seconds: Gauge::default(),
             commit_to_ack: latency(),
             commit_to_receive: latency(),
-            state: AtomicU8::new(RelayState::WaitingForLock as u8),
+            state: AtomicU8::new(RelayState::Starting as u8),
             states: Family::default(),
             last_delivery: Gauge::default(),
             retained_wal: Gauge::default(),
@@ -155,7 +155,7 @@ impl Default for Metrics {
              read every --status-interval",
             m.retained_wal.clone(),
         );
-        m.set_state(RelayState::WaitingForLock);
+        m.set_state(RelayState::Starting);
         let r = &mut m.registry;
         r.register(
             "outbox_relay_commit_to_receive_seconds",

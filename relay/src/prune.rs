@@ -5,7 +5,11 @@
 //! Deleting outbox rows does not affect delivery: the relay reads inserts
 //! from the WAL, which keeps the row as it was inserted, and the outbox
 //! publication does not publish deletes. Only a first backfill reads the
-//! table, so pruning the outbox is refused while one has not completed.
+//! table, so the outbox is pruned only once a slot finished one, and every
+//! batch re-checks that no backfill has started since (a relay records its
+//! slot before creating it, so a batch either sees that row or commits
+//! before the backfill's snapshot). What pruning gives up: after a lost
+//! slot, a new one republishes only what is left in the table.
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +59,22 @@ pub async fn run(cfg: &PruneConfig) -> Result<Pruned> {
             .iter()
             .filter_map(|r| r.get("slot_name").map(str::to_owned))
             .collect();
+        let finished: Vec<String> = conn
+            .query(&format!(
+                "SELECT slot_name FROM {schema}.outbox_relay_slot WHERE backfilled_at IS NOT NULL"
+            ))
+            .await?
+            .iter()
+            .filter_map(|r| r.get("slot_name").map(str::to_owned))
+            .collect();
+        if finished.is_empty() {
+            return Err(Error::Config(format!(
+                "no relay has finished its first start on this database ({}.outbox_relay_slot has \
+                 no slot with a completed backfill): the rows in the outbox may not have been \
+                 published yet; start the relay first",
+                cfg.schema
+            )));
+        }
         if !pending.is_empty() {
             return Err(Error::Config(format!(
                 "slot(s) {} have not finished their first backfill, which reads the outbox table; \
@@ -65,11 +85,17 @@ pub async fn run(cfg: &PruneConfig) -> Result<Pruned> {
                 cfg.schema
             )));
         }
+        // Re-checked by every batch: a backfill that starts while the prune
+        // runs stops it from deleting anything more.
+        let guard = format!(
+            "NOT EXISTS (SELECT 1 FROM {schema}.outbox_relay_slot WHERE backfilled_at IS NULL)"
+        );
         pruned.outbox = prune_table(
             &mut conn,
             &format!("{schema}.outbox"),
             "created_at",
             "id",
+            Some(&guard),
             age,
             cfg.batch_size,
         )
@@ -81,6 +107,7 @@ pub async fn run(cfg: &PruneConfig) -> Result<Pruned> {
             &format!("{schema}.inbox"),
             "received_at",
             "consumer, event_id",
+            None,
             age,
             cfg.batch_size,
         )
@@ -97,6 +124,7 @@ async fn prune_table(
     table: &str,
     time_column: &str,
     key: &str,
+    guard: Option<&str>,
     age: Duration,
     batch: u32,
 ) -> Result<u64> {
@@ -109,11 +137,14 @@ async fn prune_table(
         .first()
         .and_then(|r| r.get("cutoff").map(str::to_owned))
         .ok_or_else(|| Error::Protocol("no cutoff time".into()))?;
-    // Oldest first; rows another transaction holds are skipped (a later
-    // run takes them), so writers never wait for the prune.
+    // Rows another transaction holds are skipped (a later run takes them),
+    // so writers never wait for the prune. No ORDER BY: without an index on
+    // the time column it would sort the whole table for every batch; a
+    // sequential scan finds old rows first in an append-mostly table.
+    let guard = guard.map(|g| format!(" AND {g}")).unwrap_or_default();
     let sql = format!(
-        "WITH doomed AS (SELECT {key} FROM {table} WHERE {time_column} < {}::timestamptz \
-         ORDER BY {time_column} LIMIT {batch} FOR UPDATE SKIP LOCKED), \
+        "WITH doomed AS (SELECT {key} FROM {table} WHERE {time_column} < {}::timestamptz{guard} \
+         LIMIT {batch} FOR UPDATE SKIP LOCKED), \
          gone AS (DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM doomed) RETURNING 1) \
          SELECT pg_catalog.count(*)::text AS n FROM gone",
         quote_literal(&cutoff)
@@ -135,8 +166,9 @@ async fn prune_table(
                 retries = 0;
                 tracing::debug!(table = %table, deleted = n, "batch deleted");
             }
-            // A lock wait over lock_timeout (55P03): back off and go on.
-            Err(err) if err.is_retryable() && retries < 5 => {
+            // A lock wait over lock_timeout (55P03, e.g. behind DDL), or a
+            // retryable error: back off and go on.
+            Err(err) if (lock_timeout(&err) || err.is_retryable()) && retries < 5 => {
                 retries += 1;
                 tracing::warn!(table = %table, error = %err, "batch not deleted; retrying");
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(retries))).await;
@@ -153,4 +185,8 @@ async fn prune_table(
         "pruned"
     );
     Ok(total)
+}
+
+fn lock_timeout(err: &Error) -> bool {
+    matches!(err, Error::Server { source, .. } if source.code == "55P03")
 }

@@ -129,8 +129,12 @@ fn number(row: &Row, col: &str) -> Value {
 }
 
 async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
+    // A probe must not hang behind a lock or a slow scan: it fails (exit 3).
+    conn.query("SET statement_timeout = '10s'").await?;
+    conn.query("SET lock_timeout = '2s'").await?;
     let schema = quote_ident(&cfg.schema);
     let slot = quote_literal(&cfg.slot);
+    let lock_key = crate::pipeline::lock::key(&cfg.slot);
     let mut notes = Vec::new();
     let mut health = Health::Healthy;
     let mut worse = |h: Health, note: String, notes: &mut Vec<String>| {
@@ -157,9 +161,14 @@ async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
              s.confirmed_flush_lsn::text AS confirmed_lsn, \
              pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::text AS lag_bytes, \
              pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn)::text AS retained_wal_bytes, \
-             s.wal_status, s.safe_wal_size::text AS safe_wal_size \
+             s.wal_status, s.safe_wal_size::text AS safe_wal_size, \
+             EXTRACT(epoch FROM r.flush_lag)::text AS flush_lag_seconds, \
+             (SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks l WHERE l.locktype = 'advisory' \
+               AND l.granted AND l.objsubid = 1 \
+               AND ((l.classid::bigint << 32) | l.objid::bigint) = {lock_key})::text AS lock_holders \
              FROM pg_catalog.pg_replication_slots s \
              LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = s.active_pid \
+             LEFT JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid \
              WHERE s.slot_name = {slot}"
         ))
         .await?;
@@ -231,6 +240,10 @@ async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
             facts.insert("retained_wal_bytes".into(), number(s, "retained_wal_bytes"));
             facts.insert("wal_status".into(), text(s, "wal_status"));
             facts.insert("safe_wal_size_bytes".into(), number(s, "safe_wal_size"));
+            // PostgreSQL's own measure of the walsender: time from a WAL
+            // flush to the relay's confirmation of it (null when caught up
+            // and idle, or when no relay streams).
+            facts.insert("lag_seconds".into(), number(s, "flush_lag_seconds"));
             let lag = s
                 .get("lag_bytes")
                 .and_then(|v| v.parse::<f64>().ok())
@@ -252,14 +265,23 @@ async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
                 ),
                 _ => {}
             }
-            let backfilling = book
-                .as_ref()
-                .is_some_and(|b| b.get("backfilled_at").is_none());
-            if !active && !backfilling {
+            // An instance holding the slot lock is working it: starting,
+            // backfilling or between sessions (a reconnect), not dead.
+            let locked = s.get("lock_holders").is_some_and(|n| n != "0");
+            facts.insert("lock_held".into(), json!(locked));
+            if !active && locked {
+                worse(
+                    Health::Degraded,
+                    "a relay holds the slot lock but is not streaming: starting, backfilling or \
+                     reconnecting (see its log)"
+                        .into(),
+                    &mut notes,
+                );
+            } else if !active {
                 worse(
                     Health::Broken,
-                    "no relay is streaming from the slot (inactive): events are not delivered; \
-                     start the relay, or look at its log"
+                    "no relay works the slot (inactive, and no instance holds its lock): events \
+                     are not delivered; start the relay, or look at its log"
                         .into(),
                     &mut notes,
                 );
@@ -311,18 +333,13 @@ async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
                 "last_delivery_age_seconds".into(),
                 number(b, "last_delivery_age_seconds"),
             );
-            // How far behind: the newest delivered event's commit time vs
-            // now, while WAL is pending; caught up, nothing is behind.
-            let pending = facts
-                .get("lag_bytes")
-                .and_then(Value::as_f64)
-                .is_some_and(|lag| lag > 0.0);
-            let behind = if pending {
-                number(b, "last_event_age_seconds")
-            } else {
-                json!(0)
-            };
-            facts.insert("lag_seconds".into(), behind);
+            // The newest delivered event's commit time vs now: how far
+            // behind the relay is while events wait, how long the outbox has
+            // been quiet otherwise.
+            facts.insert(
+                "last_event_age_seconds".into(),
+                number(b, "last_event_age_seconds"),
+            );
         }
     }
     facts.insert("outbox_rows".into(), number(&outbox, "n"));

@@ -307,3 +307,27 @@ pub async fn lsn_after(url: &str, a: &str, b: &str) -> bool {
         .await
         .expect("compare lsn")
 }
+
+/// Waits until the relay on `slot` has recorded the newest outbox row as its
+/// last delivered event (it writes `outbox_relay_slot` every
+/// `--status-interval`, which is WAL of its own): take a WAL mark after this,
+/// so that no write of the relay's lands between the mark and the rows a
+/// test writes next.
+pub async fn wait_recorded(pool: &sqlx::PgPool, slot: &str) {
+    crate::wait_for(
+        "the relay to record its last delivered event",
+        std::time::Duration::from_secs(30),
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT coalesce((SELECT last_event_id FROM outbox_relay_slot WHERE slot_name = $1) \
+                 = (SELECT id::text FROM outbox ORDER BY seq DESC LIMIT 1), false)",
+            )
+            .bind(slot)
+            .fetch_one(pool)
+            .await
+            .ok()
+            .filter(|done| *done)
+        },
+    )
+    .await;
+}

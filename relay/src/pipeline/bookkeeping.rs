@@ -47,12 +47,14 @@ pub async fn run(
             );
         }
         let result = async {
+            // The metric first: a failed write (an unmigrated table) must
+            // not keep it from updating.
+            if !stopping {
+                metrics.retained_wal(retained_wal(&cfg, &mut conn).await?);
+            }
             if let Some(last) = last.as_ref().filter(|l| l.count != recorded) {
                 write(&cfg, &mut conn, last).await?;
                 recorded = last.count;
-            }
-            if !stopping {
-                metrics.retained_wal(retained_wal(&cfg, &mut conn).await?);
             }
             Ok::<(), crate::Error>(())
         }
@@ -99,7 +101,10 @@ async fn connected<'a>(
     conn: &'a mut Option<Connection>,
 ) -> Result<&'a mut Connection> {
     if conn.is_none() {
-        *conn = Some(Connection::connect(&cfg.pg, Mode::Sql).await?);
+        let mut c = Connection::connect(&cfg.pg, Mode::Sql).await?;
+        // One stuck query must not silence the bookkeeping for good.
+        c.query("SET statement_timeout = '5s'").await?;
+        *conn = Some(c);
     }
     Ok(conn.as_mut().expect("connected above"))
 }

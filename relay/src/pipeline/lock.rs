@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::Result;
+use crate::metrics::{Metrics, RelayState};
 use crate::pipeline::config::RelayConfig;
 use crate::postgres::connection::{Connection, Mode, quote_literal};
 
@@ -54,7 +55,12 @@ impl SlotLock {
     /// PostgreSQL restart), and otherwise takes it again, waiting while
     /// another instance has it. Returns `Ok(false)` when `token` was
     /// cancelled before the lock was taken.
-    pub async fn ensure(&mut self, cfg: &RelayConfig, token: &CancellationToken) -> Result<bool> {
+    pub async fn ensure(
+        &mut self,
+        cfg: &RelayConfig,
+        token: &CancellationToken,
+        metrics: &Metrics,
+    ) -> Result<bool> {
         if let Some(conn) = &mut self.conn {
             // A connection that died took the lock with it; another instance
             // may hold it by now, so take it again through the waiting path.
@@ -105,6 +111,7 @@ impl SlotLock {
                 }
                 Attempt::EndedOwnOrphan => continue,
                 Attempt::HeldBy(holder) => {
+                    metrics.set_state(RelayState::WaitingForLock);
                     if last_log.is_none_or(|t| t.elapsed() >= REPEAT_WAITING_LOG) {
                         tracing::info!(
                             slot = %cfg.slot,
@@ -175,7 +182,7 @@ impl Default for SlotLock {
 
 /// The advisory lock key of a slot: a 64-bit hash of a fixed prefix and the
 /// slot name, computed by the server (so every instance agrees).
-fn key(slot: &str) -> String {
+pub fn key(slot: &str) -> String {
     format!(
         "hashtextextended({}, 0)",
         quote_literal(&format!("outbox-relay slot {slot}"))

@@ -108,11 +108,11 @@ pub async fn run_with_metrics(
             Err(err) => break Err(err),
         }
         // One instance works the slot at a time, the backfill included.
-        metrics.set_state(RelayState::WaitingForLock);
-        match lock.ensure(&cfg, &token).await {
+        match lock.ensure(&cfg, &token, &metrics).await {
             Ok(true) => metrics.set_state(RelayState::Starting),
             Ok(false) => break Ok(()),
             Err(err) if err.is_retryable() => {
+                metrics.set_state(RelayState::Reconnecting);
                 if !backoff
                     .wait(&err, "cannot take the slot lock; retrying", &token)
                     .await
@@ -162,7 +162,14 @@ pub async fn run_with_metrics(
     // Its last write, with what the flush acknowledged, before the lock
     // goes to another instance.
     bookkeeping_stop.cancel();
-    let _ = tokio::time::timeout(cfg.connect_timeout, bookkeeping).await;
+    let abort = bookkeeping.abort_handle();
+    if tokio::time::timeout(cfg.connect_timeout, bookkeeping)
+        .await
+        .is_err()
+    {
+        // Not detached: no write of this instance after the lock is gone.
+        abort.abort();
+    }
     lock.release().await;
     let outstanding = publisher.in_flight();
     let refused = publisher.refused_at_exit();
