@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The compatibility run: a core subset of the integration tests (delivery,
+# backfill order, restart and kill, TLS, search_path, status, standby)
+# against PostgreSQL 16, 17 and 18 (scripts/install-postgres-versions.sh);
+# scripts/test.sh runs the whole suite against 15. Extra arguments go to
+# the test binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+subset=(
+  delivery::
+  edges::the_backfill_keeps_insertion_order_and_the_stream_commit_order
+  edges::a_retried_first_backfill_loses_nothing_deleted_meanwhile
+  tls::verify_full_needs_the_ca_and_require_does_not
+  security::functions_planted_on_the_search_path_are_never_called
+  operations::status_tells_healthy_from_degraded_and_broken
+  operations::readiness_follows_the_slot_lock_and_a_standby_takes_over
+)
+installed="$(scripts/install-postgres-versions.sh)"
+while read -r major bin; do
+  echo "== PostgreSQL ${major}: $("${bin}/postgres" --version) (${bin})"
+  PG_BIN="${bin}" cargo test -p outbox --test main -- "${subset[@]}" "$@" </dev/null
+done <<<"${installed}"
