@@ -8,8 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outbox_consumer_example::consume::{self, ConsumerConfig};
 use outbox_consumer_example::kitchen;
-use outbox_relay::cli::secrets::{read_kafka_options_file, read_secret_file};
-use outbox_relay::kafka::config::split_kafka_options;
+use outbox_relay::cli::kafka_option_strings;
+use outbox_relay::cli::secrets::read_secret_file;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -148,36 +148,27 @@ async fn main() -> anyhow::Result<()> {
             kafka_options_file,
             crash_after_commits,
         } => {
-            let from_file = match &kafka_options_file {
-                Some(path) => read_kafka_options_file(
-                    path,
-                    "--kafka-options-file (OUTBOX_KAFKA_OPTIONS_FILE)",
-                )?,
-                None => Vec::new(),
-            };
-            let options = from_file
-                .into_iter()
-                .chain(
-                    kafka_option_list
-                        .iter()
-                        .flat_map(|list| split_kafka_options(list)),
-                )
-                .chain(kafka_options)
-                .map(|o| {
-                    o.split_once('=')
-                        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
-                        // Nothing of it is echoed: without an `=` any part
-                        // of it may be a secret (e.g. the tail of a
-                        // password that contained a comma).
-                        .with_context(|| {
-                            format!(
-                                "a --kafka-option (OUTBOX_KAFKA_OPTIONS) of {} characters has no `=`; \
+            let options = kafka_option_strings(
+                kafka_options_file.as_deref(),
+                kafka_option_list.as_deref(),
+                &kafka_options,
+            )?
+            .into_iter()
+            .map(|o| {
+                o.split_once('=')
+                    .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+                    // Nothing of it is echoed: without an `=` any part
+                    // of it may be a secret (e.g. the tail of a
+                    // password that contained a comma).
+                    .with_context(|| {
+                        format!(
+                            "a --kafka-option (OUTBOX_KAFKA_OPTIONS) of {} characters has no `=`; \
                                  write each option as key=value",
-                                o.chars().count()
-                            )
-                        })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+                            o.chars().count()
+                        )
+                    })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
             let cfg = ConsumerConfig {
                 options,
                 brokers: kafka_brokers,

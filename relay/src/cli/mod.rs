@@ -102,11 +102,7 @@ impl PruneArgs {
                 "--batch-size must be between 1 and 100000".into(),
             ));
         }
-        if self.schema.is_empty() || self.schema.len() > 63 || self.schema.contains('\0') {
-            return Err(Error::Config(
-                "--schema (OUTBOX_SCHEMA) must be 1 to 63 bytes".into(),
-            ));
-        }
+        run::validate_name("schema", "--schema (OUTBOX_SCHEMA)", &self.schema)?;
         Ok(crate::prune::PruneConfig {
             pg: self.database.pg_config()?,
             schema: self.schema.clone(),
@@ -193,18 +189,15 @@ impl ReplayArgs {
             &topic_template,
             &self.dead_letter_topic,
         )?;
-        let from_file = match &self.kafka_options_file {
-            Some(path) => secrets::read_kafka_options_file(
-                path,
-                "--kafka-options-file (OUTBOX_KAFKA_OPTIONS_FILE)",
-            )?,
-            None => Vec::new(),
-        };
-        let options = from_file
-            .into_iter()
-            .chain(self.kafka_options.iter().cloned())
-            .map(|o| parse_kafka_option(&o))
-            .collect::<Result<Vec<_>>>()?;
+        run::validate_name("schema", "--schema (OUTBOX_SCHEMA)", &self.schema)?;
+        let options = kafka_option_strings(
+            self.kafka_options_file.as_deref(),
+            None,
+            &self.kafka_options,
+        )?
+        .iter()
+        .map(|o| parse_kafka_option(o))
+        .collect::<Result<Vec<_>>>()?;
         if self.kafka_brokers.trim().is_empty() {
             return Err(Error::Config(
                 "--kafka-brokers (OUTBOX_KAFKA_BROKERS) is empty".into(),
@@ -264,11 +257,7 @@ impl StatusArgs {
     /// Validates the flags into what to look at.
     pub fn status_config(&self) -> Result<crate::status::StatusConfig> {
         crate::pipeline::config::validate_slot_name(&self.slot)?;
-        if self.schema.is_empty() || self.schema.len() > 63 || self.schema.contains('\0') {
-            return Err(Error::Config(
-                "--schema (OUTBOX_SCHEMA) must be 1 to 63 bytes".into(),
-            ));
-        }
+        run::validate_name("schema", "--schema (OUTBOX_SCHEMA)", &self.schema)?;
         Ok(crate::status::StatusConfig {
             pg: self.database.pg_config()?,
             slot: self.slot.clone(),
@@ -331,6 +320,29 @@ impl DatabaseArgs {
         }
         Ok(pg)
     }
+}
+
+/// The librdkafka settings given as `key=value` strings, in the order they
+/// apply (later wins): `--kafka-options-file`, then the `--kafka-options`
+/// list (split where `,key=` follows), then each `--kafka-option` verbatim.
+pub fn kafka_option_strings(
+    file: Option<&std::path::Path>,
+    list: Option<&str>,
+    each: &[String],
+) -> Result<Vec<String>> {
+    let mut options = match file {
+        Some(path) => secrets::read_kafka_options_file(
+            path,
+            "--kafka-options-file (OUTBOX_KAFKA_OPTIONS_FILE)",
+        )?,
+        None => Vec::new(),
+    };
+    options.extend(
+        list.into_iter()
+            .flat_map(crate::kafka::config::split_kafka_options),
+    );
+    options.extend(each.iter().cloned());
+    Ok(options)
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h`, `7d` (a bare number means seconds).

@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::cli::secrets::read_kafka_options_file;
-use crate::cli::{DatabaseArgs, parse_duration};
-use crate::kafka::config::{KafkaConfig, parse_kafka_option, split_kafka_options};
+use crate::cli::{DatabaseArgs, kafka_option_strings, parse_duration};
+use crate::kafka::config::{KafkaConfig, parse_kafka_option};
 use crate::pipeline::config::{RelayConfig, validate_slot_name};
 use crate::pipeline::topic::{AllowedTopics, TopicTemplate};
 use crate::{Error, Result};
@@ -175,22 +174,14 @@ impl RunArgs {
                 "--kafka-brokers (OUTBOX_KAFKA_BROKERS) is empty; give host:port of at least one broker".into(),
             ));
         }
-        let from_file = match &args.kafka_options_file {
-            Some(path) => {
-                read_kafka_options_file(path, "--kafka-options-file (OUTBOX_KAFKA_OPTIONS_FILE)")?
-            }
-            None => Vec::new(),
-        };
-        let options = from_file
-            .into_iter()
-            .chain(
-                args.kafka_option_list
-                    .iter()
-                    .flat_map(|list| split_kafka_options(list)),
-            )
-            .chain(args.kafka_options.iter().cloned())
-            .map(|o| parse_kafka_option(&o))
-            .collect::<Result<Vec<_>>>()?;
+        let options = kafka_option_strings(
+            args.kafka_options_file.as_deref(),
+            args.kafka_option_list.as_deref(),
+            &args.kafka_options,
+        )?
+        .iter()
+        .map(|o| parse_kafka_option(o))
+        .collect::<Result<Vec<_>>>()?;
         if args.topic_partitions.is_some_and(|p| p < 1) {
             return Err(Error::Config(
                 "--topic-partitions must be at least 1".into(),
@@ -252,7 +243,7 @@ fn validate_publication_name(name: &str) -> Result<()> {
 }
 
 /// A PostgreSQL identifier the relay quotes itself: 1 to 63 bytes, no NUL.
-fn validate_name(what: &str, flag: &str, name: &str) -> Result<()> {
+pub(super) fn validate_name(what: &str, flag: &str, name: &str) -> Result<()> {
     if name.is_empty() || name.len() > 63 || name.contains('\0') {
         return Err(Error::Config(format!(
             "{what} name `{}` given with {flag} is not valid; it must be 1 to 63 bytes",
