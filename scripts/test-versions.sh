@@ -19,5 +19,7 @@ subset=(
 installed="$(scripts/install-postgres-versions.sh)"
 while read -r major bin; do
   echo "== PostgreSQL ${major}: $("${bin}/postgres" --version) (${bin})"
-  PG_BIN="${bin}" cargo test -p outbox --test main -- "${subset[@]}" "$@" </dev/null
+  # --workspace, as scripts/test.sh: the same features, so the same test
+  # binary (-p outbox alone would rebuild much of the workspace).
+  PG_BIN="${bin}" cargo test --workspace --test main -- "${subset[@]}" "$@" </dev/null
 done <<<"${installed}"
