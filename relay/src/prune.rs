@@ -51,22 +51,23 @@ pub async fn run(cfg: &PruneConfig) -> Result<Pruned> {
     let schema = quote_ident(&cfg.schema);
     let mut pruned = Pruned::default();
     if let Some(age) = cfg.outbox_older_than {
-        let pending: Vec<String> = conn
+        // One read of the bookkeeping: slots whose first backfill finished,
+        // and those whose has not.
+        let (finished, pending): (Vec<_>, Vec<_>) = conn
             .query(&format!(
-                "SELECT slot_name FROM {schema}.outbox_relay_slot WHERE backfilled_at IS NULL"
+                "SELECT slot_name, (backfilled_at IS NOT NULL)::text AS done \
+                 FROM {schema}.outbox_relay_slot"
             ))
             .await?
             .iter()
-            .filter_map(|r| r.get("slot_name").map(str::to_owned))
-            .collect();
-        let finished: Vec<String> = conn
-            .query(&format!(
-                "SELECT slot_name FROM {schema}.outbox_relay_slot WHERE backfilled_at IS NOT NULL"
-            ))
-            .await?
-            .iter()
-            .filter_map(|r| r.get("slot_name").map(str::to_owned))
-            .collect();
+            .filter_map(|r| {
+                Some((
+                    r.get("slot_name")?.to_owned(),
+                    r.get("done") == Some("true"),
+                ))
+            })
+            .partition(|(_, done)| *done);
+        let pending: Vec<String> = pending.into_iter().map(|(slot, _)| slot).collect();
         if finished.is_empty() {
             return Err(Error::Config(format!(
                 "no relay has finished its first start on this database ({}.outbox_relay_slot has \
