@@ -442,14 +442,75 @@ async fn readiness_follows_the_slot_lock_and_a_standby_takes_over() {
     // After a SIGKILL the unconfirmed tail is replayed: duplicates allowed,
     // nothing missing, each aggregate in order.
     let records = f.read_to_end().await;
-    for w in &written {
-        assert!(
-            records.iter().any(|r| r.id() == w.id),
-            "{} never arrived",
-            w.id
-        );
-    }
-    crate::support::fixture::assert_records_match(&written, &records);
+    crate::support::fixture::assert_all_arrived(&written, &records);
+}
+
+/// Issue 11, item 3, the vanished host: the streaming instance's host stops
+/// answering without closing anything (a proxy that stops forwarding). The
+/// server learns it only from its own timeouts, which `--session-timeout`
+/// sets (`wal_sender_timeout` on the walsender, `idle_session_timeout` on
+/// the slot lock's session); the standby then takes over and nothing
+/// written meanwhile is lost or reordered.
+#[tokio::test]
+async fn a_standby_takes_over_when_the_active_host_vanishes() {
+    use crate::support::metrics::get;
+    use crate::support::proxy::Proxy;
+    let f = Fixture::new().await;
+    let proxy = Proxy::start(None, f.pg.port).await;
+    let proxied = f
+        .url
+        .replace(&format!(":{}/", f.pg.port), &format!(":{}/", proxy.port));
+    let port_b = crate::support::free_port();
+    let mut first = crate::support::RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot)
+        .args(["--session-timeout", "4s"])
+        .spawn();
+    first.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut second = f
+        .relay()
+        .args(["--session-timeout", "4s"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port_b}")])
+        .spawn();
+    second
+        .wait_log(
+            "another relay instance works this slot; waiting",
+            Duration::from_secs(60),
+        )
+        .await;
+    let mut written = f
+        .write_tx(&[("a".into(), 1), ("b".into(), 2), ("a".into(), 3)])
+        .await;
+    f.read(written.len()).await;
+
+    proxy.freeze();
+    let vanished = std::time::Instant::now();
+    // Written while nobody streams: the standby must deliver them.
+    written.extend(f.write_tx(&[("a".into(), 4), ("b".into(), 5)]).await);
+    crate::support::wait_for(
+        "the standby to become ready after the host vanished",
+        Duration::from_secs(60),
+        || async {
+            let r = get(port_b, "/readyz").await.ok()?;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+    let took = vanished.elapsed();
+    eprintln!(
+        "takeover after the host vanished: standby ready {:.2} s later (--session-timeout 4s)",
+        took.as_secs_f64()
+    );
+    // Not before the server could know: the vanished instance's sessions
+    // lived until their timeouts.
+    assert!(
+        took >= Duration::from_secs(3),
+        "the standby took over {took:?} after the freeze: before any timeout could fire"
+    );
+    written.extend(f.write_tx(&[("a".into(), 6)]).await);
+    f.read(written.len()).await;
+    assert!(second.stop().await.success(), "{}", second.logs());
+    first.kill9().await;
+    let records = f.read_to_end().await;
+    crate::support::fixture::assert_all_arrived(&written, &records);
 }
 
 /// Issue 11, item 6: `replay` republishes the rows still in the table

@@ -209,6 +209,19 @@ pub fn assert_exactly_once(written: &[Written], records: &[Record]) {
 /// Checks each record against what was written, and per-aggregate order
 /// (each aggregate's seq numbers increase along its partition), ignoring
 /// replayed duplicates.
+/// At-least-once: every written event arrived (duplicates allowed), and
+/// [`assert_records_match`].
+pub fn assert_all_arrived(written: &[Written], records: &[Record]) {
+    for w in written {
+        assert!(
+            records.iter().any(|r| r.id() == w.id),
+            "{} never arrived",
+            w.id
+        );
+    }
+    assert_records_match(written, records);
+}
+
 pub fn assert_records_match(written: &[Written], records: &[Record]) {
     use std::collections::HashMap;
     let by_id: HashMap<&str, &Written> = written.iter().map(|w| (w.id.as_str(), w)).collect();

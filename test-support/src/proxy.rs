@@ -1,8 +1,12 @@
 //! A TCP proxy that can cut every connection through it on command, in both
 //! directions at once, to simulate network failures between the relay and
-//! PostgreSQL or Kafka.
+//! PostgreSQL or Kafka; or freeze them: nothing is forwarded any more and
+//! nothing is closed, as when a host vanishes (powered off, partitioned)
+//! and its peers only learn it from their own timeouts.
 
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
 
 use tokio::io::copy_bidirectional;
 use tokio::net::{TcpListener, TcpStream};
@@ -13,6 +17,7 @@ pub struct Proxy {
     pub port: u16,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+    frozen: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -23,13 +28,30 @@ impl Proxy {
             .expect("bind proxy");
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (frozen, _) = watch::channel(false);
         let accept = tokio::spawn({
             let conns = conns.clone();
+            let frozen = frozen.clone();
             async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
+                    let mut frozen = frozen.subscribe();
                     let handle = tokio::spawn(async move {
+                        let frozen_now = *frozen.borrow();
+                        if frozen_now {
+                            // A vanished host does not refuse connections:
+                            // they hang.
+                            std::future::pending::<()>().await;
+                        }
                         if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await {
-                            let _ = copy_bidirectional(&mut inbound, &mut outbound).await;
+                            let froze = tokio::select! {
+                                _ = copy_bidirectional(&mut inbound, &mut outbound) => false,
+                                froze = frozen.wait_for(|f| *f) => froze.is_ok(),
+                            };
+                            if froze {
+                                // Both sockets stay open, unread and unwritten,
+                                // until the connection is cut or the proxy dropped.
+                                std::future::pending::<()>().await;
+                            }
                         }
                     });
                     conns.lock().unwrap().push(handle);
@@ -40,7 +62,14 @@ impl Proxy {
             port,
             conns,
             accept,
+            frozen,
         }
+    }
+
+    /// Stops forwarding on every connection, open or new, without closing
+    /// any: the peers see silence, not a reset.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
     }
 
     /// How many connections through the proxy are open.

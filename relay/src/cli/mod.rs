@@ -427,4 +427,47 @@ mod tests {
             ]
         );
     }
+
+    /// Issue 11, item 3: `--session-timeout` must leave room for two status
+    /// updates (the walsender would end a healthy session otherwise), and
+    /// `0` leaves the server's timeouts alone.
+    #[test]
+    fn the_session_timeout_leaves_room_for_status_updates() {
+        use clap::Parser as _;
+        let cfg = |extra: &[&str]| {
+            let mut argv = vec![
+                "outbox-relay",
+                "run",
+                "--database-url",
+                "postgres://relay@db/app",
+                "--kafka-brokers",
+                "kafka:9092",
+            ];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("run")
+            };
+            args.relay_config()
+        };
+        assert_eq!(
+            cfg(&[]).unwrap().session_timeout,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            cfg(&["--session-timeout", "0"]).unwrap().session_timeout,
+            None
+        );
+        let err = cfg(&["--session-timeout", "15s"]).unwrap_err().to_string();
+        assert!(err.contains("twice --status-interval"), "{err}");
+        let err = cfg(&["--session-timeout", "1500ms", "--status-interval", "100ms"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 2s"), "{err}");
+        assert_eq!(
+            cfg(&["--session-timeout", "3s", "--status-interval", "1s"])
+                .unwrap()
+                .session_timeout,
+            Some(Duration::from_secs(3))
+        );
+    }
 }

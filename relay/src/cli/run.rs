@@ -139,6 +139,16 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_STALL_WARNING", default_value = "30s", value_parser = parse_duration)]
     pub stall_warning: Duration,
 
+    /// How long PostgreSQL keeps this instance's sessions once the instance
+    /// stops answering (its host vanished, a network partition, a frozen
+    /// process): the relay sets `wal_sender_timeout` on its replication
+    /// session and `idle_session_timeout` on its slot-lock session (kept
+    /// busy every third of this), so a standby takes over within about this
+    /// long. At least twice --status-interval; `0` leaves the server's
+    /// settings alone (a standby may then wait for TCP keepalives: hours).
+    #[arg(long, env = "OUTBOX_SESSION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub session_timeout: Duration,
+
     /// Time allowed on SIGTERM/SIGINT for Kafka to acknowledge what was sent.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -212,6 +222,21 @@ impl RunArgs {
                 "--status-interval must be longer than zero".into(),
             ));
         }
+        let session_timeout = if args.session_timeout.is_zero() {
+            None
+        } else if args.session_timeout < args.status_interval * 2
+            || args.session_timeout < Duration::from_secs(2)
+        {
+            // The walsender ends a session that sent no status update for
+            // wal_sender_timeout; updates come every --status-interval.
+            return Err(Error::Config(format!(
+                "--session-timeout ({:?}) must be at least 2s and at least twice \
+                 --status-interval ({:?}), or 0 to leave the server's timeouts alone",
+                args.session_timeout, args.status_interval
+            )));
+        } else {
+            Some(args.session_timeout)
+        };
         Ok(RelayConfig {
             pg,
             slot: args.slot.clone(),
@@ -232,6 +257,7 @@ impl RunArgs {
             max_backoff: args.max_backoff.max(Duration::from_millis(100)),
             shutdown_timeout: args.shutdown_timeout,
             stall_warning: args.stall_warning.max(Duration::from_secs(1)),
+            session_timeout,
             dead_letter_topic,
             metrics_addr: args.metrics_addr,
         })

@@ -39,6 +39,10 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     /// When to report a stalled delivery.
     pub stall_warning: Duration,
+    /// How long PostgreSQL keeps this instance's sessions (the walsender,
+    /// the slot lock) once the instance stops answering; `None` leaves the
+    /// server's `wal_sender_timeout` and `idle_session_timeout` alone.
+    pub session_timeout: Option<Duration>,
     /// The dead-letter topic, when undeliverable events are parked rather than fatal.
     pub dead_letter_topic: Option<String>,
     /// Where to serve metrics.

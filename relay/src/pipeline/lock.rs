@@ -11,7 +11,9 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::Result;
 use crate::metrics::{Metrics, RelayState};
@@ -30,9 +32,9 @@ enum Attempt {
     HeldBy(String),
 }
 
-/// The lock on one slot, held while `conn` lives.
+/// The lock on one slot, held while its connection lives.
 pub struct SlotLock {
-    conn: Option<Connection>,
+    held: Option<Held>,
     /// The server backend that held the lock for this instance (pid and
     /// start time, which together name one backend even across server
     /// restarts): when its connection is lost without the server noticing
@@ -41,11 +43,26 @@ pub struct SlotLock {
     backend: Option<(String, String)>,
 }
 
+/// A held lock: its connection lives in a task that keeps the session
+/// busy, so that the server's `idle_session_timeout` (set on the session
+/// from `--session-timeout`) ends it only when this instance stops
+/// answering: a host that vanishes without closing its connections then
+/// frees the lock for a standby within that timeout instead of the hours
+/// TCP keepalives take.
+struct Held {
+    lost: watch::Receiver<bool>,
+    /// Asks the task to check the connection now; it answers whether the
+    /// lock is still held.
+    check: mpsc::Sender<oneshot::Sender<bool>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
 impl SlotLock {
     /// Not held yet.
     pub fn new() -> Self {
         Self {
-            conn: None,
+            held: None,
             backend: None,
         }
     }
@@ -61,27 +78,27 @@ impl SlotLock {
         token: &CancellationToken,
         metrics: &Metrics,
     ) -> Result<bool> {
-        if let Some(conn) = &mut self.conn {
-            // A connection that died took the lock with it; another instance
-            // may hold it by now, so take it again through the waiting path.
-            // Bounded: a half-open connection would otherwise hang here.
-            let sql = format!("SELECT pg_try_advisory_lock({}) AS held", key(&cfg.slot));
-            let check = conn.query(&sql);
-            let alive = matches!(
-                tokio::time::timeout(cfg.connect_timeout, check).await,
-                Ok(Ok(rows)) if rows.len() == 1 && rows[0].get("held") == Some("t")
-            );
-            if alive {
-                // Session advisory locks stack: release the extra one.
-                let _ = conn
-                    .query(&format!("SELECT pg_advisory_unlock({})", key(&cfg.slot)))
-                    .await;
+        if let Some(held) = &self.held {
+            // Checked now, not at the last periodic check: a PostgreSQL
+            // restart a moment ago took the lock with it.
+            if held.still_held().await {
                 return Ok(true);
             }
+            // A connection that died took the lock with it; another instance
+            // may hold it by now, so take it again through the waiting path.
             tracing::warn!(slot = %cfg.slot, "the connection holding the slot lock was lost; taking the lock again");
-            self.conn = None;
+            self.release().await;
         }
         let mut conn = Connection::connect(&cfg.pg, Mode::Sql).await?;
+        if let Some(timeout) = cfg.session_timeout {
+            // Set before the lock is taken: a waiting instance polls more
+            // often than this (`RETRY_EVERY`), so only a silent one is ended.
+            conn.query(&format!(
+                "SET idle_session_timeout = '{}ms'",
+                timeout.as_millis()
+            ))
+            .await?;
+        }
         let mut last_log: Option<Instant> = None;
         loop {
             // Each round is bounded and gives way to a stop: a half-open
@@ -106,7 +123,7 @@ impl SlotLock {
                     if last_log.is_some() {
                         tracing::info!(slot = %cfg.slot, "took over the slot lock; this instance now works the slot");
                     }
-                    self.conn = Some(conn);
+                    self.held = Some(Held::keep(conn, cfg));
                     return Ok(true);
                 }
                 Attempt::EndedOwnOrphan => continue,
@@ -168,9 +185,79 @@ impl SlotLock {
 
     /// Releases the lock (closing its connection releases it too).
     pub async fn release(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            conn.terminate().await;
+        if let Some(held) = self.held.take() {
+            held.stop.cancel();
+            let _ = held.task.await;
         }
+    }
+}
+
+impl Held {
+    /// Moves the lock's connection into a task that runs a trivial query
+    /// every third of `--session-timeout` (every 10 s without one) and
+    /// reports the connection lost when a query fails or goes unanswered.
+    fn keep(mut conn: Connection, cfg: &RelayConfig) -> Self {
+        let every = cfg
+            .session_timeout
+            .map_or(Duration::from_secs(10), |t| t / 3);
+        let answer_within = cfg.connect_timeout.min(every);
+        let (tell, lost) = watch::channel(false);
+        let (check, mut checks) = mpsc::channel::<oneshot::Sender<bool>>(1);
+        let stop = CancellationToken::new();
+        let slot = cfg.slot.clone();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                loop {
+                    let asked = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        asked = checks.recv() => asked,
+                        _ = tokio::time::sleep(every) => None,
+                    };
+                    // The session holds the lock until it ends (nothing
+                    // unlocks it), so an answered query proves it is held.
+                    let ping = tokio::time::timeout(answer_within, conn.query("SELECT 1"));
+                    let failure = match ping.await {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(err)) => Some(err.to_string()),
+                        Err(_) => Some(format!("no answer within {answer_within:?}")),
+                    };
+                    if let Some(asked) = asked {
+                        let _ = asked.send(failure.is_none());
+                    }
+                    if let Some(error) = failure {
+                        // Dropping the connection closes it: the server ends
+                        // the session (and the lock) as soon as it reads the
+                        // close, or at its idle_session_timeout when the
+                        // network is gone.
+                        tracing::warn!(slot = %slot, error = %error, "the slot lock's connection failed; the lock is given up");
+                        let _ = tell.send(true);
+                        return;
+                    }
+                }
+                conn.terminate().await;
+            }
+            .instrument(tracing::info_span!("slot_lock", slot = %cfg.slot))
+        });
+        Self {
+            lost,
+            check,
+            stop,
+            task,
+        }
+    }
+
+    /// Whether the lock is still held, checked on its connection now.
+    async fn still_held(&self) -> bool {
+        if *self.lost.borrow() {
+            return false;
+        }
+        let (answer, answered) = oneshot::channel();
+        if self.check.send(answer).await.is_err() {
+            return false;
+        }
+        answered.await.unwrap_or(false)
     }
 }
 

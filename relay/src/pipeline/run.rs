@@ -197,6 +197,16 @@ async fn session(
 ) -> Result<()> {
     let mut conn = Connection::connect(&cfg.pg, Mode::Replication).await?;
     conn.security().log();
+    if let Some(timeout) = cfg.session_timeout {
+        // The walsender reads it at every wait (settable per session since
+        // PostgreSQL 12): if this instance goes silent, the slot is freed
+        // for a standby after this long.
+        conn.query(&format!(
+            "SET wal_sender_timeout = '{}ms'",
+            timeout.as_millis()
+        ))
+        .await?;
+    }
     slot::check_wal_level(&mut conn).await?;
     slot::check_publication(&mut conn, &cfg.publication, &cfg.pg.dbname).await?;
     if !*brokers_checked {
