@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The compatibility run: a core subset of the integration tests (delivery,
-# backfill order, restart and kill, TLS, search_path, status, standby)
+# backfill order, restart and kill, TLS, search_path, status, standby,
+# failover)
 # against PostgreSQL 16, 17 and 18 (scripts/install-postgres-versions.sh);
 # scripts/test.sh runs the whole suite against 15. Extra arguments go to
 # the test binary.
@@ -15,6 +16,7 @@ subset=(
   security::functions_planted_on_the_search_path_are_never_called
   operations::status_tells_healthy_from_degraded_and_broken
   operations::readiness_follows_the_slot_lock_and_a_standby_takes_over
+  operations::a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17
 )
 installed="$(scripts/install-postgres-versions.sh)"
 while read -r major bin; do

@@ -513,6 +513,195 @@ async fn a_standby_takes_over_when_the_active_host_vanishes() {
     crate::support::fixture::assert_all_arrived(&written, &records);
 }
 
+/// Issue 11, item 4: a primary with a physical streaming standby, events
+/// flowing, the primary crashes, the standby is promoted and the relay's
+/// address switches to it (a proxy retargeted, as a DNS switch would).
+/// From PostgreSQL 17 the slot is created with `FAILOVER` and synchronized
+/// to the standby (`sync_replication_slots`), and the primary holds logical
+/// decoding back until the standby has the WAL (`synchronized_standby_slots`):
+/// the relay carries on by itself on the new primary, every event whose row
+/// the new primary has arrives, each aggregate in order, and no event
+/// arrives whose transaction the failover lost. Before 17 the slot is gone
+/// after the promotion and the relay stops with an error that says so.
+#[tokio::test]
+async fn a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17() {
+    use crate::support::proxy::Proxy;
+    use crate::support::{RelayBuilder, Tansu, wait_for};
+    crate::support::init_logging();
+    let major = Postgres::major_version();
+    let synced = major >= 17;
+    let mut primary = Postgres::start();
+    let db = unique("db");
+    let url = primary.create_migrated_database(&db).await;
+    let (primary_extra, standby_extra): (&[(&str, &str)], &[(&str, &str)]) = if synced {
+        (
+            &[("synchronized_standby_slots", "standby_1")],
+            &[("sync_replication_slots", "on")],
+        )
+    } else {
+        (&[], &[])
+    };
+    let standby = primary
+        .start_standby("standby_1", &db, primary_extra, standby_extra)
+        .await;
+    let standby_url = standby.url(&db);
+    let proxy = Proxy::start(None, primary.port).await;
+    let proxied = url.replace(&format!(":{}/", primary.port), &format!(":{}/", proxy.port));
+    let tansu = Tansu::start();
+    let mut f = Fixture {
+        pool: sqlx::PgPool::connect(&url).await.unwrap(),
+        pg: primary,
+        tansu,
+        url: url.clone(),
+        slot: unique("slot"),
+        aggregate_type: unique("agg"),
+    };
+    let mut relay = RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot).spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    if synced {
+        let failover: bool =
+            sqlx::query_scalar("SELECT failover FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(&f.slot)
+                .fetch_one(&f.pool)
+                .await
+                .unwrap();
+        assert!(failover, "the slot was not created with FAILOVER");
+    }
+    let mut written = Vec::new();
+    for n in 0..3u64 {
+        written.extend(
+            f.write_tx(&[
+                ("a".into(), n * 3 + 1),
+                ("b".into(), n * 3 + 2),
+                ("a".into(), n * 3 + 3),
+            ])
+            .await,
+        );
+    }
+    f.read(written.len()).await;
+    // The standby has replayed everything so far and, from 17, holds a
+    // synchronized copy of the slot that can be used once promoted.
+    let primary_lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    let standby_pool = sqlx::PgPool::connect(&standby_url).await.unwrap();
+    wait_for(
+        "the standby to replay the primary's WAL",
+        Duration::from_secs(60),
+        || async {
+            sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+                .bind(&primary_lsn)
+                .fetch_one(&standby_pool)
+                .await
+                .ok()
+                .filter(|done| *done)
+        },
+    )
+    .await;
+    if synced {
+        wait_for(
+            "the slot synchronized to the standby",
+            Duration::from_secs(90),
+            || async {
+                sqlx::query_scalar::<_, bool>(
+                "SELECT synced AND NOT temporary FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(&f.slot)
+            .fetch_optional(&standby_pool)
+            .await
+            .ok()
+            .flatten()
+            .filter(|ready| *ready)
+            },
+        )
+        .await;
+    }
+    standby_pool.close().await;
+    // Events keep coming right up to the crash: some reach the standby and
+    // the relay, the last ones may be lost with the primary.
+    for n in 3..6u64 {
+        written.extend(
+            f.write_tx(&[
+                ("a".into(), n * 3 + 1),
+                ("b".into(), n * 3 + 2),
+                ("a".into(), n * 3 + 3),
+            ])
+            .await,
+        );
+    }
+    f.pg.stop("immediate");
+    standby.promote();
+    proxy.retarget(standby.port);
+    proxy.cut();
+    f.pool = sqlx::PgPool::connect(&standby_url).await.unwrap();
+
+    if !synced {
+        let status = relay.wait_exit(Duration::from_secs(120)).await;
+        assert!(!status.success(), "{}", relay.logs());
+        assert!(
+            relay
+                .logs()
+                .contains("no longer exists (dropped, or lost in a failover)"),
+            "{}",
+            relay.logs()
+        );
+        return;
+    }
+    for n in 6..8u64 {
+        written.extend(
+            f.write_tx(&[("a".into(), n * 3 + 1), ("b".into(), n * 3 + 2)])
+                .await,
+        );
+    }
+    // What the new primary has is what happened; a transaction the crash
+    // lost must not have reached Kafka either.
+    let kept: std::collections::HashSet<String> = sqlx::query_scalar("SELECT id::text FROM outbox")
+        .fetch_all(&f.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let expected: Vec<_> = written
+        .iter()
+        .filter(|w| kept.contains(&w.id))
+        .cloned()
+        .collect();
+    assert!(
+        written[..9]
+            .iter()
+            .chain(&written[18..])
+            .all(|w| kept.contains(&w.id)),
+        "the new primary lacks events it had replayed before the crash or received after it"
+    );
+    let last = expected.last().unwrap().id.clone();
+    wait_for(
+        "the events written after the failover",
+        Duration::from_secs(120),
+        || async {
+            let records = f.read_to_end().await;
+            records.iter().any(|r| r.id() == last).then_some(())
+        },
+    )
+    .await;
+    let records = f.read_to_end().await;
+    for r in &records {
+        assert!(
+            kept.contains(r.id()),
+            "event {} reached Kafka but its transaction was lost in the failover",
+            r.id()
+        );
+    }
+    crate::support::fixture::assert_all_arrived(&expected, &records);
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    eprintln!(
+        "failover on PostgreSQL {major}: {} of {} events kept by the new primary, all delivered; {} records",
+        expected.len(),
+        written.len(),
+        records.len()
+    );
+}
+
 /// Issue 11, item 6: `replay` republishes the rows still in the table
 /// (filtered by time, aggregate type, id) with the relay's topic, key and
 /// headers plus `outbox.replayed`, each aggregate in order, without touching

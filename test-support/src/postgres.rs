@@ -74,6 +74,32 @@ fn make_dir(path: &Path) {
     }
 }
 
+/// Writes a file in a data directory as the server's owner (`runuser` when
+/// we are root), replacing it.
+fn write_as_server(path: &Path, contents: &str) {
+    let mut tee = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", "tee"]);
+        c
+    } else {
+        Command::new("tee")
+    };
+    let mut child = tee
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run tee");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), contents.as_bytes())
+        .expect("write a server file");
+    drop(child.stdin.take());
+    assert!(
+        child.wait().expect("tee").success(),
+        "writing {}",
+        path.display()
+    );
+}
+
 /// The initdb'd template, made once per test process.
 fn template() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
@@ -205,24 +231,7 @@ impl Postgres {
     /// Replaces `pg_hba.conf` with `lines` and reloads the server. The file
     /// is written by the server's owner (`runuser` when we are root).
     pub fn set_hba(&self, lines: &str) {
-        let path = self.data.join("pg_hba.conf");
-        let mut tee = if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--", "tee"]);
-            c
-        } else {
-            Command::new("tee")
-        };
-        let mut child = tee
-            .arg(&path)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("run tee");
-        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), lines.as_bytes())
-            .expect("write pg_hba.conf");
-        drop(child.stdin.take());
-        assert!(child.wait().expect("tee").success(), "writing pg_hba.conf");
+        write_as_server(&self.data.join("pg_hba.conf"), lines);
         let mut cmd = pg_command("pg_ctl");
         cmd.arg("-D").arg(&self.data).arg("reload");
         run(cmd, "pg_ctl reload");
@@ -265,6 +274,111 @@ impl Postgres {
         outbox::MIGRATOR.run(&pool).await.expect("migrations");
         pool.close().await;
         url
+    }
+
+    /// The server's major version (15, 16, ...), from `postgres --version`.
+    pub fn major_version() -> u32 {
+        let out = Command::new(bin("postgres"))
+            .arg("--version")
+            .output()
+            .expect("run postgres --version");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .find_map(|w| w.split('.').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no version in `{text}`"))
+    }
+
+    /// Stops the server (`pg_ctl stop -m <mode>`: `immediate` is a crash).
+    pub fn stop(&self, mode: &str) {
+        let mut cmd = pg_command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-m", mode, "-w", "-t", "60", "stop"]);
+        run(cmd, "pg_ctl stop");
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`, waiting for it).
+    pub fn promote(&self) {
+        let mut cmd = pg_command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-w", "-t", "60", "promote"]);
+        run(cmd, "pg_ctl promote");
+    }
+
+    /// Starts a physical streaming standby of this cluster. There is no
+    /// `pg_basebackup` among the npm binaries, so the standby is a copy of
+    /// this cluster's data directory taken while it is cleanly stopped
+    /// (every file consistent at its shutdown checkpoint). The standby
+    /// streams through the physical slot `physical_slot` (created here) with
+    /// `hot_standby_feedback` on; `primary_extra` is added to this
+    /// cluster's settings and `standby_extra` to the standby's (for
+    /// example `synchronized_standby_slots` and `sync_replication_slots`).
+    /// `primary_conninfo` names database `db`, which slot synchronization
+    /// needs.
+    pub async fn start_standby(
+        &mut self,
+        physical_slot: &str,
+        db: &str,
+        primary_extra: &[(&str, &str)],
+        standby_extra: &[(&str, &str)],
+    ) -> Postgres {
+        let mut conn = PgConnection::connect(&self.url("postgres"))
+            .await
+            .expect("connect");
+        sqlx::query("SELECT pg_create_physical_replication_slot($1, true)")
+            .bind(physical_slot)
+            .execute(&mut conn)
+            .await
+            .expect("create the standby's physical slot");
+        drop(conn);
+        self.stop("fast");
+        let root = std::env::temp_dir().join(crate::unique("outbox-pg"));
+        make_dir(&root);
+        let data = root.join("data");
+        let mut cp = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "cp"]);
+            c
+        } else {
+            Command::new("cp")
+        };
+        cp.arg("-a").arg(&self.data).arg(&data);
+        run(cp, "copy the primary's data directory");
+        // The primary's slots are its own: a logical slot copied here would
+        // block the synchronized one, and a copied physical slot would pin WAL.
+        for entry in std::fs::read_dir(data.join("pg_replslot")).expect("pg_replslot") {
+            std::fs::remove_dir_all(entry.expect("entry").path()).expect("remove a copied slot");
+        }
+        for (k, v) in primary_extra {
+            self.settings.extra.push((k.to_string(), v.to_string()));
+        }
+        self.pg_ctl_start();
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} password={PASSWORD} dbname={db} application_name=standby",
+            self.port
+        );
+        // postgresql.auto.conf rather than `-c`: the conninfo has spaces.
+        let mut auto =
+            std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap_or_default();
+        auto.push_str(&format!(
+            "primary_conninfo = '{conninfo}'\nprimary_slot_name = '{physical_slot}'\nhot_standby_feedback = on\n"
+        ));
+        write_as_server(&data.join("postgresql.auto.conf"), &auto);
+        write_as_server(&data.join("standby.signal"), "");
+        let mut settings = self.settings.clone();
+        settings.extra = standby_extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let standby = Postgres {
+            root,
+            data,
+            port: crate::free_port(),
+            settings,
+        };
+        standby.pg_ctl_start();
+        standby
     }
 
     /// The server log so far.

@@ -4,6 +4,7 @@
 //! nothing is closed, as when a host vanishes (powered off, partitioned)
 //! and its peers only learn it from their own timeouts.
 
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -18,6 +19,7 @@ pub struct Proxy {
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
     frozen: watch::Sender<bool>,
+    target: Arc<AtomicU16>,
 }
 
 impl Proxy {
@@ -29,12 +31,15 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let (frozen, _) = watch::channel(false);
+        let target = Arc::new(AtomicU16::new(target));
         let accept = tokio::spawn({
             let conns = conns.clone();
             let frozen = frozen.clone();
+            let target = target.clone();
             async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     let mut frozen = frozen.subscribe();
+                    let target = target.load(Ordering::SeqCst);
                     let handle = tokio::spawn(async move {
                         let frozen_now = *frozen.borrow();
                         if frozen_now {
@@ -63,7 +68,14 @@ impl Proxy {
             conns,
             accept,
             frozen,
+            target,
         }
+    }
+
+    /// Sends new connections to `port` from now on (a DNS switch after a
+    /// failover); open ones are left as they are.
+    pub fn retarget(&self, port: u16) {
+        self.target.store(port, Ordering::SeqCst);
     }
 
     /// Stops forwarding on every connection, open or new, without closing

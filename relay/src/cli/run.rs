@@ -28,6 +28,15 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_SLOT", default_value = "outbox_relay")]
     pub slot: String,
 
+    /// On PostgreSQL 17 and later, mark the slot for synchronization to
+    /// physical standbys (`FAILOVER`), so that it survives a promotion:
+    /// set when the slot is created, and changed on an existing slot at the
+    /// next start. The standbys need `sync_replication_slots = on` and the
+    /// primary `synchronized_standby_slots` (see docs/operations.md).
+    /// Ignored before 17.
+    #[arg(long, env = "OUTBOX_SLOT_FAILOVER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub slot_failover: bool,
+
     /// Publication that selects the outbox table(s).
     #[arg(long, env = "OUTBOX_PUBLICATION", default_value = "outbox_pub")]
     pub publication: String,
@@ -240,6 +249,7 @@ impl RunArgs {
         Ok(RelayConfig {
             pg,
             slot: args.slot.clone(),
+            slot_failover: args.slot_failover,
             publication: args.publication.clone(),
             schema: args.schema.clone(),
             topic_template,

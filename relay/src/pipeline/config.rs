@@ -16,6 +16,8 @@ pub struct RelayConfig {
     pub pg: PgConfig,
     /// Replication slot.
     pub slot: String,
+    /// Whether the slot is synchronized to standbys (PostgreSQL 17+).
+    pub slot_failover: bool,
     /// Publication.
     pub publication: String,
     /// The schema holding the relay's bookkeeping table `outbox_relay_slot`

@@ -64,10 +64,16 @@ pub async fn prepare(
 ) -> Result<Option<Lsn>> {
     let slot = &cfg.slot;
     let bookkeeping = bookkeeping(conn, slot, &cfg.slot_table()).await?;
+    let failover_capable = server_version(conn).await? >= FAILOVER_SINCE;
     let existing = conn
         .query(&format!(
             "SELECT plugin, slot_type, database, confirmed_flush_lsn::text AS confirmed_flush_lsn, \
-             wal_status FROM pg_replication_slots WHERE slot_name = {}",
+             wal_status{} FROM pg_replication_slots WHERE slot_name = {}",
+            if failover_capable {
+                ", failover::text AS failover"
+            } else {
+                ""
+            },
             quote_literal(slot)
         ))
         .await?;
@@ -104,6 +110,21 @@ pub async fn prepare(
         let lsn = row
             .get("confirmed_flush_lsn")
             .and_then(|s| s.parse::<Lsn>().ok());
+        let failover = row.get("failover").map(|f| f == "true");
+        if failover_capable && failover != Some(cfg.slot_failover) {
+            // The slot is not in use here (this instance holds the slot lock
+            // and streams only after this), which ALTER_REPLICATION_SLOT needs.
+            conn.query(&format!(
+                "ALTER_REPLICATION_SLOT {} (FAILOVER {})",
+                quote_ident(slot),
+                cfg.slot_failover
+            ))
+            .await?;
+            tracing::info!(slot = %slot, failover = cfg.slot_failover, "changed the slot's synchronization to standbys (--slot-failover)");
+            if cfg.slot_failover {
+                check_standby_slots(conn).await?;
+            }
+        }
         if let Some(Bookkeeping {
             backfilled: false,
             done,
@@ -208,6 +229,41 @@ async fn bookkeeping(
     }))
 }
 
+/// The first PostgreSQL version (as `server_version_num`) with failover
+/// slots (`FAILOVER`, `pg_replication_slots.failover`).
+const FAILOVER_SINCE: u32 = 170_000;
+
+/// The server's `server_version_num` (e.g. 170004).
+async fn server_version(conn: &mut Connection) -> Result<u32> {
+    let rows = conn.query("SHOW server_version_num").await?;
+    rows.first()
+        .and_then(|r| r.get("server_version_num"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| Error::Protocol("SHOW server_version_num returned no number".into()))
+}
+
+/// A failover slot is safe only when the primary holds back logical
+/// decoding until the standbys that will take over have the WAL: without
+/// `synchronized_standby_slots`, the relay can publish a transaction that a
+/// failover then loses (it never reached the standby). Warned, not refused:
+/// a primary without standbys needs no setting.
+async fn check_standby_slots(conn: &mut Connection) -> Result<()> {
+    let rows = conn.query("SHOW synchronized_standby_slots").await?;
+    let value = rows
+        .first()
+        .and_then(|r| r.get("synchronized_standby_slots"))
+        .unwrap_or("");
+    if value.trim().is_empty() {
+        tracing::warn!(
+            "the slot is synchronized to standbys (--slot-failover), but the primary's \
+             synchronized_standby_slots is empty: after a failover the relay may have published \
+             events of transactions the new primary never received. List the standbys' physical \
+             slots there (docs/operations.md), or ignore this if no standby will be promoted"
+        );
+    }
+    Ok(())
+}
+
 async fn create_with_backfill(
     conn: &mut Connection,
     cfg: &RelayConfig,
@@ -232,15 +288,34 @@ async fn create_with_backfill(
     ))
     .await?;
 
-    // EXPORT_SNAPSHOT (rather than PG 15's `(SNAPSHOT 'export')`) works on every
-    // version since 10. The snapshot stays valid only until this connection
-    // runs its next command, so the backfill runs before anything else here.
-    let rows = conn
-        .query(&format!(
+    // The option list (PostgreSQL 15+) is needed for FAILOVER (17+); before
+    // 17 the older EXPORT_SNAPSHOT keyword, which every version accepts.
+    // The snapshot stays valid only until this connection runs its next
+    // command, so anything else asked of the server comes before, and the
+    // backfill right after.
+    let failover_capable = server_version(conn).await? >= FAILOVER_SINCE;
+    if failover_capable && cfg.slot_failover {
+        check_standby_slots(conn).await?;
+    } else if cfg.slot_failover {
+        tracing::info!(
+            slot = %slot,
+            "PostgreSQL before 17 cannot synchronize slots to standbys: after a failover the slot is \
+             gone and the relay stops; docs/operations.md says how to recover"
+        );
+    }
+    let create = if failover_capable {
+        format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER {})",
+            quote_ident(slot),
+            cfg.slot_failover
+        )
+    } else {
+        format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
             quote_ident(slot)
-        ))
-        .await?;
+        )
+    };
+    let rows = conn.query(&create).await?;
     let row = rows
         .first()
         .ok_or_else(|| Error::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
