@@ -533,7 +533,8 @@ async fn a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17() {
     let mut primary = Postgres::start();
     let db = unique("db");
     let url = primary.create_migrated_database(&db).await;
-    let (primary_extra, standby_extra): (&[(&str, &str)], &[(&str, &str)]) = if synced {
+    type Settings<'a> = &'a [(&'a str, &'a str)];
+    let (primary_extra, standby_extra): (Settings, Settings) = if synced {
         (
             &[("synchronized_standby_slots", "standby_1")],
             &[("sync_replication_slots", "on")],
