@@ -445,6 +445,68 @@ async fn readiness_follows_the_slot_lock_and_a_standby_takes_over() {
     crate::support::fixture::assert_all_arrived(&written, &records);
 }
 
+/// Issue 11, item 2: the first start's backfill shows in `/readyz`
+/// (`backfilling`, not ready) and in metrics users can alert on: rows handed
+/// to Kafka, and per table the acknowledged `seq` against the highest one the
+/// slot's snapshot saw.
+#[tokio::test]
+async fn the_backfill_reports_its_progress_in_metrics() {
+    use crate::support::metrics::{get, metric, scrape};
+    let f = Fixture::new().await;
+    let mut next = 1;
+    let written = f.write_many(60, 7, 5, &mut next).await;
+    let max_seq: i64 = sqlx::query_scalar("SELECT max(seq) FROM outbox")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    let port = crate::support::free_port();
+    // A window of one and a slow broker round trip keep the backfill long
+    // enough to be seen.
+    let mut relay = f
+        .relay()
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(["--max-in-flight", "1"])
+        .spawn();
+    let during = crate::support::wait_for(
+        "/readyz to report the backfill",
+        Duration::from_secs(60),
+        || async {
+            let r = get(port, "/readyz").await.ok()?;
+            (r.status == 503 && r.body.starts_with("backfilling")).then_some(r.body)
+        },
+    )
+    .await;
+    assert!(during.contains("outbox_relay_backfill_seq"), "{during}");
+    relay.wait_log("streaming", Duration::from_secs(120)).await;
+    let records = f.read(written.len()).await;
+    assert_exactly_once(&written, &records);
+    let text = scrape(port).await.unwrap();
+    assert_eq!(
+        metric(&text, "outbox_relay_backfill_rows_total"),
+        Some(written.len() as f64),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "outbox_relay_backfill_target_seq{table=\"public.outbox\"}"
+        ),
+        Some(max_seq as f64),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "outbox_relay_backfill_seq{table=\"public.outbox\"}"),
+        Some(max_seq as f64),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "outbox_relay_state{state=\"streaming\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}
+
 /// Issue 11, item 3, the vanished host: the streaming instance's host stops
 /// answering without closing anything (a proxy that stops forwarding). The
 /// server learns it only from its own timeouts, which `--session-timeout`

@@ -146,7 +146,10 @@ async fn ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
         RelayState::WaitingForLock => {
             "standby: another instance works the slot, or the lock is being taken"
         }
-        RelayState::Starting => "starting: checking the slot, creating it or backfilling",
+        RelayState::Starting => "starting: checking or creating the slot",
+        RelayState::Backfilling => {
+            "publishing the rows already in the outbox before streaming (see outbox_relay_backfill_seq)"
+        }
         RelayState::Reconnecting => "reconnecting after a failure (see the log)",
         RelayState::Stopping => "stopping",
     };

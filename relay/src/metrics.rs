@@ -33,12 +33,16 @@ pub enum RelayState {
     Reconnecting = 3,
     /// Shutting down.
     Stopping = 4,
+    /// Publishing the rows already in the table before streaming (first
+    /// start, or its continuation).
+    Backfilling = 5,
 }
 
 impl RelayState {
-    const ALL: [RelayState; 5] = [
+    const ALL: [RelayState; 6] = [
         RelayState::WaitingForLock,
         RelayState::Starting,
+        RelayState::Backfilling,
         RelayState::Streaming,
         RelayState::Reconnecting,
         RelayState::Stopping,
@@ -52,6 +56,7 @@ impl RelayState {
             RelayState::Streaming => "streaming",
             RelayState::Reconnecting => "reconnecting",
             RelayState::Stopping => "stopping",
+            RelayState::Backfilling => "backfilling",
         }
     }
 }
@@ -74,6 +79,9 @@ pub struct Metrics {
     states: Family<Vec<(String, String)>, Gauge>,
     last_delivery: Gauge<f64, AtomicU64>,
     retained_wal: Gauge,
+    backfill_rows: Counter,
+    backfill_seq: Family<Vec<(String, String)>, Gauge>,
+    backfill_target_seq: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Default for Metrics {
@@ -94,6 +102,9 @@ impl Default for Metrics {
             states: Family::default(),
             last_delivery: Gauge::default(),
             retained_wal: Gauge::default(),
+            backfill_rows: Counter::default(),
+            backfill_seq: Family::default(),
+            backfill_target_seq: Family::default(),
         };
         let r = &mut m.registry;
         // Counters get their `_total` suffix from the encoder.
@@ -154,6 +165,22 @@ impl Default for Metrics {
             "WAL the server keeps for the slot (current position minus the slot's restart_lsn), \
              read every --status-interval",
             m.retained_wal.clone(),
+        );
+        r.register(
+            "outbox_relay_backfill_rows",
+            "Rows the backfill handed to Kafka (rows already in the outbox when the slot was created)",
+            m.backfill_rows.clone(),
+        );
+        r.register(
+            "outbox_relay_backfill_seq",
+            "Per table, the `seq` up to which Kafka acknowledged every backfilled row",
+            m.backfill_seq.clone(),
+        );
+        r.register(
+            "outbox_relay_backfill_target_seq",
+            "Per table, the highest `seq` the backfill has to publish (what the slot's snapshot saw); \
+             progress is outbox_relay_backfill_seq / this",
+            m.backfill_target_seq.clone(),
         );
         m.set_state(RelayState::Starting);
         let r = &mut m.registry;
@@ -256,6 +283,25 @@ impl Metrics {
     /// WAL the server keeps for the slot.
     pub fn retained_wal(&self, bytes: i64) {
         self.retained_wal.set(bytes);
+    }
+
+    /// One row handed to Kafka by the backfill.
+    pub fn backfilled_row(&self) {
+        self.backfill_rows.inc();
+    }
+
+    /// The backfill of `table` acknowledged through `seq`.
+    pub fn backfill_seq(&self, table: &str, seq: i64) {
+        self.backfill_seq
+            .get_or_create(&vec![("table".to_owned(), table.to_owned())])
+            .set(seq);
+    }
+
+    /// The highest `seq` the backfill of `table` has to publish.
+    pub fn backfill_target_seq(&self, table: &str, seq: i64) {
+        self.backfill_target_seq
+            .get_or_create(&vec![("table".to_owned(), table.to_owned())])
+            .set(seq);
     }
 
     /// The OpenMetrics text exposition.

@@ -47,6 +47,8 @@ pub async fn run(
     publisher: &mut Publisher,
     token: &CancellationToken,
 ) -> Result<u64> {
+    let metrics = publisher.ledger().metrics();
+    metrics.set_state(crate::metrics::RelayState::Backfilling);
     sql.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
     if let Snapshot::Exported(name) = snapshot {
@@ -95,9 +97,17 @@ pub async fn run(
                 quote_literal(&cfg.slot)
             ))
             .await?;
+            for (table, seq) in &seen.max_seq {
+                metrics.backfill_target_seq(table, *seq);
+            }
             None
         }
-        Snapshot::Retry(Some(seen)) => Some(seen),
+        Snapshot::Retry(Some(seen)) => {
+            for (table, seq) in &seen.max_seq {
+                metrics.backfill_target_seq(table, *seq);
+            }
+            Some(seen)
+        }
         Snapshot::Retry(None) => {
             tracing::warn!(
                 slot = %cfg.slot,
@@ -109,8 +119,9 @@ pub async fn run(
             None
         }
     };
-    let stall = StallWatch::new(cfg.stall_warning, publisher.ledger().metrics());
+    let stall = StallWatch::new(cfg.stall_warning, metrics.clone());
     let mut run = Backfill {
+        metrics,
         sql,
         book,
         cfg,
@@ -232,6 +243,7 @@ struct Backfill<'a> {
     first_seen: Option<FirstSeen>,
     stall: StallWatch,
     published: u64,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Why the backfill stopped handing rows to the producer early.
@@ -291,6 +303,7 @@ impl Backfill<'_> {
         let query = format!("SELECT * FROM {quoted} {filter}ORDER BY {order}");
         if let Some(seq) = after {
             tracing::info!(table = %key, after_seq = seq, "continuing an interrupted backfill");
+            self.metrics.backfill_seq(&key, seq);
         }
         self.sql
             .query(&format!(
@@ -398,6 +411,7 @@ impl Backfill<'_> {
         )
         .await?;
         self.published += 1;
+        self.metrics.backfilled_row();
         if alone {
             self.wait(progress, Some(ticket), |p| p.all_settled())
                 .await?;
@@ -484,6 +498,7 @@ impl Backfill<'_> {
             ))
             .await?;
         self.done.insert(key.to_owned(), seq);
+        self.metrics.backfill_seq(key, seq);
         Ok(())
     }
 }
