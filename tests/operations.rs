@@ -445,6 +445,90 @@ async fn readiness_follows_the_slot_lock_and_a_standby_takes_over() {
     crate::support::fixture::assert_all_arrived(&written, &records);
 }
 
+/// Issue 11, item 5b, the pruner built into `run`: old outbox and inbox
+/// rows go while the relay streams, recent ones stay, and every event
+/// arrives exactly once.
+#[tokio::test]
+async fn the_built_in_pruner_deletes_old_rows_while_the_relay_streams() {
+    let f = Fixture::new().await;
+    sqlx::query(
+        "INSERT INTO inbox (consumer, event_id, received_at) \
+         SELECT 'billing', gen_random_uuid(), now() - interval '40 days' FROM generate_series(1, 30) \
+         UNION ALL SELECT 'billing', gen_random_uuid(), now() FROM generate_series(1, 5)",
+    )
+    .execute(&f.pool)
+    .await
+    .unwrap();
+    let mut relay = f
+        .relay()
+        .args([
+            "--prune-older-than",
+            "1h",
+            "--prune-inbox-older-than",
+            "30d",
+        ])
+        .args(["--prune-every", "1s"])
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut next = 1;
+    let written = f.write_many(40, 5, 3, &mut next).await;
+    // Rows written with raw SQL and an old created_at (as an import or a
+    // clock would leave them), for another aggregate type.
+    let old_type = unique("old");
+    sqlx::query(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) \
+         SELECT $1, 'k' || (n % 3), 'Happened', jsonb_build_object('n', n), now() - interval '2 hours' \
+         FROM generate_series(1, 20) n",
+    )
+    .bind(&old_type)
+    .execute(&f.pool)
+    .await
+    .unwrap();
+    let records = f.read(written.len()).await;
+    let old_topic = format!("outbox.event.{old_type}");
+    let old = crate::support::consume(
+        &f.tansu.brokers(),
+        &[&old_topic],
+        20,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        old.len(),
+        20,
+        "the old rows were delivered before they were pruned"
+    );
+    let count = |sql: &'static str| {
+        let pool = f.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    crate::support::wait_for(
+        "the pruner to delete the old rows",
+        Duration::from_secs(60),
+        || async {
+            (count("SELECT count(*) FROM outbox WHERE created_at < now() - interval '1 hour'")
+                .await
+                == 0
+                && count("SELECT count(*) FROM inbox").await == 5)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        count("SELECT count(*) FROM outbox").await,
+        40,
+        "recent outbox rows stay"
+    );
+    assert!(relay.logs().contains("pruned"), "{}", relay.logs());
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    assert_exactly_once(&written, &records);
+}
+
 /// Issue 11, item 2: the first start's backfill shows in `/readyz`
 /// (`backfilling`, not ready) and in metrics users can alert on: rows handed
 /// to Kafka, and per table the acknowledged `seq` against the highest one the

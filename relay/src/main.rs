@@ -79,8 +79,12 @@ async fn dispatch(command: Command) -> outbox_relay::Result<ExitCode> {
         }
         Command::Run(args) => {
             let cfg = args.relay_config()?;
+            let pruner = args.pruner()?;
             let token = CancellationToken::new();
             tokio::spawn(cancel_on_signal(token.clone()));
+            if let Some((prune, every)) = pruner {
+                tokio::spawn(outbox_relay::prune::every(prune, every, token.clone()));
+            }
             outbox_relay::run(cfg, token).await?;
         }
     }

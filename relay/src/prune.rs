@@ -13,6 +13,8 @@
 
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use crate::postgres::config::PgConfig;
 use crate::postgres::connection::{Connection, Mode, quote_ident, quote_literal};
 use crate::{Error, Result};
@@ -116,6 +118,38 @@ pub async fn run(cfg: &PruneConfig) -> Result<Pruned> {
     }
     conn.terminate().await;
     Ok(pruned)
+}
+
+/// The pruner built into `run` (`--prune-older-than`): [`run`] every
+/// `every` until `token` is cancelled. A failed round is logged and the
+/// next one tried (a refusal before the first backfill finished included):
+/// pruning is housekeeping and never stops delivery.
+pub async fn every(cfg: PruneConfig, every: Duration, token: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let round = async {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => None,
+                pruned = run(&cfg) => Some(pruned),
+            }
+        };
+        match round.instrument(tracing::info_span!("prune")).await {
+            None => return,
+            Some(Ok(pruned)) => tracing::debug!(
+                outbox = pruned.outbox,
+                inbox = pruned.inbox,
+                "prune round done"
+            ),
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, retry_in = ?every, "prune round failed; trying again later")
+            }
+        }
+    }
 }
 
 /// Deletes rows of `table` whose `time_column` is older than `age` (as of

@@ -158,6 +158,21 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_SESSION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub session_timeout: Duration,
 
+    /// Built-in pruner: every --prune-every, delete outbox rows created longer
+    /// ago than this, in batches (as `outbox-relay prune --older-than`). Off
+    /// when not given.
+    #[arg(long, env = "OUTBOX_RUN_PRUNE_OLDER_THAN", value_parser = parse_duration)]
+    pub prune_older_than: Option<Duration>,
+
+    /// Built-in pruner: delete inbox rows received longer ago than this (as
+    /// `outbox-relay prune --inbox-older-than`). Off when not given.
+    #[arg(long, env = "OUTBOX_RUN_PRUNE_INBOX_OLDER_THAN", value_parser = parse_duration)]
+    pub prune_inbox_older_than: Option<Duration>,
+
+    /// How often the built-in pruner runs.
+    #[arg(long, env = "OUTBOX_PRUNE_EVERY", default_value = "1h", value_parser = parse_duration)]
+    pub prune_every: Duration,
+
     /// Time allowed on SIGTERM/SIGINT for Kafka to acknowledge what was sent.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -173,6 +188,28 @@ pub enum Undeliverable {
 }
 
 impl RunArgs {
+    /// The built-in pruner's settings and interval, when one was asked for.
+    pub fn pruner(&self) -> Result<Option<(crate::prune::PruneConfig, Duration)>> {
+        if self.prune_older_than.is_none() && self.prune_inbox_older_than.is_none() {
+            return Ok(None);
+        }
+        if self.prune_every < Duration::from_secs(1) {
+            return Err(Error::Config("--prune-every must be at least 1s".into()));
+        }
+        let mut pg = self.database.pg_config()?;
+        pg.connect_timeout = self.connect_timeout;
+        Ok(Some((
+            crate::prune::PruneConfig {
+                pg,
+                schema: self.schema.clone(),
+                outbox_older_than: self.prune_older_than,
+                inbox_older_than: self.prune_inbox_older_than,
+                batch_size: 1000,
+            },
+            self.prune_every,
+        )))
+    }
+
     /// Validates the flags of `run` into the pipeline's settings.
     pub fn relay_config(&self) -> Result<RelayConfig> {
         let args = self;
