@@ -714,6 +714,14 @@ async fn a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17() {
                 .unwrap();
         assert!(failover, "the slot was not created with FAILOVER");
     }
+    // `status` says whether the slot is synchronized (null before 17).
+    let (_, report) = status(&url, &f.slot, &[]).await;
+    let expected_failover = if synced {
+        serde_json::json!(true)
+    } else {
+        serde_json::Value::Null
+    };
+    assert_eq!(report["failover"], expected_failover, "{report}");
     let mut written = Vec::new();
     for n in 0..3u64 {
         written.extend(

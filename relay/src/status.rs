@@ -145,7 +145,8 @@ async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
         conn.query(
             "SELECT pg_catalog.pg_current_wal_lsn()::text AS server_lsn, \
              pg_catalog.current_setting('max_slot_wal_keep_size') AS max_slot_wal_keep_size, \
-             pg_catalog.current_setting('server_version') AS server_version",
+             pg_catalog.current_setting('server_version') AS server_version, \
+             pg_catalog.current_setting('server_version_num') AS server_version_num",
         )
         .await?,
         "server",
@@ -154,9 +155,19 @@ async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
         .get("max_slot_wal_keep_size")
         .unwrap_or("-1")
         .to_owned();
+    // `failover` exists from PostgreSQL 17.
+    let failover_capable = server
+        .get("server_version_num")
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_some_and(|v| v >= 170_000);
+    let failover_column = if failover_capable {
+        "s.failover::text AS failover, "
+    } else {
+        ""
+    };
     let rows = conn
         .query(&format!(
-            "SELECT s.active::text AS active, s.active_pid::text AS active_pid, \
+            "SELECT {failover_column}s.active::text AS active, s.active_pid::text AS active_pid, \
              a.client_addr::text AS client_addr, a.application_name, \
              s.confirmed_flush_lsn::text AS confirmed_lsn, \
              pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::text AS lag_bytes, \
@@ -240,6 +251,15 @@ async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
             facts.insert("retained_wal_bytes".into(), number(s, "retained_wal_bytes"));
             facts.insert("wal_status".into(), text(s, "wal_status"));
             facts.insert("safe_wal_size_bytes".into(), number(s, "safe_wal_size"));
+            let failover = s.get("failover").map(|f| f == "true");
+            facts.insert("failover".into(), json!(failover));
+            if failover == Some(false) {
+                notes.push(
+                    "the slot is not synchronized to standbys (failover=false): a promoted standby \
+                     will not have it; start the relay with --slot-failover true (docs/operations.md)"
+                        .into(),
+                );
+            }
             // PostgreSQL's own measure of the walsender: time from a WAL
             // flush to the relay's confirmation of it (null when caught up
             // and idle, or when no relay streams).
