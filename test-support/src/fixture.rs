@@ -163,6 +163,20 @@ impl Fixture {
     }
 
     /// Reads the topic until `expected` records (plus a settle time for duplicates).
+    /// Everything in the topic once the event `id` is in it (counting
+    /// records is not enough when duplicates may arrive).
+    pub async fn read_through(&self, id: &str) -> Vec<Record> {
+        crate::wait_for(
+            &format!("event {id} to arrive"),
+            Duration::from_secs(120),
+            || async {
+                let records = self.read_to_end().await;
+                records.iter().any(|r| r.id() == id).then_some(records)
+            },
+        )
+        .await
+    }
+
     pub async fn read(&self, expected: usize) -> Vec<Record> {
         consume(
             &self.tansu.brokers(),

@@ -315,11 +315,12 @@ impl Postgres {
     /// cluster's settings and `standby_extra` to the standby's (for
     /// example `synchronized_standby_slots` and `sync_replication_slots`).
     /// `primary_conninfo` names database `db`, which slot synchronization
-    /// needs.
+    /// needs, and port `via` (a proxy in front of this cluster) when given.
     pub async fn start_standby(
         &mut self,
         physical_slot: &str,
         db: &str,
+        via: Option<u16>,
         primary_extra: &[(&str, &str)],
         standby_extra: &[(&str, &str)],
     ) -> Postgres {
@@ -356,7 +357,7 @@ impl Postgres {
         self.pg_ctl_start();
         let conninfo = format!(
             "host=127.0.0.1 port={} user={SUPERUSER} password={PASSWORD} dbname={db} application_name=standby",
-            self.port
+            via.unwrap_or(self.port)
         );
         // postgresql.auto.conf rather than `-c`: the conninfo has spaces.
         let mut auto =

@@ -451,13 +451,20 @@ mod tests {
         };
         assert_eq!(
             cfg(&[]).unwrap().session_timeout,
-            Some(Duration::from_secs(30))
+            Some(Duration::from_secs(60))
+        );
+        // A long status interval raises the default instead of refusing.
+        assert_eq!(
+            cfg(&["--status-interval", "30s"]).unwrap().session_timeout,
+            Some(Duration::from_secs(90))
         );
         assert_eq!(
             cfg(&["--session-timeout", "0"]).unwrap().session_timeout,
             None
         );
-        let err = cfg(&["--session-timeout", "15s"]).unwrap_err().to_string();
+        let err = cfg(&["--session-timeout", "15s", "--status-interval", "10s"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("twice --status-interval"), "{err}");
         let err = cfg(&["--session-timeout", "1500ms", "--status-interval", "100ms"])
             .unwrap_err()

@@ -150,13 +150,16 @@ pub struct RunArgs {
 
     /// How long PostgreSQL keeps this instance's sessions once the instance
     /// stops answering (its host vanished, a network partition, a frozen
-    /// process): the relay sets `wal_sender_timeout` on its replication
-    /// session and `idle_session_timeout` on its slot-lock session (kept
-    /// busy every third of this), so a standby takes over within about this
-    /// long. At least twice --status-interval; `0` leaves the server's
-    /// settings alone (a standby may then wait for TCP keepalives: hours).
-    #[arg(long, env = "OUTBOX_SESSION_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub session_timeout: Duration,
+    /// process), and how long the relay waits on a silent server: the relay
+    /// sets `wal_sender_timeout` on its replication session and
+    /// `idle_session_timeout` on its slot-lock session (kept busy every third
+    /// of this), so a standby takes over within about this long. Default
+    /// 60s (PostgreSQL's own `wal_sender_timeout`), or three status
+    /// intervals if longer. At least 2s and twice --status-interval; `0`
+    /// leaves the server's settings alone (a standby may then wait for TCP
+    /// keepalives: hours).
+    #[arg(long, env = "OUTBOX_SESSION_TIMEOUT", value_parser = parse_duration)]
+    pub session_timeout: Option<Duration>,
 
     /// Built-in pruner: every --prune-every, delete outbox rows created longer
     /// ago than this, in batches (as `outbox-relay prune --older-than`). Off
@@ -268,20 +271,19 @@ impl RunArgs {
                 "--status-interval must be longer than zero".into(),
             ));
         }
-        let session_timeout = if args.session_timeout.is_zero() {
-            None
-        } else if args.session_timeout < args.status_interval * 2
-            || args.session_timeout < Duration::from_secs(2)
-        {
+        let session_timeout = match args.session_timeout {
+            None => Some((args.status_interval * 3).max(Duration::from_secs(60))),
+            Some(t) if t.is_zero() => None,
             // The walsender ends a session that sent no status update for
             // wal_sender_timeout; updates come every --status-interval.
-            return Err(Error::Config(format!(
-                "--session-timeout ({:?}) must be at least 2s and at least twice \
-                 --status-interval ({:?}), or 0 to leave the server's timeouts alone",
-                args.session_timeout, args.status_interval
-            )));
-        } else {
-            Some(args.session_timeout)
+            Some(t) if t < args.status_interval * 2 || t < Duration::from_secs(2) => {
+                return Err(Error::Config(format!(
+                    "--session-timeout ({t:?}) must be at least 2s and at least twice \
+                     --status-interval ({:?}), or 0 to leave the server's timeouts alone",
+                    args.status_interval
+                )));
+            }
+            Some(t) => Some(t),
         };
         Ok(RelayConfig {
             pg,

@@ -55,6 +55,8 @@ struct Held {
     /// lock is still held.
     check: mpsc::Sender<oneshot::Sender<bool>>,
     stop: CancellationToken,
+    /// Cancelled when the lock is lost: the session working the slot stops.
+    fence: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -93,11 +95,23 @@ impl SlotLock {
         if let Some(timeout) = cfg.session_timeout {
             // Set before the lock is taken: a waiting instance polls more
             // often than this (`RETRY_EVERY`), so only a silent one is ended.
-            conn.query(&format!(
-                "SET idle_session_timeout = '{}ms'",
-                timeout.as_millis()
-            ))
-            .await?;
+            // Bounded like every round: a connection that goes silent here
+            // must not hang the relay.
+            let sql = format!("SET idle_session_timeout = '{}ms'", timeout.as_millis());
+            let set = conn.query(&sql);
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return Ok(false),
+                set = tokio::time::timeout(cfg.connect_timeout, set) => {
+                    set.map_err(|_| crate::Error::Io {
+                        context: format!("setting up the lock connection of slot `{}`", cfg.slot),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no answer within {:?}", cfg.connect_timeout),
+                        ),
+                    })??;
+                }
+            }
         }
         let mut last_log: Option<Instant> = None;
         loop {
@@ -183,12 +197,35 @@ impl SlotLock {
         Ok(Attempt::HeldBy(holder))
     }
 
+    /// A token cancelled when the lock is lost (its connection failed or
+    /// stopped answering): the session working the slot ends then, so that
+    /// it does not stream beside an instance that took the lock over.
+    /// Already cancelled when the lock is not held.
+    pub fn fence(&self) -> CancellationToken {
+        match &self.held {
+            Some(held) => held.fence.clone(),
+            None => {
+                let gone = CancellationToken::new();
+                gone.cancel();
+                gone
+            }
+        }
+    }
+
     /// Releases the lock (closing its connection releases it too).
     pub async fn release(&mut self) {
-        if let Some(held) = self.held.take() {
+        if let Some(mut held) = self.held.take() {
             held.stop.cancel();
-            let _ = held.task.await;
+            let _ = (&mut held.task).await;
         }
+    }
+}
+
+impl Drop for Held {
+    /// A lock dropped without [`SlotLock::release`] (an embedder's future
+    /// aborted) still ends its task, and with it the session and the lock.
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
@@ -204,15 +241,22 @@ impl Held {
         let (tell, lost) = watch::channel(false);
         let (check, mut checks) = mpsc::channel::<oneshot::Sender<bool>>(1);
         let stop = CancellationToken::new();
+        let fence = CancellationToken::new();
         let slot = cfg.slot.clone();
         let task = tokio::spawn({
             let stop = stop.clone();
+            let fence = fence.clone();
             async move {
                 loop {
                     let asked = tokio::select! {
                         biased;
                         _ = stop.cancelled() => break,
-                        asked = checks.recv() => asked,
+                        asked = checks.recv() => match asked {
+                            // The `Held` is gone (dropped without `release`):
+                            // end the session rather than ping it forever.
+                            None => break,
+                            asked => asked,
+                        },
                         _ = tokio::time::sleep(every) => None,
                     };
                     // The session holds the lock until it ends (nothing
@@ -233,6 +277,7 @@ impl Held {
                         // network is gone.
                         tracing::warn!(slot = %slot, error = %error, "the slot lock's connection failed; the lock is given up");
                         let _ = tell.send(true);
+                        fence.cancel();
                         return;
                     }
                 }
@@ -244,6 +289,7 @@ impl Held {
             lost,
             check,
             stop,
+            fence,
             task,
         }
     }

@@ -125,9 +125,17 @@ pub async fn run_with_metrics(
         }
         let span = tracing::info_span!("session", slot = %cfg.slot);
         let streamed_before = metrics.sessions();
-        let outcome = session(&cfg, &mut publisher, &token, &mut brokers_checked, &metrics)
-            .instrument(span)
-            .await;
+        let fence = lock.fence();
+        let outcome = session(
+            &cfg,
+            &mut publisher,
+            &token,
+            &fence,
+            &mut brokers_checked,
+            &metrics,
+        )
+        .instrument(span)
+        .await;
         // A session that reached streaming was healthy: the next failure
         // starts the backoff again from its shortest wait.
         if metrics.sessions() > streamed_before {
@@ -192,6 +200,7 @@ async fn session(
     cfg: &RelayConfig,
     publisher: &mut Publisher,
     token: &CancellationToken,
+    fence: &CancellationToken,
     brokers_checked: &mut bool,
     metrics: &Arc<Metrics>,
 ) -> Result<()> {
@@ -207,6 +216,21 @@ async fn session(
         ))
         .await?;
     }
+    // A standby (a DNS name that has not moved yet after a failover, or a
+    // replica by mistake) cannot serve the slot: wait for a promotion
+    // rather than fail on whatever the slot commands say there.
+    let recovery = conn
+        .query("SELECT pg_catalog.pg_is_in_recovery()::text AS standby")
+        .await?;
+    if recovery.first().and_then(|r| r.get("standby")) == Some("true") {
+        return Err(Error::Io {
+            context: format!("connecting to {}", cfg.pg),
+            source: std::io::Error::other(
+                "the server is a standby (in recovery) and cannot serve the slot; waiting for it \
+                 to be promoted, or point --database-url at the primary",
+            ),
+        });
+    }
     slot::check_wal_level(&mut conn).await?;
     slot::check_publication(&mut conn, &cfg.publication, &cfg.pg.dbname).await?;
     if !*brokers_checked {
@@ -219,7 +243,7 @@ async fn session(
         *brokers_checked = true;
     }
     let start = slot::prepare(&mut conn, cfg, publisher, token).await?;
-    stream::run(conn, start, cfg, publisher, token, metrics).await
+    stream::run(conn, start, cfg, publisher, token, fence, metrics).await
 }
 
 /// Exponential backoff from 100 ms up to a ceiling.
