@@ -423,13 +423,10 @@ async fn readiness_follows_the_slot_lock_and_a_standby_takes_over() {
     first.kill9().await;
     let killed = std::time::Instant::now();
     written.extend(f.write_tx(&[("a".into(), 3)]).await);
-    crate::support::wait_for(
+    crate::support::metrics::wait_ready(
+        port_b,
         "the standby to become ready",
         Duration::from_secs(120),
-        || async {
-            let r = get(port_b, "/readyz").await.ok()?;
-            (r.status == 200).then_some(())
-        },
     )
     .await;
     eprintln!(
@@ -437,11 +434,10 @@ async fn readiness_follows_the_slot_lock_and_a_standby_takes_over() {
         killed.elapsed().as_secs_f64()
     );
     written.extend(f.write_tx(&[("a".into(), 4)]).await);
-    f.read(written.len()).await;
+    let records = f.read_through(&written.last().unwrap().id).await;
     assert!(second.stop().await.success(), "{}", second.logs());
     // After a SIGKILL the unconfirmed tail is replayed: duplicates allowed,
     // nothing missing, each aggregate in order.
-    let records = f.read_to_end().await;
     crate::support::fixture::assert_all_arrived(&written, &records);
 }
 
@@ -599,7 +595,6 @@ async fn the_backfill_reports_its_progress_in_metrics() {
 /// written meanwhile is lost or reordered.
 #[tokio::test]
 async fn a_standby_takes_over_when_the_active_host_vanishes() {
-    use crate::support::metrics::get;
     use crate::support::proxy::Proxy;
     let f = Fixture::new().await;
     let proxy = Proxy::start(None, f.pg.port).await;
@@ -631,13 +626,10 @@ async fn a_standby_takes_over_when_the_active_host_vanishes() {
     let vanished = std::time::Instant::now();
     // Written while nobody streams: the standby must deliver them.
     written.extend(f.write_tx(&[("a".into(), 4), ("b".into(), 5)]).await);
-    crate::support::wait_for(
+    crate::support::metrics::wait_ready(
+        port_b,
         "the standby to become ready after the host vanished",
         Duration::from_secs(60),
-        || async {
-            let r = get(port_b, "/readyz").await.ok()?;
-            (r.status == 200).then_some(())
-        },
     )
     .await;
     let took = vanished.elapsed();

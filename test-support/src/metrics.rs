@@ -89,6 +89,15 @@ pub fn histogram(text: &str, name: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Waits until `GET /readyz` on `port` answers 200.
+pub async fn wait_ready(port: u16, what: &str, timeout: std::time::Duration) {
+    crate::wait_for(what, timeout, || async {
+        let r = get(port, "/readyz").await.ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
