@@ -79,7 +79,7 @@ async fn a_graceful_restart_mid_stream_loses_and_duplicates_nothing() {
 
     let mut seq = 0;
     let mut written = f.write_many(300, 10, 8, &mut seq).await;
-    relay.wait_log("published", Duration::from_secs(60)).await;
+    relay.wait_log(" published ", Duration::from_secs(60)).await;
     // Stop while events are still flowing, keep writing, start again.
     let stopping = {
         let status = relay.stop();
@@ -117,7 +117,7 @@ async fn a_kill_without_grace_loses_nothing_and_replays_only_the_tail() {
     let mut seq = 0;
     let writes = f.write_many(400, 10, 8, &mut seq);
     let kill = async {
-        relay.wait_log("published", Duration::from_secs(60)).await;
+        relay.wait_log(" published ", Duration::from_secs(60)).await;
         relay.kill9().await;
     };
     let (mut written, ()) = tokio::join!(writes, kill);
@@ -230,7 +230,7 @@ pub async fn survive_restart(mode: &str) {
 
     let mut seq = 0;
     let mut written = f.write_many(300, 10, 6, &mut seq).await;
-    relay.wait_log("published", Duration::from_secs(60)).await;
+    relay.wait_log(" published ", Duration::from_secs(60)).await;
     f.pg.restart(mode);
     // The pool's connections died with the server: reconnect. The relay
     // resumes from the slot by itself.

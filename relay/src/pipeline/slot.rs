@@ -256,8 +256,8 @@ async fn check_standby_slots(conn: &mut Connection) -> Result<()> {
     if value.trim().is_empty() {
         tracing::warn!(
             "the slot is synchronized to standbys (--slot-failover), but the primary's \
-             synchronized_standby_slots is empty: after a failover the relay may have published \
-             events of transactions the new primary never received. List the standbys' physical \
+             synchronized_standby_slots is empty: after a failover Kafka may hold events of \
+             transactions the new primary never received. List the standbys' physical \
              slots there (docs/operations.md), or ignore this if no standby will be promoted"
         );
     }
