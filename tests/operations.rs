@@ -601,9 +601,10 @@ async fn a_standby_takes_over_when_the_active_host_vanishes() {
     let proxied = f
         .url
         .replace(&format!(":{}/", f.pg.port), &format!(":{}/", proxy.port));
-    let port_b = crate::support::free_port();
+    let (port_a, port_b) = (crate::support::free_port(), crate::support::free_port());
     let mut first = crate::support::RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot)
         .args(["--session-timeout", "4s"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port_a}")])
         .spawn();
     first.wait_log("streaming", Duration::from_secs(60)).await;
     let mut second = f
@@ -642,6 +643,23 @@ async fn a_standby_takes_over_when_the_active_host_vanishes() {
     assert!(
         took >= Duration::from_secs(2),
         "the standby took over {took:?} after the freeze: before any timeout could fire"
+    );
+    // The vanished instance gives up too: its lock's ping goes unanswered
+    // for --session-timeout, which ends its streaming session, so it stops
+    // claiming to stream.
+    crate::support::wait_for(
+        "the vanished instance to stop claiming it streams",
+        Duration::from_secs(30),
+        || async {
+            let r = crate::support::metrics::get(port_a, "/readyz").await.ok()?;
+            (r.status != 200).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        first.logs().contains("the slot lock was lost"),
+        "{}",
+        first.logs()
     );
     written.extend(f.write_tx(&[("a".into(), 6)]).await);
     let records = f.read_through(&written.last().unwrap().id).await;

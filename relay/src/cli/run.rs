@@ -285,6 +285,9 @@ impl RunArgs {
             }
             Some(t) => Some(t),
         };
+        // The same bound on the relay's side of each connection: a server
+        // (or host) that vanishes ends the session after this long.
+        pg.tcp_user_timeout = session_timeout;
         Ok(RelayConfig {
             pg,
             slot: args.slot.clone(),

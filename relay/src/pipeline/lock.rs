@@ -237,7 +237,10 @@ impl Held {
         let every = cfg
             .session_timeout
             .map_or(Duration::from_secs(10), |t| t / 3);
-        let answer_within = cfg.connect_timeout.min(every);
+        // A slow answer is not a lost lock: wait as long as the server
+        // would keep a silent session (TCP_USER_TIMEOUT ends a connection
+        // to a vanished host sooner), and without a timeout, indefinitely.
+        let answer_within = cfg.session_timeout;
         let (tell, lost) = watch::channel(false);
         let (check, mut checks) = mpsc::channel::<oneshot::Sender<bool>>(1);
         let stop = CancellationToken::new();
@@ -261,11 +264,18 @@ impl Held {
                     };
                     // The session holds the lock until it ends (nothing
                     // unlocks it), so an answered query proves it is held.
-                    let ping = tokio::time::timeout(answer_within, conn.query("SELECT 1"));
-                    let failure = match ping.await {
-                        Ok(Ok(_)) => None,
-                        Ok(Err(err)) => Some(err.to_string()),
-                        Err(_) => Some(format!("no answer within {answer_within:?}")),
+                    let ping = conn.query("SELECT 1");
+                    let answer = match answer_within {
+                        Some(bound) => tokio::time::timeout(bound, ping).await.ok(),
+                        None => Some(ping.await),
+                    };
+                    let failure = match answer {
+                        Some(Ok(_)) => None,
+                        Some(Err(err)) => Some(err.to_string()),
+                        None => Some(format!(
+                            "no answer within {:?} (--session-timeout)",
+                            answer_within.unwrap_or_default()
+                        )),
                     };
                     if let Some(asked) = asked {
                         let _ = asked.send(failure.is_none());

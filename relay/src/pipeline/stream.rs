@@ -34,6 +34,10 @@ pub async fn run(
     fence: &CancellationToken,
     metrics: &Arc<Metrics>,
 ) -> Result<()> {
+    if fence.is_cancelled() {
+        // Lost during the backfill or the slot checks: do not start.
+        return Err(lock_lost(cfg));
+    }
     let start_lsn = start.unwrap_or(Lsn::ZERO);
     // proto_version 1 without `streaming`: pgoutput sends each transaction
     // once it committed, so every Insert we see is committed data.
@@ -75,10 +79,20 @@ pub async fn run(
         isolated: None,
         stall: StallWatch::new(cfg.stall_warning, metrics.clone()),
         fence: fence.clone(),
-        heard_at: Instant::now(),
     };
     let ended = session.pump(publisher, token).await;
     session.finish(publisher, ended).await
+}
+
+/// The slot lock was lost (see `lock::SlotLock::fence`).
+fn lock_lost(cfg: &RelayConfig) -> Error {
+    Error::Io {
+        context: format!("working slot `{}`", cfg.slot),
+        source: std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "the slot lock was lost; ending this session and taking the lock again",
+        ),
+    }
 }
 
 struct Session<'a> {
@@ -100,10 +114,6 @@ struct Session<'a> {
     stall: StallWatch,
     /// Cancelled when this instance lost the slot lock.
     fence: CancellationToken,
-    /// When the server was last heard from (or the stream last stopped
-    /// listening, e.g. with a full window): a server silent for
-    /// `--session-timeout` while the stream listens is gone.
-    heard_at: Instant,
 }
 
 impl Session<'_> {
@@ -137,15 +147,7 @@ impl Session<'_> {
                 _ = &mut drain_deadline, if draining => return Ok(()),
                 // Another instance may hold the lock by now: stop streaming
                 // (the slot lets one walsender in; this one gives way).
-                _ = self.fence.cancelled() => {
-                    return Err(Error::Io {
-                        context: format!("working slot `{}`", self.cfg.slot),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::ConnectionAborted,
-                            "the slot lock was lost; ending this session and taking the lock again",
-                        ),
-                    });
-                }
+                _ = self.fence.cancelled() => return Err(lock_lost(self.cfg)),
                 // Waiting for room in a full window (or a refusal). With room,
                 // refusals are picked up after each message and at each tick:
                 // waiting on the notification for every message cost CPU.
@@ -153,23 +155,17 @@ impl Session<'_> {
                 _ = tick.tick() => {
                     self.act_on_refusals(publisher)?;
                     self.check_stall();
-                    self.check_heard(room)?;
                     let lsn = self.progress.confirmable();
-                    let changed = self.last_sent != Some(lsn);
-                    if changed || self.last_sent_at.elapsed() >= self.cfg.status_interval {
-                        // The unchanged repeat asks for a reply: the server
-                        // answers with a keepalive, so a quiet stream still
-                        // hears from a live server (see `check_heard`).
-                        self.send_status(lsn, !changed).await?;
+                    let due = self.last_sent != Some(lsn)
+                        || self.last_sent_at.elapsed() >= self.cfg.status_interval;
+                    if due {
+                        self.send_status(lsn, false).await?;
                     }
                 }
                 // Reading WAL only with room in the window is the backpressure:
                 // a full window stops the stream until acknowledgements arrive.
                 msg = self.conn.recv(), if room => {
-                    self.heard_at = Instant::now();
                     self.handle(msg?, publisher, token).await?;
-                    // Handling may have waited on Kafka without listening.
-                    self.heard_at = Instant::now();
                     if self.progress.any_refused() {
                         self.act_on_refusals(publisher)?;
                     }
@@ -189,34 +185,6 @@ impl Session<'_> {
             self.cfg.dead_letter_topic.as_deref(),
             self.isolated,
         )
-    }
-
-    /// Fails the session when the server has been silent for
-    /// `--session-timeout` while the stream listened: a vanished server (or
-    /// host) is otherwise noticed only when TCP gives up on the status
-    /// updates, after many minutes. Not listening (a full window) does not
-    /// count as silence.
-    fn check_heard(&mut self, listening: bool) -> Result<()> {
-        let Some(timeout) = self.cfg.session_timeout else {
-            return Ok(());
-        };
-        if !listening {
-            self.heard_at = Instant::now();
-            return Ok(());
-        }
-        if self.heard_at.elapsed() > timeout {
-            return Err(Error::Io {
-                context: format!("streaming from slot `{}`", self.cfg.slot),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "the server sent nothing for {timeout:?} (--session-timeout), keepalive \
-                         replies included; reconnecting"
-                    ),
-                ),
-            });
-        }
-        Ok(())
     }
 
     /// Reports a delivery that has not moved for `--stall-warning`.

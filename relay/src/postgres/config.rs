@@ -82,6 +82,10 @@ pub struct PgConfig {
     pub application_name: String,
     /// Connection timeout.
     pub connect_timeout: Duration,
+    /// TCP_USER_TIMEOUT of the relay's sockets: how long sent data may go
+    /// unacknowledged before the kernel gives the connection up (a vanished
+    /// host). `None`: the system's default (many minutes).
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 impl fmt::Display for PgConfig {
@@ -469,6 +473,7 @@ impl PgConfig {
             channel_binding,
             application_name,
             connect_timeout,
+            tcp_user_timeout: None,
         })
     }
 }

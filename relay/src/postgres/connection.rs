@@ -171,6 +171,33 @@ impl fmt::Display for Security {
     }
 }
 
+/// Sets TCP_USER_TIMEOUT: sent data unacknowledged for this long ends the
+/// connection. Why: a host (or the server's) that vanishes without closing
+/// is otherwise noticed only after TCP's retransmissions give up, 15
+/// minutes or more. A busy but live server's kernel still acknowledges, so
+/// this never cuts a slow server off (unlike a silence timer, which a
+/// walsender replaying a long transaction would trip).
+fn set_tcp_user_timeout(tcp: &TcpStream, timeout: std::time::Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: a valid socket descriptor and a c_uint option value of the
+    // size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 impl Connection {
     /// Connects, negotiates TLS, authenticates and waits for ReadyForQuery.
     pub async fn connect(cfg: &PgConfig, mode: Mode) -> Result<Self> {
@@ -201,6 +228,9 @@ impl Connection {
                     .await
                     .map_err(io_err)?;
                 tcp.set_nodelay(true).map_err(io_err)?;
+                if let Some(timeout) = cfg.tcp_user_timeout {
+                    set_tcp_user_timeout(&tcp, timeout).map_err(io_err)?;
+                }
                 negotiate_tls(tcp, cfg, host).await?
             }
             PgHost::Socket(dir) => {
