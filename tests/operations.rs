@@ -721,9 +721,35 @@ async fn a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17() {
         slot: unique("slot"),
         aggregate_type: unique("agg"),
     };
+    if synced {
+        // A slot created without FAILOVER (an older relay, or the flag off)
+        // is switched when a relay with the default starts on it.
+        let mut plain = RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot)
+            .args(["--slot-failover", "false"])
+            .spawn();
+        plain.wait_log("streaming", Duration::from_secs(60)).await;
+        assert!(plain.stop().await.success(), "{}", plain.logs());
+        let failover: bool =
+            sqlx::query_scalar("SELECT failover FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(&f.slot)
+                .fetch_one(&f.pool)
+                .await
+                .unwrap();
+        assert!(
+            !failover,
+            "--slot-failover false still created a failover slot"
+        );
+    }
     let mut relay = RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot).spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
     if synced {
+        assert!(
+            relay
+                .logs()
+                .contains("changed the slot's synchronization to standbys"),
+            "{}",
+            relay.logs()
+        );
         let failover: bool =
             sqlx::query_scalar("SELECT failover FROM pg_replication_slots WHERE slot_name = $1")
                 .bind(&f.slot)
