@@ -534,7 +534,7 @@ async fn the_backfill_reports_its_progress_in_metrics() {
     use crate::support::metrics::{get, metric, scrape};
     let f = Fixture::new().await;
     let mut next = 1;
-    let written = f.write_many(60, 7, 5, &mut next).await;
+    let written = f.write_many(1000, 7, 5, &mut next).await;
     let max_seq: i64 = sqlx::query_scalar("SELECT max(seq) FROM outbox")
         .fetch_one(&f.pool)
         .await
@@ -585,6 +585,61 @@ async fn the_backfill_reports_its_progress_in_metrics() {
         "{text}"
     );
     assert!(relay.stop().await.success(), "{}", relay.logs());
+}
+
+/// The slot lock's own connection dies mid-backfill (its backend is
+/// terminated; the relay's other connections live): the backfill stops as
+/// if interrupted and resumes after the lock is taken again, rather than
+/// going on beside a standby that could take the lock meanwhile. Nothing is
+/// lost, every aggregate in order.
+#[tokio::test]
+async fn losing_the_slot_lock_mid_backfill_interrupts_and_resumes_it() {
+    let f = Fixture::new().await;
+    let mut next = 1;
+    let written = f.write_many(3000, 7, 5, &mut next).await;
+    // A window of one keeps the backfill going for seconds; the lock is
+    // pinged every second.
+    let mut relay = f
+        .relay()
+        .args(["--max-in-flight", "1", "--session-timeout", "3s"])
+        .spawn();
+    relay
+        .wait_log("created replication slot", Duration::from_secs(60))
+        .await;
+    let key = format!("outbox-relay slot {}", f.slot);
+    let ended: i64 = crate::support::wait_for(
+        "the slot lock's backend to be terminated",
+        Duration::from_secs(30),
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                // Materialized: the planner must not call pg_terminate_backend
+                // on rows the lock filter would drop.
+                "WITH holder AS MATERIALIZED (SELECT l.pid FROM pg_locks l \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+                 AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)) \
+                 SELECT count(*) FROM holder WHERE pg_terminate_backend(pid)",
+            )
+            .bind(&key)
+            .fetch_one(&f.pool)
+            .await
+            .ok()
+            .filter(|n| *n == 1)
+        },
+    )
+    .await;
+    assert_eq!(ended, 1);
+    relay
+        .wait_log("the slot lock's connection failed", Duration::from_secs(30))
+        .await;
+    relay.wait_log("streaming", Duration::from_secs(120)).await;
+    let records = f.read_through(&written.last().unwrap().id).await;
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    assert!(
+        relay.logs().contains("stopped before it completed"),
+        "the backfill went on without the lock: {}",
+        relay.logs()
+    );
+    crate::support::fixture::assert_all_arrived(&written, &records);
 }
 
 /// Issue 11, item 3, the vanished host: the streaming instance's host stops
@@ -666,6 +721,25 @@ async fn a_standby_takes_over_when_the_active_host_vanishes() {
     assert!(second.stop().await.success(), "{}", second.logs());
     first.kill9().await;
     crate::support::fixture::assert_all_arrived(&written, &records);
+}
+
+/// One transaction per round `n` of aggregates a, b, a (seq 3n+1..3n+3).
+async fn write_rounds(
+    f: &Fixture,
+    rounds: std::ops::Range<u64>,
+) -> Vec<crate::support::fixture::Written> {
+    let mut written = Vec::new();
+    for n in rounds {
+        written.extend(
+            f.write_tx(&[
+                ("a".into(), n * 3 + 1),
+                ("b".into(), n * 3 + 2),
+                ("a".into(), n * 3 + 3),
+            ])
+            .await,
+        );
+    }
+    written
 }
 
 /// Issue 11, item 4: a primary with a physical streaming standby, events
@@ -766,17 +840,7 @@ async fn a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17() {
         serde_json::Value::Null
     };
     assert_eq!(report["failover"], expected_failover, "{report}");
-    let mut written = Vec::new();
-    for n in 0..3u64 {
-        written.extend(
-            f.write_tx(&[
-                ("a".into(), n * 3 + 1),
-                ("b".into(), n * 3 + 2),
-                ("a".into(), n * 3 + 3),
-            ])
-            .await,
-        );
-    }
+    let mut written = write_rounds(&f, 0..3).await;
     f.read(written.len()).await;
     // The standby has replayed everything so far and, from 17, holds a
     // synchronized copy of the slot that can be used once promoted.
@@ -821,17 +885,7 @@ async fn a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17() {
     // primary only, and the crash loses them. From 17 the primary does not
     // decode them for the relay before the standby has them (never).
     standby_link.freeze();
-    let mut lost = Vec::new();
-    for n in 3..6u64 {
-        lost.extend(
-            f.write_tx(&[
-                ("a".into(), n * 3 + 1),
-                ("b".into(), n * 3 + 2),
-                ("a".into(), n * 3 + 3),
-            ])
-            .await,
-        );
-    }
+    let lost = write_rounds(&f, 3..6).await;
     written.extend(lost.iter().cloned());
     f.pg.stop("immediate");
     // The relay's address moves before the standby is promoted: it waits.

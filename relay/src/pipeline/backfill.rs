@@ -247,7 +247,7 @@ struct Backfill<'a> {
 }
 
 /// Why the backfill stopped handing rows to the producer early.
-fn interrupted() -> Error {
+pub(crate) fn interrupted() -> Error {
     Error::Io {
         context: "backfill".into(),
         source: std::io::Error::new(

@@ -242,7 +242,24 @@ async fn session(
         }
         *brokers_checked = true;
     }
-    let start = slot::prepare(&mut conn, cfg, publisher, token).await?;
+    // The slot checks and the backfill stop at a lost lock as at a stop
+    // request (they return "interrupted", which the caller retries through
+    // the lock unless a stop was asked for): another instance may be
+    // starting its own backfill.
+    let preparing = token.child_token();
+    let watch = tokio::spawn({
+        let (fence, preparing) = (fence.clone(), preparing.clone());
+        async move {
+            tokio::select! {
+                _ = fence.cancelled() => preparing.cancel(),
+                _ = preparing.cancelled() => {}
+            }
+        }
+    });
+    let start = slot::prepare(&mut conn, cfg, publisher, &preparing).await;
+    preparing.cancel();
+    let _ = watch.await;
+    let start = start?;
     stream::run(conn, start, cfg, publisher, token, fence, metrics).await
 }
 

@@ -271,6 +271,10 @@ async fn create_with_backfill(
     token: &CancellationToken,
 ) -> Result<Lsn> {
     let slot = &cfg.slot;
+    if token.is_cancelled() {
+        // A stop, or the lock lost since it was checked: nothing is written.
+        return Err(backfill::interrupted());
+    }
     let mut sql = Connection::connect(&cfg.pg, Mode::Sql).await?;
     // Recorded before the slot exists, so a slot of ours always has its
     // bookkeeping row: if we stop anywhere from here until the backfill is
