@@ -357,6 +357,24 @@ async fn status_tells_healthy_from_degraded_and_broken() {
     assert_eq!(code, 2, "{report}");
 }
 
+/// Starts `first` and waits until it streams, then `second` and waits
+/// until it says it is a standby.
+async fn streaming_and_standby(
+    first: crate::support::RelayBuilder,
+    second: crate::support::RelayBuilder,
+) -> (crate::support::relay::Relay, crate::support::relay::Relay) {
+    let first = first.spawn();
+    first.wait_log("streaming", Duration::from_secs(60)).await;
+    let second = second.spawn();
+    second
+        .wait_log(
+            "another relay instance works this slot; waiting",
+            Duration::from_secs(60),
+        )
+        .await;
+    (first, second)
+}
+
 /// Issue 11, items 2 and 3: `/healthz` answers while the process serves,
 /// `/readyz` is 200 only on the instance that streams and 503 on a standby
 /// waiting for the slot lock (also in `outbox_relay_state`); the streaming
@@ -369,21 +387,13 @@ async fn readiness_follows_the_slot_lock_and_a_standby_takes_over() {
     use crate::support::metrics::{get, metric, scrape};
     let f = Fixture::new().await;
     let (port_a, port_b) = (crate::support::free_port(), crate::support::free_port());
-    let mut first = f
-        .relay()
-        .args(["--metrics-addr", &format!("127.0.0.1:{port_a}")])
-        .spawn();
-    first.wait_log("streaming", Duration::from_secs(60)).await;
-    let mut second = f
-        .relay()
-        .args(["--metrics-addr", &format!("127.0.0.1:{port_b}")])
-        .spawn();
-    second
-        .wait_log(
-            "another relay instance works this slot; waiting",
-            Duration::from_secs(60),
-        )
-        .await;
+    let (mut first, mut second) = streaming_and_standby(
+        f.relay()
+            .args(["--metrics-addr", &format!("127.0.0.1:{port_a}")]),
+        f.relay()
+            .args(["--metrics-addr", &format!("127.0.0.1:{port_b}")]),
+    )
+    .await;
     let ready = get(port_a, "/readyz").await.unwrap();
     assert_eq!((ready.status, ready.body.as_str()), (200, "streaming\n"));
     let standby = get(port_b, "/readyz").await.unwrap();
@@ -657,22 +667,15 @@ async fn a_standby_takes_over_when_the_active_host_vanishes() {
         .url
         .replace(&format!(":{}/", f.pg.port), &format!(":{}/", proxy.port));
     let (port_a, port_b) = (crate::support::free_port(), crate::support::free_port());
-    let mut first = crate::support::RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot)
-        .args(["--session-timeout", "4s"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port_a}")])
-        .spawn();
-    first.wait_log("streaming", Duration::from_secs(60)).await;
-    let mut second = f
-        .relay()
-        .args(["--session-timeout", "4s"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port_b}")])
-        .spawn();
-    second
-        .wait_log(
-            "another relay instance works this slot; waiting",
-            Duration::from_secs(60),
-        )
-        .await;
+    let (mut first, mut second) = streaming_and_standby(
+        crate::support::RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot)
+            .args(["--session-timeout", "4s"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port_a}")]),
+        f.relay()
+            .args(["--session-timeout", "4s"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port_b}")]),
+    )
+    .await;
     let mut written = f
         .write_tx(&[("a".into(), 1), ("b".into(), 2), ("a".into(), 3)])
         .await;

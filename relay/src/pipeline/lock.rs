@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -50,7 +50,6 @@ pub struct SlotLock {
 /// frees the lock for a standby within that timeout instead of the hours
 /// TCP keepalives take.
 struct Held {
-    lost: watch::Receiver<bool>,
     /// Asks the task to check the connection now; it answers whether the
     /// lock is still held.
     check: mpsc::Sender<oneshot::Sender<bool>>,
@@ -241,7 +240,6 @@ impl Held {
         // would keep a silent session (TCP_USER_TIMEOUT ends a connection
         // to a vanished host sooner), and without a timeout, indefinitely.
         let answer_within = cfg.session_timeout;
-        let (tell, lost) = watch::channel(false);
         let (check, mut checks) = mpsc::channel::<oneshot::Sender<bool>>(1);
         let stop = CancellationToken::new();
         let fence = CancellationToken::new();
@@ -286,7 +284,6 @@ impl Held {
                         // close, or at its idle_session_timeout when the
                         // network is gone.
                         tracing::warn!(slot = %slot, error = %error, "the slot lock's connection failed; the lock is given up");
-                        let _ = tell.send(true);
                         fence.cancel();
                         return;
                     }
@@ -296,7 +293,6 @@ impl Held {
             .instrument(tracing::info_span!("slot_lock", slot = %cfg.slot))
         });
         Self {
-            lost,
             check,
             stop,
             fence,
@@ -306,7 +302,7 @@ impl Held {
 
     /// Whether the lock is still held, checked on its connection now.
     async fn still_held(&self) -> bool {
-        if *self.lost.borrow() {
+        if self.fence.is_cancelled() {
             return false;
         }
         let (answer, answered) = oneshot::channel();

@@ -164,7 +164,7 @@ pub async fn prepare(
         });
     }
 
-    create_with_backfill(conn, cfg, publisher, token)
+    create_with_backfill(conn, cfg, failover_capable, publisher, token)
         .await
         .map(Some)
 }
@@ -267,6 +267,7 @@ async fn check_standby_slots(conn: &mut Connection) -> Result<()> {
 async fn create_with_backfill(
     conn: &mut Connection,
     cfg: &RelayConfig,
+    failover_capable: bool,
     publisher: &mut Publisher,
     token: &CancellationToken,
 ) -> Result<Lsn> {
@@ -297,7 +298,6 @@ async fn create_with_backfill(
     // The snapshot stays valid only until this connection runs its next
     // command, so anything else asked of the server comes before, and the
     // backfill right after.
-    let failover_capable = server_version(conn).await? >= FAILOVER_SINCE;
     if failover_capable && cfg.slot_failover {
         check_standby_slots(conn).await?;
     } else if cfg.slot_failover {
