@@ -47,6 +47,7 @@
 mod error;
 mod event;
 mod inbox;
+pub mod message;
 pub mod topic;
 mod write;
 
@@ -59,6 +60,7 @@ pub use event::{
     header_name_problem, is_reserved_header,
 };
 pub use inbox::Inbox;
+pub use message::{emit, emit_all};
 pub use write::{DEFAULT_MAX_PAYLOAD_BYTES, Outbox, write, write_all};
 
 /// The README's code examples, compiled as doc tests so they stay true.

@@ -3,6 +3,7 @@
 
 use ::tokio_postgres::Transaction;
 
+use crate::message::{Content, EMIT_MANY, EMIT_ONE};
 use crate::write::{DELETE_MANY, INSERT_MANY, INSERT_ONE};
 use crate::{Event, EventId, Outbox, Result};
 
@@ -61,6 +62,43 @@ impl Outbox {
         }
         Ok(events.iter().map(|e| e.id).collect())
     }
+}
+
+impl Outbox {
+    /// [`Outbox::emit`] for a tokio-postgres transaction.
+    pub async fn emit_pg(&self, tx: &Transaction<'_>, event: &Event) -> Result<EventId> {
+        self.check(std::slice::from_ref(event))?;
+        tx.execute(EMIT_ONE, &[&self.message_prefix, &Content::encode(event)])
+            .await?;
+        Ok(event.id)
+    }
+
+    /// [`Outbox::emit_all`] for a tokio-postgres transaction.
+    pub async fn emit_all_pg(
+        &self,
+        tx: &Transaction<'_>,
+        events: &[Event],
+    ) -> Result<Vec<EventId>> {
+        self.check(events)?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let contents: Vec<Vec<u8>> = events.iter().map(Content::encode).collect();
+        tx.execute(EMIT_MANY, &[&self.message_prefix, &contents])
+            .await?;
+        Ok(events.iter().map(|e| e.id).collect())
+    }
+}
+
+/// Emits one event as a logical decoding message in a tokio-postgres
+/// transaction, with default settings (see [`crate::message`]).
+pub async fn emit(tx: &Transaction<'_>, event: &Event) -> Result<EventId> {
+    Outbox::default().emit_pg(tx, event).await
+}
+
+/// Emits many events as messages in one round trip in a tokio-postgres transaction.
+pub async fn emit_all(tx: &Transaction<'_>, events: &[Event]) -> Result<Vec<EventId>> {
+    Outbox::default().emit_all_pg(tx, events).await
 }
 
 /// Inserts one event in a tokio-postgres transaction, with default settings.

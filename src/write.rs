@@ -32,6 +32,7 @@ pub(crate) const DELETE_MANY: &str = "DELETE FROM outbox WHERE id = ANY($1::uuid
 pub struct Outbox {
     max_payload_bytes: usize,
     pub(crate) keep_rows: bool,
+    pub(crate) message_prefix: &'static str,
 }
 
 impl Default for Outbox {
@@ -39,6 +40,7 @@ impl Default for Outbox {
         Self {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             keep_rows: true,
+            message_prefix: crate::message::DEFAULT_MESSAGE_PREFIX,
         }
     }
 }
@@ -81,6 +83,24 @@ impl Outbox {
     pub fn keep_rows(mut self, keep: bool) -> Self {
         self.keep_rows = keep;
         self
+    }
+
+    /// The prefix [`emit`](Self::emit) writes its messages with (default
+    /// [`DEFAULT_MESSAGE_PREFIX`](crate::message::DEFAULT_MESSAGE_PREFIX));
+    /// the relay's `--message-prefix` must be the same.
+    pub fn message_prefix(mut self, prefix: &'static str) -> Result<Self> {
+        if prefix.is_empty() {
+            return Err(crate::Error::EmptyField {
+                field: "message_prefix",
+            });
+        }
+        if prefix.contains('\0') {
+            return Err(crate::Error::NulCharacter {
+                field: "message_prefix",
+            });
+        }
+        self.message_prefix = prefix;
+        Ok(self)
     }
 
     /// Checks every event of a batch before anything is sent to the database.

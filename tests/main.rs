@@ -4,6 +4,7 @@
 mod support;
 
 mod bench;
+mod compat;
 mod consumer;
 mod delivery;
 mod edges;

@@ -136,6 +136,14 @@ pub struct RunArgs {
     )]
     pub dead_letter_topic: String,
 
+    /// Prefix of the logical decoding messages that are outbox events
+    /// (written by `outbox::emit`, the tableless outbox): the relay asks
+    /// pgoutput for messages and publishes those with this prefix exactly
+    /// like table rows. Messages with other prefixes are skipped. An empty
+    /// value stops asking for messages.
+    #[arg(long, env = "OUTBOX_MESSAGE_PREFIX", default_value = outbox::message::DEFAULT_MESSAGE_PREFIX)]
+    pub message_prefix: String,
+
     /// Serve Prometheus metrics (delivered events, lag, commit-to-ack latency) at
     /// http://ADDR/metrics, e.g. 0.0.0.0:9187. Off when not given.
     #[arg(long, env = "OUTBOX_METRICS_ADDR")]
@@ -266,6 +274,11 @@ impl RunArgs {
                 Some(args.dead_letter_topic.clone())
             }
         };
+        if args.message_prefix.contains('\0') {
+            return Err(Error::Config(
+                "--message-prefix must not contain a NUL character".into(),
+            ));
+        }
         if args.status_interval.is_zero() {
             return Err(Error::Config(
                 "--status-interval must be longer than zero".into(),
@@ -311,6 +324,7 @@ impl RunArgs {
             stall_warning: args.stall_warning.max(Duration::from_secs(1)),
             session_timeout,
             dead_letter_topic,
+            message_prefix: (!args.message_prefix.is_empty()).then(|| args.message_prefix.clone()),
             metrics_addr: args.metrics_addr,
         })
     }

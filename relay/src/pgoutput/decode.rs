@@ -135,8 +135,22 @@ pub enum LogicalMessage {
         /// The row's values.
         tuple: Vec<Cell>,
     },
+    /// `M`: a logical decoding message (`pg_logical_emit_message`), sent
+    /// because the relay asks for `messages`.
+    Message {
+        /// Whether it was emitted as part of its transaction (sent between
+        /// that transaction's Begin and Commit) or on its own.
+        transactional: bool,
+        /// The message's own WAL position.
+        lsn: Lsn,
+        /// The prefix it was emitted with, as bytes: the database's
+        /// encoding need not be UTF-8, and only an exact match matters.
+        prefix: Bytes,
+        /// The content.
+        content: Bytes,
+    },
     /// Any message the relay does not act on (Origin, Type, Update, Delete,
-    /// Truncate, logical decoding Message, streaming and two-phase control).
+    /// Truncate, streaming and two-phase control).
     Other {
         /// The tag, for the debug log.
         tag: char,
@@ -250,11 +264,41 @@ pub fn logical_message(mut buf: Bytes) -> Result<LogicalMessage, DecodeError> {
             let tuple = tuple_data(&mut buf, tag)?;
             Ok(LogicalMessage::Insert { rel_oid, tuple })
         }
+        b'M' => {
+            // Protocol version 1 without streaming: no xid field.
+            need(&buf, 9, tag, "flags and lsn")?;
+            let flags = buf.get_u8();
+            let lsn = Lsn(buf.get_u64());
+            let end = buf
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or(DecodeError::Truncated {
+                    tag,
+                    field: "prefix",
+                })?;
+            let prefix = buf.split_to(end);
+            buf.advance(1);
+            need(&buf, 4, tag, "content length")?;
+            let len = buf.get_i32();
+            if len < 0 {
+                return Err(DecodeError::Invalid {
+                    tag,
+                    field: "content length",
+                });
+            }
+            need(&buf, len as usize, tag, "content")?;
+            Ok(LogicalMessage::Message {
+                transactional: flags & 1 == 1,
+                lsn,
+                prefix,
+                content: buf.split_to(len as usize),
+            })
+        }
         // Known messages the relay does not act on. Streaming (S, E, c, A) and
         // two-phase (b, P, K, r, p) tags only appear with options we never
         // request, but are named here so they are skipped, not fatal.
-        b'O' | b'Y' | b'U' | b'D' | b'T' | b'M' | b'S' | b'E' | b'c' | b'A' | b'b' | b'P'
-        | b'K' | b'r' | b'p' => Ok(LogicalMessage::Other { tag }),
+        b'O' | b'Y' | b'U' | b'D' | b'T' | b'S' | b'E' | b'c' | b'A' | b'b' | b'P' | b'K'
+        | b'r' | b'p' => Ok(LogicalMessage::Other { tag }),
         _ => Err(DecodeError::UnknownTag {
             layer: "pgoutput",
             tag,
@@ -390,6 +434,49 @@ mod tests {
                 ],
             }
         );
+    }
+
+    #[test]
+    fn decodes_a_logical_decoding_message() {
+        let mut b = vec![b'M', 1];
+        b.put_u64(0x2a);
+        b.extend_from_slice(b"outbox\0");
+        b.put_i32(4);
+        b.extend_from_slice(b"{}[]");
+        assert_eq!(
+            logical_message(Bytes::from(b.clone())).unwrap(),
+            LogicalMessage::Message {
+                transactional: true,
+                lsn: Lsn(0x2a),
+                prefix: Bytes::from_static(b"outbox"),
+                content: Bytes::from_static(b"{}[]"),
+            }
+        );
+        // Non-transactional, and a prefix that is not UTF-8.
+        let mut n = vec![b'M', 0];
+        n.put_u64(1);
+        n.extend_from_slice(b"\xff\0");
+        n.put_i32(0);
+        assert!(matches!(
+            logical_message(Bytes::from(n)).unwrap(),
+            LogicalMessage::Message { transactional: false, ref prefix, ref content, .. }
+                if &prefix[..] == b"\xff" && content.is_empty()
+        ));
+        // Cut anywhere: truncated, never a panic.
+        for cut in 1..b.len() {
+            assert!(
+                logical_message(Bytes::copy_from_slice(&b[..cut])).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut neg = vec![b'M', 1];
+        neg.put_u64(1);
+        neg.extend_from_slice(b"p\0");
+        neg.put_i32(-1);
+        assert!(matches!(
+            logical_message(Bytes::from(neg)),
+            Err(DecodeError::Invalid { .. })
+        ));
     }
 
     #[test]

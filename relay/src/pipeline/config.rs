@@ -47,6 +47,9 @@ pub struct RelayConfig {
     pub session_timeout: Option<Duration>,
     /// The dead-letter topic, when undeliverable events are parked rather than fatal.
     pub dead_letter_topic: Option<String>,
+    /// The prefix of logical decoding messages that are outbox events;
+    /// `None`: messages are not asked for.
+    pub message_prefix: Option<String>,
     /// Where to serve metrics.
     pub metrics_addr: Option<std::net::SocketAddr>,
 }

@@ -115,6 +115,17 @@ impl Layout {
         Self::from_names(table, &names)
     }
 
+    /// The layout of the virtual rows [`crate::pipeline::message`] makes of
+    /// messages emitted with `prefix`.
+    pub fn for_messages(prefix: &str) -> Self {
+        let names = crate::pipeline::message::COLUMNS;
+        Self::from_names(
+            format!("messages with prefix `{}`", printable(prefix)),
+            &names,
+        )
+        .expect("the message columns hold every required one")
+    }
+
     fn from_names(table: String, names: &[&str]) -> Result<Self> {
         let find = |name: &str| names.iter().position(|n| *n == name);
         let mut required = [0usize; 5];

@@ -10,6 +10,7 @@ pub mod dead_letter;
 pub mod deliveries;
 pub mod event;
 pub mod lock;
+pub mod message;
 pub mod progress;
 pub mod publish;
 pub mod route;

@@ -14,7 +14,8 @@ use crate::metrics::Metrics;
 use crate::pgoutput::decode::{self, LogicalMessage, ReplicationMessage};
 use crate::pipeline::config::RelayConfig;
 use crate::pipeline::dead_letter::DeadLetter;
-use crate::pipeline::event::Layout;
+use crate::pipeline::event::{Layout, OutboxEvent};
+use crate::pipeline::message::Messages;
 use crate::pipeline::progress::{Progress, StallWatch};
 use crate::pipeline::publish::Publisher;
 use crate::pipeline::route;
@@ -40,12 +41,20 @@ pub async fn run(
     }
     let start_lsn = start.unwrap_or(Lsn::ZERO);
     // proto_version 1 without `streaming`: pgoutput sends each transaction
-    // once it committed, so every Insert we see is committed data.
+    // once it committed, so every Insert we see is committed data. With
+    // `messages` (PostgreSQL 14+), transactional logical decoding messages
+    // come inside their transaction, in WAL order with its rows; they are
+    // not filtered by the publication, so their prefix picks ours.
     conn.send_query(&format!(
-        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {})",
+        "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}{})",
         quote_ident(&cfg.slot),
         start_lsn,
-        quote_literal(&quote_ident(&cfg.publication))
+        quote_literal(&quote_ident(&cfg.publication)),
+        if cfg.message_prefix.is_some() {
+            ", messages 'true'"
+        } else {
+            ""
+        }
     ))
     .await?;
     loop {
@@ -69,6 +78,7 @@ pub async fn run(
         conn,
         cfg,
         layouts: HashMap::new(),
+        messages: cfg.message_prefix.as_deref().map(Messages::new),
         in_transaction: false,
         commit_ts: None,
         progress,
@@ -99,6 +109,8 @@ struct Session<'a> {
     conn: Connection,
     cfg: &'a RelayConfig,
     layouts: HashMap<u32, Layout>,
+    /// Which logical decoding messages are events, when asked for.
+    messages: Option<Messages>,
     in_transaction: bool,
     /// Commit time of the open transaction, for the latency metric.
     commit_ts: Option<i64>,
@@ -372,28 +384,30 @@ impl Session<'_> {
                     ))
                 })?;
                 let event = layout.event(&tuple);
-                if let Ok(event) = &event
-                    && publisher.is_suspect(&event.id)
-                {
-                    let event = event.clone();
-                    return self.send_alone(event, publisher, token).await;
-                }
-                let ticket = self.progress.ticket(self.commit_ts)?;
-                let id = match &event {
-                    Ok(event) if tracing::enabled!(tracing::Level::DEBUG) => Some(event.id.clone()),
-                    _ => None,
+                // Made only for a row that is not an event (the rare case).
+                let letter = event
+                    .as_ref()
+                    .err()
+                    .map(|err| layout.dead_letter(&tuple, err));
+                self.publish_one(event, letter, wal_start, publisher, token)
+                    .await?;
+            }
+            LogicalMessage::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                let Some(messages) = self.messages.as_ref().filter(|m| m.is_ours(&prefix)) else {
+                    tracing::debug!(lsn = %lsn, prefix = %String::from_utf8_lossy(&prefix).escape_debug(), "skipping a message with another prefix");
+                    return Ok(());
                 };
-                route::publish(
-                    publisher,
-                    ticket,
-                    self.cfg.dead_letter_topic.as_deref(),
-                    event,
-                    |err| layout.dead_letter(&tuple, err),
-                )
-                .await?;
-                if let Some(id) = id {
-                    tracing::debug!(event_id = %id, lsn = %wal_start, "published");
-                }
+                // A non-transactional message arrives outside any
+                // transaction: refused, through the same bad-event path.
+                let (event, letter) =
+                    messages.event(transactional && self.in_transaction, &content);
+                self.publish_one(event, letter, lsn, publisher, token)
+                    .await?;
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
@@ -404,6 +418,47 @@ impl Session<'_> {
             LogicalMessage::Other { tag } => {
                 tracing::debug!(tag = %tag, lsn = %wal_start, "skipping pgoutput message");
             }
+        }
+        Ok(())
+    }
+
+    /// Hands one event (from a row or a message) to the producer with the
+    /// next ticket, or its dead letter (`letter`, made when it is not a
+    /// valid event); an event Kafka refused in a batch goes on its own.
+    async fn publish_one(
+        &mut self,
+        event: Result<OutboxEvent>,
+        letter: Option<DeadLetter>,
+        lsn: Lsn,
+        publisher: &mut Publisher,
+        token: &CancellationToken,
+    ) -> Result<()> {
+        if let Ok(event) = &event
+            && publisher.is_suspect(&event.id)
+        {
+            let event = event.clone();
+            return self.send_alone(event, publisher, token).await;
+        }
+        let ticket = self.progress.ticket(self.commit_ts)?;
+        let id = match &event {
+            Ok(event) if tracing::enabled!(tracing::Level::DEBUG) => Some(event.id.clone()),
+            _ => None,
+        };
+        route::publish(
+            publisher,
+            ticket,
+            self.cfg.dead_letter_topic.as_deref(),
+            event,
+            |err| {
+                letter.unwrap_or_else(|| DeadLetter {
+                    reason: err.to_string(),
+                    ..DeadLetter::default()
+                })
+            },
+        )
+        .await?;
+        if let Some(id) = id {
+            tracing::debug!(event_id = %id, lsn = %lsn, "published");
         }
         Ok(())
     }

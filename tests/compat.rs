@@ -1,0 +1,304 @@
+//! Issue 12, fitting where users already are: the tableless outbox
+//! (events as logical decoding messages, `outbox::emit`) next to table rows.
+
+use std::time::Duration;
+
+use outbox::Event;
+use serde_json::json;
+
+use crate::support::fixture::{
+    Fixture, Written, assert_all_arrived, assert_exactly_once, drop_row_checks,
+};
+use crate::support::kafka::consume_to_end;
+use crate::support::postgres::confirmed_flush;
+
+/// How one event of a mixed transaction is written.
+#[derive(Clone, Copy, Debug)]
+enum How {
+    /// `outbox::write`: a row.
+    Row,
+    /// `outbox::emit`: a logical decoding message.
+    Message,
+    /// Plain SQL INSERT with a random id, as services write without the helper.
+    RawRow,
+    /// Plain SQL `pg_logical_emit_message(true, 'outbox', ...)`.
+    RawMessage,
+    /// A row inserted and deleted in the same transaction.
+    DeletedRow,
+}
+
+fn event(f: &Fixture, aggregate_id: &str, seq: u64) -> (Event, Written) {
+    let payload = json!({"aggregate": aggregate_id, "seq": seq, "pad": "x".repeat(64)});
+    let mut e = Event::new(&f.aggregate_type, aggregate_id, "Happened", &payload)
+        .unwrap()
+        .with_header("seq", seq.to_string())
+        .unwrap();
+    let traceparent = (seq % 3 == 0).then(|| format!("00-{:032x}-{:016x}-01", seq + 1, seq + 1));
+    if let Some(tp) = &traceparent {
+        e = e.with_trace_context(tp).unwrap();
+    }
+    let w = Written {
+        id: e.id().to_string(),
+        aggregate_type: f.aggregate_type.clone(),
+        aggregate_id: aggregate_id.to_owned(),
+        seq,
+        payload,
+        traceparent,
+    };
+    (e, w)
+}
+
+/// One transaction writing each item the way it says, in order; rolled
+/// back instead of committed when `commit` is false.
+async fn mixed_tx(f: &Fixture, items: &[(&str, u64, How)], commit: bool) -> Vec<Written> {
+    let mut tx = f.pool.begin().await.unwrap();
+    let mut written = Vec::new();
+    for (aggregate_id, seq, how) in items {
+        let (e, w) = event(f, aggregate_id, *seq);
+        match how {
+            How::Row => {
+                outbox::write(&mut tx, &e).await.unwrap();
+            }
+            How::Message => {
+                outbox::emit(&mut tx, &e).await.unwrap();
+            }
+            How::DeletedRow => {
+                outbox::Outbox::new()
+                    .keep_rows(false)
+                    .write(&mut tx, &e)
+                    .await
+                    .unwrap();
+            }
+            How::RawRow => {
+                sqlx::query(
+                    "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers, trace_context) \
+                     VALUES ($1::uuid, $2, $3, 'Happened', $4::jsonb, $5::jsonb, $6)",
+                )
+                .bind(e.id().as_uuid())
+                .bind(&f.aggregate_type)
+                .bind(aggregate_id)
+                .bind(e.payload())
+                .bind(json!({"seq": seq.to_string()}).to_string())
+                .bind(e.trace_context())
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            }
+            How::RawMessage => {
+                // What a service without the library writes: the documented
+                // content format, by hand.
+                let mut content = json!({
+                    "v": 1,
+                    "id": e.id().to_string(),
+                    "aggregate_type": f.aggregate_type,
+                    "aggregate_id": aggregate_id,
+                    "event_type": "Happened",
+                    "payload": w.payload,
+                    "headers": {"seq": seq.to_string()},
+                });
+                if let Some(tp) = e.trace_context() {
+                    content["trace_context"] = json!(tp);
+                }
+                sqlx::query(
+                    "SELECT pg_logical_emit_message(true, 'outbox', convert_to($1, 'UTF8'))",
+                )
+                .bind(content.to_string())
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            }
+        }
+        written.push(w);
+    }
+    if commit {
+        tx.commit().await.unwrap();
+        written
+    } else {
+        tx.rollback().await.unwrap();
+        Vec::new()
+    }
+}
+
+/// Item 2: rows and messages of the same aggregates, mixed in one
+/// transaction in every way a service writes them, arrive once each and in
+/// commit order; a rolled-back message never arrives; messages with other
+/// prefixes (another tool's, transactional or not) are skipped; a crash
+/// between transactions resends rather than loses (the same confirmation
+/// rule as rows).
+#[tokio::test]
+async fn messages_and_rows_mixed_in_transactions_keep_commit_order() {
+    use How::*;
+    let f = Fixture::new().await;
+    let mut relay = f.relay().spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+
+    let mut written = Vec::new();
+    let mut logs = String::new();
+    let ways = [Row, Message, RawRow, RawMessage, DeletedRow];
+    let mut seq = 0u64;
+    for round in 0..12 {
+        let mut items = Vec::new();
+        // Several events per aggregate per transaction, the kinds rotating.
+        for i in 0..5 {
+            seq += 1;
+            let agg = ["m1", "m2", "m3"][(round + i) % 3];
+            items.push((agg, seq, ways[(round + i * 2) % ways.len()]));
+        }
+        written.extend(mixed_tx(&f, &items, true).await);
+        if round == 4 {
+            // Rolled back: neither its rows nor its messages exist.
+            seq += 1;
+            let gone = mixed_tx(&f, &[("m1", seq, Message), ("m2", seq + 1, Row)], false).await;
+            assert!(gone.is_empty());
+            seq += 1;
+            for transactional in [true, false] {
+                sqlx::query("SELECT pg_logical_emit_message($1, 'other-tool', 'not ours')")
+                    .bind(transactional)
+                    .execute(&f.pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        if round == 7 {
+            // A crash: what was not confirmed is sent again, nothing lost.
+            f.read_through(&written.last().unwrap().id).await;
+            relay.kill9().await;
+            logs.push_str(&relay.logs());
+            relay = f.relay().spawn();
+            relay.wait_log("streaming", Duration::from_secs(60)).await;
+        }
+    }
+    // The tokio-postgres helper too.
+    {
+        let (client, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut client = client;
+        let tx = client.transaction().await.unwrap();
+        let (a, wa) = event(&f, "m1", seq + 1);
+        let (b, wb) = event(&f, "m1", seq + 2);
+        outbox::tokio_postgres::emit(&tx, &a).await.unwrap();
+        outbox::tokio_postgres::write(&tx, &b).await.unwrap();
+        tx.commit().await.unwrap();
+        written.extend([wa, wb]);
+    }
+
+    let records = f.read_through(&written.last().unwrap().id).await;
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    let records_after_stop = f.read_to_end().await;
+    assert!(records_after_stop.len() >= records.len());
+    // At least once across the crash, every record right, and per
+    // aggregate in commit order.
+    assert_all_arrived(&written, &records_after_stop);
+    logs.push_str(&relay.logs());
+    assert!(
+        logs.contains("skipping a message with another prefix"),
+        "{logs}"
+    );
+    let messages = written.len();
+    assert!(messages >= 60, "{messages}");
+}
+
+/// Item 2: a clean run (no crash) delivers exactly once, with the same
+/// topic, key, value and headers for a message as for a row.
+#[tokio::test]
+async fn emitted_events_arrive_exactly_once_like_rows() {
+    use How::*;
+    let f = Fixture::new().await;
+    let mut relay = f.relay().spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut written = Vec::new();
+    written.extend(
+        mixed_tx(
+            &f,
+            &[("e1", 1, Message), ("e1", 2, Row), ("e2", 3, Message)],
+            true,
+        )
+        .await,
+    );
+    written.extend(mixed_tx(&f, &[("e2", 4, Row), ("e1", 5, Message)], true).await);
+    // A batch of messages in one round trip.
+    let mut tx = f.pool.begin().await.unwrap();
+    let batch: Vec<(Event, Written)> = (6..=9).map(|s| event(&f, "e3", s)).collect();
+    let events: Vec<Event> = batch.iter().map(|(e, _)| e.clone()).collect();
+    outbox::emit_all(&mut tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    written.extend(batch.into_iter().map(|(_, w)| w));
+    f.read(written.len()).await;
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    assert_exactly_once(&written, &f.read_to_end().await);
+}
+
+/// Item 2: an outbox message that cannot be relayed is a bad event like a
+/// bad row: under `stop` the relay names it and leaves the slot before it;
+/// under `dead-letter` it is parked (its raw content as the value) and the
+/// next event is delivered.
+#[tokio::test]
+async fn an_unreadable_or_non_transactional_outbox_message_is_refused_by_name() {
+    let f = Fixture::new().await;
+    drop_row_checks(&f.pool).await;
+    let mut relay = f.relay().spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let first = f.write_tx(&[("n1".into(), 1)]).await;
+    f.read(1).await;
+    assert!(relay.stop().await.success());
+    let before = confirmed_flush(&f.url, &f.slot).await.unwrap();
+
+    let content = json!({"v": 1, "id": "nt-1", "aggregate_type": f.aggregate_type,
+        "aggregate_id": "n1", "event_type": "Happened", "payload": {}});
+    sqlx::query("SELECT pg_logical_emit_message(false, 'outbox', convert_to($1, 'UTF8'))")
+        .bind(content.to_string())
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let mut relay = f.relay().spawn();
+    let status = relay.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(status.code(), Some(1), "{}", relay.logs());
+    let logs = relay.logs();
+    assert!(logs.contains("event nt-1"), "{logs}");
+    assert!(logs.contains("transactional = false"), "{logs}");
+    assert_eq!(confirmed_flush(&f.url, &f.slot).await, Some(before));
+
+    // Parked instead, with an unreadable one after it, then a good event.
+    let mut tx = f.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', 'garbage')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let after = f.write_tx(&[("n1".into(), 2)]).await;
+    let dlt = format!("{}.dlt", f.topic());
+    let mut relay = f
+        .relay()
+        .arg("--on-undeliverable=dead-letter")
+        .arg(format!("--dead-letter-topic={dlt}"))
+        .spawn();
+    let records = f.read_through(&after[0].id).await;
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    assert_exactly_once(&[first[0].clone(), after[0].clone()], &records);
+    let letters = consume_to_end(&f.tansu.brokers(), &[&dlt]).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let logs = relay.logs();
+    // Partitions differ (a letter without a key), so found by content.
+    let nt = letters
+        .iter()
+        .find(|l| l.header("id") == Some("nt-1"))
+        .unwrap_or_else(|| panic!("{letters:?}\n{logs}"));
+    assert!(
+        nt.header("outbox.error")
+            .is_some_and(|e| e.contains("transactional = false")),
+        "{nt:?}"
+    );
+    assert_eq!(nt.key.as_deref(), Some("n1"));
+    let garbage = letters
+        .iter()
+        .find(|l| l.value.as_deref() == Some(&b"garbage"[..]))
+        .unwrap_or_else(|| panic!("{letters:?}"));
+    assert!(
+        garbage
+            .header("outbox.error")
+            .is_some_and(|e| e.contains("not an outbox event")),
+        "{garbage:?}"
+    );
+}
