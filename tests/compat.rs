@@ -33,7 +33,9 @@ fn event(f: &Fixture, aggregate_id: &str, seq: u64) -> (Event, Written) {
         .unwrap()
         .with_header("seq", seq.to_string())
         .unwrap();
-    let traceparent = (seq % 3 == 0).then(|| format!("00-{:032x}-{:016x}-01", seq + 1, seq + 1));
+    let traceparent = seq
+        .is_multiple_of(3)
+        .then(|| format!("00-{:032x}-{:016x}-01", seq + 1, seq + 1));
     if let Some(tp) = &traceparent {
         e = e.with_trace_context(tp).unwrap();
     }
