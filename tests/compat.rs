@@ -304,3 +304,184 @@ async fn an_unreadable_or_non_transactional_outbox_message_is_refused_by_name() 
         "{garbage:?}"
     );
 }
+
+/// Item 1: Debezium's outbox table, created exactly as Debezium's
+/// documentation creates it (plus the optional `timestamp` and
+/// `tracingspancontext` columns and a `tenant` column placed as a header),
+/// in a database that has none of the relay's migrations but its
+/// bookkeeping table (`migrate --bookkeeping-only`). Rows written with
+/// plain SQL the way Debezium users write them (random ids, several per
+/// aggregate per transaction, the insert-then-delete pattern) come out as
+/// Debezium's Outbox Event Router emits them with its defaults under
+/// JsonConverter: topic `outbox.event.<aggregatetype>`, key the aggregate
+/// id as a JSON string, header `id`, the jsonb payload as a JSON string, the
+/// placed columns as headers, and nothing else.
+#[tokio::test]
+async fn a_debezium_outbox_table_is_relayed_as_debeziums_router_does() {
+    use crate::support::{Postgres, RelayBuilder, Tansu, unique};
+    let pg = Postgres::start();
+    let tansu = Tansu::start();
+    let url = pg.create_database(&unique("db")).await;
+    let out = std::process::Command::new(crate::support::relay::binary())
+        .args(["migrate", "--bookkeeping-only"])
+        .env("OUTBOX_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    // The bookkeeping table has exactly the migrations' shape.
+    let migrated = pg.create_migrated_database(&unique("db")).await;
+    let migrated = sqlx::PgPool::connect(&migrated).await.unwrap();
+    let columns = "SELECT string_agg(column_name || ' ' || data_type || ' ' || is_nullable || ' ' || \
+                   coalesce(column_default, ''), ', ' ORDER BY column_name) FROM information_schema.columns \
+                   WHERE table_name = 'outbox_relay_slot'";
+    let ours: String = sqlx::query_scalar(columns).fetch_one(&pool).await.unwrap();
+    let theirs: String = sqlx::query_scalar(columns)
+        .fetch_one(&migrated)
+        .await
+        .unwrap();
+    assert_eq!(ours, theirs);
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename IN ('outbox', 'inbox')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "--bookkeeping-only created the outbox or inbox");
+
+    // Debezium's documented outbox table, and the publication DDL from docs/.
+    sqlx::raw_sql(
+        "CREATE TABLE outboxevent ( \
+           id uuid NOT NULL PRIMARY KEY, \
+           aggregatetype varchar(255) NOT NULL, \
+           aggregateid varchar(255) NOT NULL, \
+           type varchar(255) NOT NULL, \
+           timestamp timestamp, \
+           payload jsonb, \
+           tracingspancontext varchar(256), \
+           tenant text); \
+         CREATE PUBLICATION dbz_outbox FOR TABLE outboxevent WITH (publish = 'insert');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let aggregate_type = format!("Order{}", unique("x").replace('_', ""));
+    let slot = unique("slot");
+    let relay = RelayBuilder::new(&url, &tansu.brokers(), &slot).args([
+        "--table-layout",
+        "debezium",
+        "--publication",
+        "dbz_outbox",
+        "--additional-placement",
+        "type:header:eventType,tenant:header",
+    ]);
+    let mut relay = relay.spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+
+    // (id, aggregateid, type, payload text as jsonb prints it, tenant, traceparent)
+    type Row = (
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+    );
+    let mut written: Vec<Row> = Vec::new();
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    for t in 0..6u32 {
+        let mut tx = pool.begin().await.unwrap();
+        for i in 0..4u32 {
+            let aggregate = format!("{}", (t + i) % 3 + 1);
+            let n = t * 4 + i;
+            let tenant = (n % 2 == 0).then(|| format!("tenant-{n}"));
+            let span = (n == 5).then(|| format!("#Java properties\ntraceparent={traceparent}\n"));
+            let (id, payload): (String, String) = sqlx::query_as(
+                "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, timestamp, payload, \
+                 tracingspancontext, tenant) \
+                 VALUES (gen_random_uuid(), $1, $2, $3, now(), \
+                 jsonb_build_object('n', $4::int, 'lineItems', jsonb_build_array(jsonb_build_object('item', 'Debezium in Action'))), \
+                 $5, $6) RETURNING id::text, payload::text",
+            )
+            .bind(&aggregate_type)
+            .bind(&aggregate)
+            .bind(if n % 3 == 0 { "OrderCreated" } else { "OrderLineUpdated" })
+            .bind(n as i32)
+            .bind(&span)
+            .bind(&tenant)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+            // Debezium's recommended pattern: the row is deleted right away.
+            if n % 4 == 1 {
+                sqlx::query("DELETE FROM outboxevent WHERE id = $1::uuid")
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+            }
+            let event_type = if n % 3 == 0 {
+                "OrderCreated"
+            } else {
+                "OrderLineUpdated"
+            };
+            written.push((
+                id,
+                aggregate,
+                event_type.to_owned(),
+                payload,
+                tenant,
+                span.map(|_| traceparent.to_owned()),
+            ));
+        }
+        tx.commit().await.unwrap();
+    }
+    let topic = format!("outbox.event.{aggregate_type}");
+    crate::support::consume(
+        &tansu.brokers(),
+        &[&topic],
+        written.len(),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    let records = consume_to_end(&tansu.brokers(), &[&topic]).await;
+    assert_eq!(records.len(), written.len(), "{records:?}");
+    let mut last: std::collections::HashMap<String, usize> = Default::default();
+    let mut sorted: Vec<_> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    for r in sorted {
+        let id = r.header("id").expect("header id");
+        let at = written
+            .iter()
+            .position(|w| w.0 == id)
+            .unwrap_or_else(|| panic!("record {id} was never written"));
+        let (_, aggregate, event_type, payload, tenant, trace) = &written[at];
+        assert_eq!(r.topic, topic);
+        // JsonConverter: the key and the payload as JSON strings.
+        assert_eq!(r.key.as_deref(), Some(format!("\"{aggregate}\"").as_str()));
+        let value: serde_json::Value = r.value_json();
+        assert_eq!(value, serde_json::Value::String(payload.clone()), "{id}");
+        assert_eq!(r.header("eventType"), Some(event_type.as_str()));
+        assert_eq!(r.header("tenant"), tenant.as_deref());
+        assert_eq!(r.header("traceparent"), trace.as_deref());
+        let mut expected = vec!["id", "eventType"];
+        if tenant.is_some() {
+            expected.push("tenant");
+        }
+        if trace.is_some() {
+            expected.push("traceparent");
+        }
+        assert_eq!(r.header_names, expected, "{id}");
+        // Per aggregate, in commit order.
+        let prev = last.insert(aggregate.clone(), at);
+        assert!(
+            prev.is_none_or(|p| p < at),
+            "aggregate {aggregate} out of order"
+        );
+    }
+}

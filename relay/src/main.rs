@@ -49,6 +49,9 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> outbox_relay::Result<ExitCode> {
     match command {
+        Command::Migrate(args) if args.bookkeeping_only => {
+            outbox_relay::migrate::bookkeeping(&args.database.pg_config()?, &args.schema).await?
+        }
         Command::Migrate(args) => outbox_relay::migrate::run(&args.database.pg_config()?).await?,
         Command::Replay(args) => {
             let cfg = args.replay_config()?;

@@ -18,7 +18,7 @@
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 use crate::postgres::config::{ChannelBinding, PgConfig, PgHost, SYSTEM_ROOTS, SslMode};
-use crate::postgres::connection::{Connection, Mode};
+use crate::postgres::connection::{Connection, Mode, quote_ident};
 use crate::postgres::tls;
 use crate::{Error, Result};
 
@@ -43,6 +43,25 @@ pub async fn run(cfg: &PgConfig) -> Result<()> {
     tracing::info!(database = %cfg, "migrations applied");
     Ok(())
 }
+
+/// The relay's bookkeeping table alone (`migrate --bookkeeping-only`),
+/// applied with the relay's own client.
+pub async fn bookkeeping(cfg: &PgConfig, schema: &str) -> Result<()> {
+    let mut conn = Connection::connect(cfg, Mode::Sql).await?;
+    conn.security().log();
+    // The relay's sessions resolve names in pg_catalog only (see
+    // `postgres::connection`); the table goes into `schema` (pg_catalog is
+    // still searched first for types and functions).
+    conn.query(&format!("SET search_path = {}", quote_ident(schema)))
+        .await?;
+    conn.query(BOOKKEEPING_SQL).await?;
+    conn.terminate().await;
+    tracing::info!(database = %cfg, "bookkeeping table outbox_relay_slot is in place");
+    Ok(())
+}
+
+/// The bookkeeping table's DDL.
+pub const BOOKKEEPING_SQL: &str = include_str!("../sql/bookkeeping.sql");
 
 fn refuse_what_sqlx_cannot_honour(cfg: &PgConfig) -> Result<()> {
     let mode = tls::effective_mode(cfg.sslmode, cfg.sslrootcert.as_deref());

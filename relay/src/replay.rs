@@ -172,7 +172,7 @@ pub async fn run(cfg: &ReplayConfig, token: &CancellationToken) -> Result<u64> {
                 value: Some(replayed_at.as_bytes()),
             });
             let record = BaseRecord::with_opaque_to(&topic, 0usize)
-                .key(event.aggregate_id.as_bytes())
+                .key(event.key())
                 .payload(&event.payload[..])
                 .headers(headers);
             producer::send(&producer, record, &event.id, token).await?;

@@ -59,6 +59,17 @@ pub struct MigrateArgs {
     /// The database.
     #[command(flatten)]
     pub database: DatabaseArgs,
+
+    /// Create only the relay's bookkeeping table (outbox_relay_slot) for an outbox the relay does not
+    /// own: Debezium's outbox table (--table-layout debezium) or the
+    /// tableless outbox. Idempotent; touches nothing else.
+    #[arg(long, env = "OUTBOX_MIGRATE_BOOKKEEPING_ONLY")]
+    pub bookkeeping_only: bool,
+
+    /// With --bookkeeping-only: the schema to create it in (the relay's
+    /// --schema). The full migrations use the connection's search_path.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = "public")]
+    pub schema: String,
 }
 
 /// Flags of `outbox-relay prune`.

@@ -9,6 +9,8 @@ use clap::{Args, ValueEnum};
 use crate::cli::{DatabaseArgs, kafka_option_strings, parse_duration};
 use crate::kafka::config::{KafkaConfig, parse_kafka_option};
 use crate::pipeline::config::{RelayConfig, validate_slot_name};
+use crate::pipeline::debezium::{Converter, Debezium};
+use crate::pipeline::event::TableLayout;
 use crate::pipeline::topic::{AllowedTopics, TopicTemplate};
 use crate::{Error, Result};
 
@@ -135,6 +137,33 @@ pub struct RunArgs {
         default_value = "outbox.dead-letter"
     )]
     pub dead_letter_topic: String,
+
+    /// The outbox table's layout: `native` (the migrations' `outbox`
+    /// table) or `debezium` (Debezium's outbox table: id, aggregatetype,
+    /// aggregateid, type, payload; published exactly as Debezium's Outbox
+    /// Event Router does with its defaults: key aggregateid, header `id`,
+    /// value payload, topic outbox.event.<aggregatetype>).
+    #[arg(long, env = "OUTBOX_TABLE_LAYOUT", value_enum, default_value_t = TableLayoutArg::Native)]
+    pub table_layout: TableLayoutArg,
+
+    /// With --table-layout debezium: the converter Kafka Connect used for
+    /// keys and values, so the bytes match what consumers read before:
+    /// `json` (JsonConverter, schemas.enable=false: the key and a string
+    /// payload as JSON strings) or `string` (StringConverter: as they are).
+    #[arg(long, env = "OUTBOX_DEBEZIUM_CONVERTER", value_enum, default_value_t = Converter::Json)]
+    pub debezium_converter: Converter,
+
+    /// With --table-layout debezium: Debezium's `table.expand.json.payload`,
+    /// a json/jsonb payload sent as the JSON document instead of a string.
+    #[arg(long, env = "OUTBOX_EXPAND_JSON_PAYLOAD", default_value_t = false, action = clap::ArgAction::Set)]
+    pub expand_json_payload: bool,
+
+    /// With --table-layout debezium: Debezium's
+    /// `table.fields.additional.placement`, comma-separated
+    /// `column:header[:alias]` entries, each sending a column as a header
+    /// (e.g. `type:header:eventType`). Only the `header` placement exists here.
+    #[arg(long, env = "OUTBOX_ADDITIONAL_PLACEMENT", default_value = "")]
+    pub additional_placement: String,
 
     /// Prefix of the logical decoding messages that are outbox events
     /// (written by `outbox::emit`, the tableless outbox): the relay asks
@@ -274,6 +303,23 @@ impl RunArgs {
                 Some(args.dead_letter_topic.clone())
             }
         };
+        let table_layout = match args.table_layout {
+            TableLayoutArg::Native => {
+                if !args.additional_placement.is_empty() || args.expand_json_payload {
+                    return Err(Error::Config(
+                        "--additional-placement and --expand-json-payload apply to \
+                         --table-layout debezium only"
+                            .into(),
+                    ));
+                }
+                TableLayout::Native
+            }
+            TableLayoutArg::Debezium => TableLayout::Debezium(std::sync::Arc::new(Debezium::new(
+                args.debezium_converter,
+                args.expand_json_payload,
+                &args.additional_placement,
+            )?)),
+        };
         if args.message_prefix.contains('\0') {
             return Err(Error::Config(
                 "--message-prefix must not contain a NUL character".into(),
@@ -324,10 +370,20 @@ impl RunArgs {
             stall_warning: args.stall_warning.max(Duration::from_secs(1)),
             session_timeout,
             dead_letter_topic,
+            table_layout,
             message_prefix: (!args.message_prefix.is_empty()).then(|| args.message_prefix.clone()),
             metrics_addr: args.metrics_addr,
         })
     }
+}
+
+/// `--table-layout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TableLayoutArg {
+    /// The migrations' `outbox` table.
+    Native,
+    /// Debezium's outbox table, published as Debezium's outbox router does.
+    Debezium,
 }
 
 fn validate_publication_name(name: &str) -> Result<()> {

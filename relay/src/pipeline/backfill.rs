@@ -68,8 +68,10 @@ pub async fn run(
     };
     let rows = sql
         .query(&format!(
-            "SELECT schemaname, tablename, {}, {} FROM pg_catalog.pg_publication_tables WHERE pubname = {} \
-             ORDER BY schemaname, tablename",
+            "SELECT schemaname, tablename, {}, {}, (SELECT a.atttypid::text FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid = pg_catalog.format('%I.%I', schemaname, tablename)::pg_catalog.regclass \
+             AND a.attname = 'payload' AND NOT a.attisdropped) AS payload_type \
+             FROM pg_catalog.pg_publication_tables WHERE pubname = {} ORDER BY schemaname, tablename",
             column("seq"),
             column("created_at"),
             quote_literal(&cfg.publication)
@@ -82,6 +84,7 @@ pub async fn run(
             name: t.get("tablename").unwrap_or_default().to_owned(),
             has_seq: t.get("has_seq") == Some("true"),
             has_created_at: t.get("has_created_at") == Some("true"),
+            payload_type: t.get("payload_type").and_then(|o| o.parse().ok()),
         })
         .collect();
     let first_seen = match snapshot {
@@ -220,6 +223,8 @@ struct Table {
     name: String,
     has_seq: bool,
     has_created_at: bool,
+    /// The `payload` column's type oid (read as the Debezium layout needs).
+    payload_type: Option<u32>,
 }
 
 impl Table {
@@ -362,7 +367,8 @@ impl Backfill<'_> {
                 return Ok(());
             };
             let columns = first.columns().to_vec();
-            let layout = Layout::for_columns(&key, &columns)?;
+            let layout =
+                Layout::for_columns_as(&key, &columns, &self.cfg.table_layout, table.payload_type)?;
             for row in &rows {
                 self.row(&layout, row, &columns, progress).await?;
                 if table.has_seq {
@@ -518,6 +524,7 @@ mod tests {
             name: "outbox".into(),
             has_seq: true,
             has_created_at: true,
+            payload_type: None,
         };
         let seen = FirstSeen {
             // Epoch 1: the in-progress ids are compared in their 32-bit form.

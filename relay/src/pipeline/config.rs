@@ -47,6 +47,8 @@ pub struct RelayConfig {
     pub session_timeout: Option<Duration>,
     /// The dead-letter topic, when undeliverable events are parked rather than fatal.
     pub dead_letter_topic: Option<String>,
+    /// The layout of the published outbox tables.
+    pub table_layout: crate::pipeline::event::TableLayout,
     /// The prefix of logical decoding messages that are outbox events;
     /// `None`: messages are not asked for.
     pub message_prefix: Option<String>,

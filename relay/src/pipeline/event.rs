@@ -2,10 +2,13 @@
 //! Relation message or a query's row description) to the event the relay
 //! publishes, and checking each row on the way.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::pgoutput::decode::{Cell, Relation};
 use crate::pipeline::dead_letter::DeadLetter;
+use crate::pipeline::debezium::{Debezium, PayloadKind};
 use crate::postgres::connection::Row;
 use crate::{Error, Result};
 
@@ -28,13 +31,27 @@ pub struct OutboxEvent {
     pub topic: Option<String>,
     /// W3C traceparent.
     pub trace_context: Option<String>,
+    /// The record key when it is not the aggregate id's bytes (the
+    /// Debezium layout under its JSON converter).
+    pub key: Option<Bytes>,
+    /// Records as Debezium's outbox router shapes them: headers are `id`
+    /// and the placed columns only.
+    pub debezium: bool,
 }
 
 impl OutboxEvent {
+    /// The record key.
+    pub fn key(&self) -> &[u8] {
+        self.key.as_deref().unwrap_or(self.aggregate_id.as_bytes())
+    }
+
     /// The Kafka record headers, in order: `id`, `event_type`,
     /// `aggregate_type`, `aggregate_id`, `traceparent` (when set), then the
     /// row's own headers. Published records and dead letters both use it.
+    /// Under the Debezium layout: `id`, then the placed columns and trace
+    /// headers.
     pub fn record_headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let relay_headers = if self.debezium { 1 } else { 4 };
         [
             ("id", self.id.as_bytes()),
             ("event_type", self.event_type.as_bytes()),
@@ -42,6 +59,7 @@ impl OutboxEvent {
             ("aggregate_id", self.aggregate_id.as_bytes()),
         ]
         .into_iter()
+        .take(relay_headers)
         .chain(
             self.trace_context
                 .as_deref()
@@ -72,7 +90,7 @@ impl OutboxEvent {
             .collect();
         DeadLetter {
             event_id: self.id.clone(),
-            key: Some(self.aggregate_id.as_bytes().to_vec()),
+            key: Some(self.key().to_vec()),
             value: (!err.is_too_large()).then(|| self.payload.to_vec()),
             headers,
             original_topic,
@@ -89,14 +107,39 @@ const REQUIRED: [&str; 5] = [
     "payload",
 ];
 
+/// Which outbox table layout the relay reads (`--table-layout`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TableLayout {
+    /// The migrations' `outbox` table (`aggregate_type`, `event_type`, ...).
+    #[default]
+    Native,
+    /// Debezium's outbox table (`aggregatetype`, `aggregateid`, `type`, ...),
+    /// published as Debezium's outbox router does.
+    Debezium(Arc<Debezium>),
+}
+
 /// Where each outbox column sits in a table's rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     table: String,
+    /// id, aggregate type, aggregate id, event type, payload. Under the
+    /// Debezium layout the event type (`type`) is optional: `usize::MAX`
+    /// when the table has none (every lookup of it then finds nothing).
     required: [usize; 5],
     headers: Option<usize>,
     topic: Option<usize>,
     trace_context: Option<usize>,
+    debezium: Option<DebeziumColumns>,
+}
+
+/// The Debezium layout's settings and its extra columns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DebeziumColumns {
+    settings: Arc<Debezium>,
+    payload: PayloadKind,
+    span_context: Option<usize>,
+    /// Placed columns: position and header name.
+    placements: Vec<(usize, String)>,
 }
 
 impl Layout {
@@ -105,6 +148,86 @@ impl Layout {
     pub fn from_columns(table: &str, columns: &[String]) -> Result<Self> {
         let names: Vec<&str> = columns.iter().map(String::as_str).collect();
         Self::from_names(table.to_owned(), &names)
+    }
+
+    /// Maps the columns of a Relation message under `kind`.
+    pub fn from_relation_as(rel: &Relation, kind: &TableLayout) -> Result<Self> {
+        let table = format!("{}.{}", printable(&rel.namespace), printable(&rel.name));
+        let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+        let payload_oid = rel
+            .columns
+            .iter()
+            .find(|c| c.name == "payload")
+            .map(|c| c.type_oid);
+        Self::with_kind(table, &names, kind, payload_oid)
+    }
+
+    /// Maps the columns of a `SELECT * FROM outbox` result under `kind`;
+    /// `payload_oid` is the type of the `payload` column.
+    pub fn for_columns_as(
+        table: &str,
+        columns: &[String],
+        kind: &TableLayout,
+        payload_oid: Option<u32>,
+    ) -> Result<Self> {
+        let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+        Self::with_kind(table.to_owned(), &names, kind, payload_oid)
+    }
+
+    fn with_kind(
+        table: String,
+        names: &[&str],
+        kind: &TableLayout,
+        payload_oid: Option<u32>,
+    ) -> Result<Self> {
+        let settings = match kind {
+            TableLayout::Native => return Self::from_names(table, names),
+            TableLayout::Debezium(settings) => settings,
+        };
+        let find = |name: &str| names.iter().position(|n| *n == name);
+        let missing = |name: &str, why: &str| Error::NotAnOutbox {
+            table: table.clone(),
+            reason: format!(
+                "it has no `{name}` column ({why}); restore the column, or remove the table \
+                 from the publication"
+            ),
+        };
+        let debezium_required =
+            "--table-layout debezium reads id, aggregatetype, aggregateid, payload";
+        let mut required = [usize::MAX; 5];
+        for (slot, name) in [
+            (0, "id"),
+            (1, "aggregatetype"),
+            (2, "aggregateid"),
+            (4, "payload"),
+        ] {
+            required[slot] = find(name).ok_or_else(|| missing(name, debezium_required))?;
+        }
+        if let Some(i) = find("type") {
+            required[3] = i;
+        }
+        let placements = settings
+            .placements
+            .iter()
+            .map(|p| {
+                find(&p.column)
+                    .map(|i| (i, p.header.clone()))
+                    .ok_or_else(|| missing(&p.column, "named in --additional-placement"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            table,
+            required,
+            headers: None,
+            topic: None,
+            trace_context: None,
+            debezium: Some(DebeziumColumns {
+                settings: settings.clone(),
+                payload: PayloadKind::from_oid(payload_oid),
+                span_context: find("tracingspancontext"),
+                placements,
+            }),
+        })
     }
 
     /// Maps the columns of a Relation message. A table without the required
@@ -145,6 +268,7 @@ impl Layout {
             headers: find("headers"),
             topic: find("topic"),
             trace_context: find("trace_context"),
+            debezium: None,
         })
     }
 
@@ -182,7 +306,7 @@ impl Layout {
 
     /// Turns one row of such a result into an event.
     pub fn event_from_row(&self, row: &Row, columns: &[String]) -> Result<OutboxEvent> {
-        self.build(|i| row.get_bytes(&columns[i]))
+        self.build(|i| columns.get(i).and_then(|c| row.get_bytes(c)))
     }
 
     /// What can be salvaged of a row that is not a valid event, for the
@@ -200,7 +324,10 @@ impl Layout {
 
     /// [`dead_letter`](Self::dead_letter) for a row of a query result.
     pub fn dead_letter_from_row(&self, row: &Row, columns: &[String], err: &Error) -> DeadLetter {
-        self.salvage(|i| row.get_bytes(&columns[i]).cloned(), err)
+        self.salvage(
+            |i| columns.get(i).and_then(|c| row.get_bytes(c)).cloned(),
+            err,
+        )
     }
 
     fn salvage(&self, text: impl Fn(usize) -> Option<Bytes>, err: &Error) -> DeadLetter {
@@ -257,6 +384,33 @@ impl Layout {
         if id == "unknown" {
             return Err(bad(format!("column `id` of {} is null", self.table)));
         }
+        if let Some(d) = &self.debezium {
+            let aggregate_type = required(1, "aggregatetype")?;
+            let aggregate_id = required(2, "aggregateid")?;
+            let raw = get(self.required[4])
+                .ok_or_else(|| bad(format!("column `payload` of {} is null", self.table)))?;
+            let payload = d.settings.value(raw, d.payload).map_err(bad)?;
+            let mut headers: Vec<(String, String)> = d
+                .placements
+                .iter()
+                .filter_map(|(i, name)| text(*i).map(|v| (name.clone(), v)))
+                .collect();
+            if let Some(context) = d.span_context.and_then(&text) {
+                headers.extend(crate::pipeline::debezium::span_context(&context));
+            }
+            return Ok(OutboxEvent {
+                key: Some(d.settings.key(&aggregate_id)),
+                id: id.clone(),
+                aggregate_type,
+                aggregate_id,
+                event_type: text(self.required[3]).unwrap_or_default(),
+                payload,
+                headers,
+                topic: None,
+                trace_context: None,
+                debezium: true,
+            });
+        }
         let aggregate_type = required(1, "aggregate_type")?;
         let aggregate_id = required(2, "aggregate_id")?;
         let event_type = required(3, "event_type")?;
@@ -284,6 +438,8 @@ impl Layout {
             headers,
             topic,
             trace_context: self.trace_context.and_then(text),
+            key: None,
+            debezium: false,
         })
     }
 }

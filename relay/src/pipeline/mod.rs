@@ -7,6 +7,7 @@ pub mod backfill;
 pub mod bookkeeping;
 pub mod config;
 pub mod dead_letter;
+pub mod debezium;
 pub mod deliveries;
 pub mod event;
 pub mod lock;

@@ -311,7 +311,7 @@ impl Publisher {
         let topic = &self.last_topic.as_ref().expect("resolved above").topic;
         let headers = event.kafka_headers(0);
         let record = BaseRecord::with_opaque_to(topic, ticket.into_opaque())
-            .key(event.aggregate_id.as_bytes())
+            .key(event.key())
             .payload(&event.payload[..])
             .headers(headers);
         producer::send(&self.producer, record, &event.id, &self.stop).await?;

@@ -373,7 +373,7 @@ impl Session<'_> {
             LogicalMessage::Relation(rel) => {
                 // Every Relation replaces the previous layout, so added or
                 // dropped columns are followed as soon as the table changes.
-                let layout = Layout::from_relation(&rel)?;
+                let layout = Layout::from_relation_as(&rel, &self.cfg.table_layout)?;
                 tracing::debug!(table = layout.table(), oid = rel.oid, "relation");
                 self.layouts.insert(rel.oid, layout);
             }
