@@ -107,6 +107,18 @@ const REQUIRED: [&str; 5] = [
     "payload",
 ];
 
+/// The columns of the virtual rows made of outbox messages, in order.
+pub const MESSAGE_COLUMNS: [&str; 8] = [
+    "id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "payload",
+    "headers",
+    "topic",
+    "trace_context",
+];
+
 /// Which outbox table layout the relay reads (`--table-layout`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum TableLayout {
@@ -241,7 +253,7 @@ impl Layout {
     /// The layout of the virtual rows [`crate::pipeline::message`] makes of
     /// messages emitted with `prefix`.
     pub fn for_messages(prefix: &str) -> Self {
-        let names = crate::pipeline::message::COLUMNS;
+        let names = MESSAGE_COLUMNS;
         Self::from_names(
             format!("messages with prefix `{}`", printable(prefix)),
             &names,

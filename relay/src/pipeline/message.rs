@@ -11,17 +11,6 @@ use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::event::{Layout, OutboxEvent, printable};
 use crate::{Error, Result};
 
-/// The virtual row's columns, in the order [`Messages::cells`] fills them.
-pub const COLUMNS: [&str; 8] = [
-    "id",
-    "aggregate_type",
-    "aggregate_id",
-    "event_type",
-    "payload",
-    "headers",
-    "topic",
-    "trace_context",
-];
 
 /// The relay's view of outbox messages.
 #[derive(Debug, Clone)]
@@ -82,6 +71,7 @@ impl Messages {
         };
         let text = |s: &str| Cell::Text(Bytes::copy_from_slice(s.as_bytes()));
         let opt = |s: Option<&str>| s.map(text).unwrap_or(Cell::Null);
+        // In the order of `event::MESSAGE_COLUMNS`.
         let cells = [
             text(&parsed.id),
             text(&parsed.aggregate_type),
