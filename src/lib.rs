@@ -44,6 +44,7 @@
 
 #![warn(missing_docs)]
 
+mod envelope;
 mod error;
 mod event;
 mod inbox;
@@ -54,6 +55,7 @@ mod write;
 #[cfg(feature = "tokio-postgres")]
 pub mod tokio_postgres;
 
+pub use envelope::{Envelope, EnvelopeError};
 pub use error::{Error, Result};
 pub use event::{
     Event, EventId, HeaderNameProblem, RESERVED_HEADER_PREFIX, RESERVED_HEADERS,

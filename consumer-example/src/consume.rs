@@ -306,12 +306,16 @@ async fn handle(
 
 /// The record's id and event, or why it cannot be used.
 fn check(msg: &BorrowedMessage<'_>) -> Result<(EventId, KitchenEvent), String> {
-    let id = header(msg, "id").ok_or("missing `id` header")?;
-    let id = std::str::from_utf8(id).map_err(|_| "`id` header is not UTF-8".to_owned())?;
-    let id = EventId::parse(id).map_err(|e| e.to_string())?;
-    let event_type = header(msg, "event_type").ok_or("missing `event_type` header")?;
-    let event_type = std::str::from_utf8(event_type)
-        .map_err(|_| "`event_type` header is not UTF-8".to_owned())?;
+    let headers = msg.headers();
+    let envelope = outbox::Envelope::from_headers(
+        headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .map(|h| (h.key, h.value)),
+    )
+    .map_err(|e| e.to_string())?;
+    let id = envelope.id;
+    let event_type = envelope.event_type.ok_or("missing `event_type` header")?;
     let payload = msg.payload().ok_or("record has no value")?;
     let event = KitchenEvent::decode(event_type, payload)?;
     Ok((id, event))

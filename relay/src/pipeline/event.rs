@@ -643,6 +643,50 @@ mod tests {
     }
 
     #[test]
+    fn the_debezium_layout_names_missing_columns() {
+        let settings = Debezium::new(
+            crate::pipeline::debezium::Converter::Json,
+            false,
+            "type:header:eventType,tenant:header",
+        )
+        .unwrap();
+        let kind = TableLayout::Debezium(Arc::new(settings));
+        let full = [
+            "id",
+            "aggregatetype",
+            "aggregateid",
+            "type",
+            "payload",
+            "tenant",
+        ];
+        let layout = Layout::from_relation_as(&relation(&full), &kind).unwrap();
+        let ev = layout
+            .event(&[
+                t("e1"),
+                t("Order"),
+                t("7"),
+                t("Created"),
+                t("{}"),
+                Cell::Null,
+            ])
+            .unwrap();
+        assert_eq!(ev.key(), br#""7""#);
+        let names: Vec<&str> = ev.record_headers().map(|(k, _)| k).collect();
+        assert_eq!(names, ["id", "eventType"]);
+        let err = Layout::from_relation_as(&relation(&full[..5]), &kind).unwrap_err();
+        assert!(err.to_string().contains("no `tenant` column"), "{err}");
+        assert!(err.to_string().contains("--additional-placement"), "{err}");
+        let err = Layout::from_relation_as(
+            &relation(&["id", "aggregatetype", "payload", "type", "tenant"]),
+            &kind,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no `aggregateid` column"), "{err}");
+        // The native layout does not accept Debezium's names.
+        assert!(Layout::from_relation_as(&relation(&full), &TableLayout::Native).is_err());
+    }
+
+    #[test]
     fn refuses_a_table_without_required_columns() {
         let err = Layout::from_relation(&relation(&[
             "id",

@@ -11,7 +11,6 @@ use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::event::{Layout, OutboxEvent, printable};
 use crate::{Error, Result};
 
-
 /// The relay's view of outbox messages.
 #[derive(Debug, Clone)]
 pub struct Messages {
