@@ -59,6 +59,13 @@ async fn dispatch(command: Command) -> outbox_relay::Result<ExitCode> {
             tokio::spawn(cancel_on_signal(token.clone()));
             outbox_relay::replay::run(&cfg, &token).await?;
         }
+        Command::Verify(args) => {
+            let report = outbox_relay::verify::run(&args.verify_config()?).await?;
+            print!("{}", report.to_text());
+            if !report.ok() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Prune(args) => {
             outbox_relay::prune::run(&args.prune_config()?).await?;
         }

@@ -42,6 +42,10 @@ pub enum Command {
     /// How a slot and its relay are doing; exit code 0 healthy, 1 degraded,
     /// 2 broken, 3 the status could not be read.
     Status(StatusArgs),
+    /// Proof of delivery: compare the outbox rows of a time window with
+    /// Kafka; report missing, duplicated and reordered events; exit 1 when
+    /// any is missing or out of order.
+    Verify(Box<VerifyArgs>),
 }
 
 /// Log output formats.
@@ -235,6 +239,89 @@ impl ReplayArgs {
             },
             topic_template,
             allowed_topics,
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// Flags of `outbox-relay verify`.
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// The database.
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Schema of the outbox table.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = "public")]
+    pub schema: String,
+
+    /// Check rows created at or after this time (any PostgreSQL
+    /// timestamptz, e.g. 2026-11-23T08:00:00Z).
+    #[arg(long)]
+    pub since: String,
+
+    /// Check rows created before this time. Default: one minute ago, so
+    /// events the relay is still sending are not reported missing.
+    #[arg(long)]
+    pub until: Option<String>,
+
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "OUTBOX_KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// A librdkafka setting as key=value, verbatim; repeatable (the
+    /// security settings the relay uses; producer-only ones are ignored).
+    #[arg(long = "kafka-option")]
+    pub kafka_options: Vec<String>,
+
+    /// A file of librdkafka settings, one key=value per line.
+    #[arg(long, env = "OUTBOX_KAFKA_OPTIONS_FILE")]
+    pub kafka_options_file: Option<PathBuf>,
+
+    /// Topic template, as given to `run`.
+    #[arg(
+        long,
+        env = "OUTBOX_TOPIC_TEMPLATE",
+        default_value = "outbox.event.{aggregate_type}"
+    )]
+    pub topic_template: String,
+
+    /// Time allowed for each Kafka request, and for a silent partition.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+impl VerifyArgs {
+    /// Validates the flags into what to verify.
+    pub fn verify_config(&self) -> Result<crate::verify::VerifyConfig> {
+        use crate::kafka::config::{KafkaConfig, parse_kafka_option};
+        run::validate_name("schema", "--schema (OUTBOX_SCHEMA)", &self.schema)?;
+        let options = kafka_option_strings(
+            self.kafka_options_file.as_deref(),
+            None,
+            &self.kafka_options,
+        )?
+        .iter()
+        .map(|o| parse_kafka_option(o))
+        .collect::<Result<Vec<_>>>()?;
+        if self.kafka_brokers.trim().is_empty() {
+            return Err(Error::Config(
+                "--kafka-brokers (OUTBOX_KAFKA_BROKERS) is empty".into(),
+            ));
+        }
+        Ok(crate::verify::VerifyConfig {
+            pg: self.database.pg_config()?,
+            schema: self.schema.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            kafka: KafkaConfig {
+                brokers: self.kafka_brokers.trim().to_owned(),
+                options,
+                create_topics: false,
+                topic_partitions: None,
+                topic_replication_factor: None,
+            },
+            topic_template: crate::pipeline::topic::TopicTemplate::parse(&self.topic_template)?,
             timeout: self.timeout,
         })
     }
