@@ -128,6 +128,50 @@ impl PruneArgs {
     }
 }
 
+/// The Kafka flags of `replay` and `verify`: brokers and librdkafka
+/// settings (the relay's security settings).
+#[derive(Args)]
+pub struct KafkaClientArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "OUTBOX_KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// A librdkafka setting as key=value, verbatim; repeatable.
+    #[arg(long = "kafka-option")]
+    pub kafka_options: Vec<String>,
+
+    /// A file of librdkafka settings, one key=value per line.
+    #[arg(long, env = "OUTBOX_KAFKA_OPTIONS_FILE")]
+    pub kafka_options_file: Option<PathBuf>,
+}
+
+impl KafkaClientArgs {
+    /// Validated into a Kafka configuration (no topic creation).
+    pub fn kafka_config(&self) -> Result<crate::kafka::config::KafkaConfig> {
+        use crate::kafka::config::parse_kafka_option;
+        let options = kafka_option_strings(
+            self.kafka_options_file.as_deref(),
+            None,
+            &self.kafka_options,
+        )?
+        .iter()
+        .map(|o| parse_kafka_option(o))
+        .collect::<Result<Vec<_>>>()?;
+        if self.kafka_brokers.trim().is_empty() {
+            return Err(Error::Config(
+                "--kafka-brokers (OUTBOX_KAFKA_BROKERS) is empty".into(),
+            ));
+        }
+        Ok(crate::kafka::config::KafkaConfig {
+            brokers: self.kafka_brokers.trim().to_owned(),
+            options,
+            create_topics: false,
+            topic_partitions: None,
+            topic_replication_factor: None,
+        })
+    }
+}
+
 /// Flags of `outbox-relay replay`.
 #[derive(Args)]
 pub struct ReplayArgs {
@@ -156,17 +200,9 @@ pub struct ReplayArgs {
     #[arg(long = "id")]
     pub ids: Vec<String>,
 
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "OUTBOX_KAFKA_BROKERS")]
-    pub kafka_brokers: String,
-
-    /// A librdkafka producer setting as key=value, verbatim; repeatable.
-    #[arg(long = "kafka-option")]
-    pub kafka_options: Vec<String>,
-
-    /// A file of librdkafka producer settings, one key=value per line.
-    #[arg(long, env = "OUTBOX_KAFKA_OPTIONS_FILE")]
-    pub kafka_options_file: Option<PathBuf>,
+    /// Kafka.
+    #[command(flatten)]
+    pub kafka: KafkaClientArgs,
 
     /// Topic template, as given to `run`.
     #[arg(
@@ -197,7 +233,6 @@ pub struct ReplayArgs {
 impl ReplayArgs {
     /// Validates the flags into what to replay.
     pub fn replay_config(&self) -> Result<crate::replay::ReplayConfig> {
-        use crate::kafka::config::{KafkaConfig, parse_kafka_option};
         let topic_template = crate::pipeline::topic::TopicTemplate::parse(&self.topic_template)?;
         let allowed_topics = crate::pipeline::topic::AllowedTopics::parse(
             self.allowed_topics.as_deref(),
@@ -205,19 +240,6 @@ impl ReplayArgs {
             &self.dead_letter_topic,
         )?;
         run::validate_name("schema", "--schema (OUTBOX_SCHEMA)", &self.schema)?;
-        let options = kafka_option_strings(
-            self.kafka_options_file.as_deref(),
-            None,
-            &self.kafka_options,
-        )?
-        .iter()
-        .map(|o| parse_kafka_option(o))
-        .collect::<Result<Vec<_>>>()?;
-        if self.kafka_brokers.trim().is_empty() {
-            return Err(Error::Config(
-                "--kafka-brokers (OUTBOX_KAFKA_BROKERS) is empty".into(),
-            ));
-        }
         for id in &self.ids {
             uuid::Uuid::parse_str(id).map_err(|_| {
                 Error::Config(format!("--id `{}` is not a UUID", id.escape_debug()))
@@ -230,13 +252,7 @@ impl ReplayArgs {
             until: self.until.clone(),
             aggregate_type: self.aggregate_type.clone(),
             ids: self.ids.clone(),
-            kafka: KafkaConfig {
-                brokers: self.kafka_brokers.trim().to_owned(),
-                options,
-                create_topics: false,
-                topic_partitions: None,
-                topic_replication_factor: None,
-            },
+            kafka: self.kafka.kafka_config()?,
             topic_template,
             allowed_topics,
             timeout: self.timeout,
@@ -265,18 +281,9 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub until: Option<String>,
 
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "OUTBOX_KAFKA_BROKERS")]
-    pub kafka_brokers: String,
-
-    /// A librdkafka setting as key=value, verbatim; repeatable (the
-    /// security settings the relay uses; producer-only ones are ignored).
-    #[arg(long = "kafka-option")]
-    pub kafka_options: Vec<String>,
-
-    /// A file of librdkafka settings, one key=value per line.
-    #[arg(long, env = "OUTBOX_KAFKA_OPTIONS_FILE")]
-    pub kafka_options_file: Option<PathBuf>,
+    /// Kafka.
+    #[command(flatten)]
+    pub kafka: KafkaClientArgs,
 
     /// Topic template, as given to `run`.
     #[arg(
@@ -294,33 +301,13 @@ pub struct VerifyArgs {
 impl VerifyArgs {
     /// Validates the flags into what to verify.
     pub fn verify_config(&self) -> Result<crate::verify::VerifyConfig> {
-        use crate::kafka::config::{KafkaConfig, parse_kafka_option};
         run::validate_name("schema", "--schema (OUTBOX_SCHEMA)", &self.schema)?;
-        let options = kafka_option_strings(
-            self.kafka_options_file.as_deref(),
-            None,
-            &self.kafka_options,
-        )?
-        .iter()
-        .map(|o| parse_kafka_option(o))
-        .collect::<Result<Vec<_>>>()?;
-        if self.kafka_brokers.trim().is_empty() {
-            return Err(Error::Config(
-                "--kafka-brokers (OUTBOX_KAFKA_BROKERS) is empty".into(),
-            ));
-        }
         Ok(crate::verify::VerifyConfig {
             pg: self.database.pg_config()?,
             schema: self.schema.clone(),
             since: self.since.clone(),
             until: self.until.clone(),
-            kafka: KafkaConfig {
-                brokers: self.kafka_brokers.trim().to_owned(),
-                options,
-                create_topics: false,
-                topic_partitions: None,
-                topic_replication_factor: None,
-            },
+            kafka: self.kafka.kafka_config()?,
             topic_template: crate::pipeline::topic::TopicTemplate::parse(&self.topic_template)?,
             timeout: self.timeout,
         })
