@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The compatibility run: a core subset of the integration tests (delivery,
 # backfill order, restart and kill, TLS, search_path, status, standby,
-# failover)
+# failover, logical decoding messages, the Debezium layout)
 # against PostgreSQL 16, 17 and 18 (scripts/install-postgres-versions.sh);
 # scripts/test.sh runs the whole suite against 15. Extra arguments go to
 # the test binary.
@@ -17,6 +17,8 @@ subset=(
   operations::status_tells_healthy_from_degraded_and_broken
   operations::readiness_follows_the_slot_lock_and_a_standby_takes_over
   operations::a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17
+  compat::messages_and_rows_mixed_in_transactions_keep_commit_order
+  compat::a_debezium_outbox_table_is_relayed_as_debeziums_router_does
 )
 installed="$(scripts/install-postgres-versions.sh)"
 while read -r major bin; do
