@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 
 use crate::{Event, EventId, Outbox, Result};
 
-/// The prefix the write helper emits with and the relay listens for by
-/// default (`--message-prefix`).
+/// The prefix the write helper emits with; start the relay with
+/// `--message-prefix outbox` (messages are off there by default).
 pub const DEFAULT_MESSAGE_PREFIX: &str = "outbox";
 
 /// The version of the content format written by this library. The relay

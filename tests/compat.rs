@@ -131,7 +131,7 @@ async fn mixed_tx(f: &Fixture, items: &[(&str, u64, How)], commit: bool) -> Vec<
 async fn messages_and_rows_mixed_in_transactions_keep_commit_order() {
     use How::*;
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
+    let mut relay = f.relay().args(["--message-prefix", "outbox"]).spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
 
     let mut written = Vec::new();
@@ -166,7 +166,7 @@ async fn messages_and_rows_mixed_in_transactions_keep_commit_order() {
             f.read_through(&written.last().unwrap().id).await;
             relay.kill9().await;
             logs.push_str(&relay.logs());
-            relay = f.relay().spawn();
+            relay = f.relay().args(["--message-prefix", "outbox"]).spawn();
             relay.wait_log("streaming", Duration::from_secs(60)).await;
         }
     }
@@ -195,7 +195,7 @@ async fn messages_and_rows_mixed_in_transactions_keep_commit_order() {
     assert_all_arrived(&written, &records_after_stop);
     logs.push_str(&relay.logs());
     assert!(
-        logs.contains("skipping a message with another prefix"),
+        logs.contains("with a prefix other than --message-prefix"),
         "{logs}"
     );
     let messages = written.len();
@@ -208,7 +208,7 @@ async fn messages_and_rows_mixed_in_transactions_keep_commit_order() {
 async fn emitted_events_arrive_exactly_once_like_rows() {
     use How::*;
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
+    let mut relay = f.relay().args(["--message-prefix", "outbox"]).spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
     let mut written = Vec::new();
     written.extend(
@@ -232,6 +232,68 @@ async fn emitted_events_arrive_exactly_once_like_rows() {
     assert_exactly_once(&written, &f.read_to_end().await);
 }
 
+/// Item 2, the tableless setup as docs/compatibility.md gives it: a
+/// database with no outbox table, only the relay's bookkeeping table
+/// (`migrate --bookkeeping-only`) and an empty publication; events emitted
+/// with the helper arrive. Without `--message-prefix` the relay does not
+/// ask for messages at all.
+#[tokio::test]
+async fn the_tableless_outbox_needs_no_table() {
+    use crate::support::{Postgres, RelayBuilder, Tansu, unique};
+    let pg = Postgres::start();
+    let tansu = Tansu::start();
+    let url = pg.create_database(&unique("db")).await;
+    let out = std::process::Command::new(crate::support::relay::binary())
+        .args(["migrate", "--bookkeeping-only"])
+        .env("OUTBOX_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query("CREATE PUBLICATION outbox_pub")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let slot = unique("slot");
+    let aggregate_type = unique("agg");
+    let builder = RelayBuilder::new(&url, &tansu.brokers(), &slot);
+    // Off by default: the session does not ask for messages.
+    let mut relay = builder.spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    assert!(
+        relay.logs().contains("message_prefix=None"),
+        "{}",
+        relay.logs()
+    );
+    let mut relay = builder.clone().args(["--message-prefix", "outbox"]).spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let e = Event::new(&aggregate_type, "t1", "Happened", &json!({"n": n})).unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        outbox::emit(&mut tx, &e).await.unwrap();
+        tx.commit().await.unwrap();
+        ids.push(e.id().to_string());
+    }
+    let topic = format!("outbox.event.{aggregate_type}");
+    let records =
+        crate::support::consume(&tansu.brokers(), &[&topic], 3, Duration::from_secs(120)).await;
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+    assert!(
+        relay.logs().contains(r#"message_prefix=Some("outbox")"#),
+        "{}",
+        relay.logs()
+    );
+    let got: Vec<&str> = records.iter().map(|r| r.id()).collect();
+    assert_eq!(got, ids, "one partition per key: in commit order");
+    assert!(records.iter().all(|r| r.key.as_deref() == Some("t1")));
+}
+
 /// Item 2: an outbox message that cannot be relayed is a bad event like a
 /// bad row: under `stop` the relay names it and leaves the slot before it;
 /// under `dead-letter` it is parked (its raw content as the value) and the
@@ -240,25 +302,26 @@ async fn emitted_events_arrive_exactly_once_like_rows() {
 async fn an_unreadable_or_non_transactional_outbox_message_is_refused_by_name() {
     let f = Fixture::new().await;
     drop_row_checks(&f.pool).await;
-    let mut relay = f.relay().spawn();
+    let mut relay = f.relay().args(["--message-prefix", "outbox"]).spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
     let first = f.write_tx(&[("n1".into(), 1)]).await;
     f.read(1).await;
     assert!(relay.stop().await.success());
     let before = confirmed_flush(&f.url, &f.slot).await.unwrap();
 
-    let content = json!({"v": 1, "id": "nt-1", "aggregate_type": f.aggregate_type,
+    let nt = uuid::Uuid::now_v7().to_string();
+    let content = json!({"v": 1, "id": nt, "aggregate_type": f.aggregate_type,
         "aggregate_id": "n1", "event_type": "Happened", "payload": {}});
     sqlx::query("SELECT pg_logical_emit_message(false, 'outbox', convert_to($1, 'UTF8'))")
         .bind(content.to_string())
         .execute(&f.pool)
         .await
         .unwrap();
-    let mut relay = f.relay().spawn();
+    let mut relay = f.relay().args(["--message-prefix", "outbox"]).spawn();
     let status = relay.wait_exit(Duration::from_secs(60)).await;
     assert_eq!(status.code(), Some(1), "{}", relay.logs());
     let logs = relay.logs();
-    assert!(logs.contains("event nt-1"), "{logs}");
+    assert!(logs.contains(&format!("event {nt}")), "{logs}");
     assert!(logs.contains("transactional = false"), "{logs}");
     assert_eq!(confirmed_flush(&f.url, &f.slot).await, Some(before));
 
@@ -273,6 +336,7 @@ async fn an_unreadable_or_non_transactional_outbox_message_is_refused_by_name() 
     let dlt = format!("{}.dlt", f.topic());
     let mut relay = f
         .relay()
+        .args(["--message-prefix", "outbox"])
         .arg("--on-undeliverable=dead-letter")
         .arg(format!("--dead-letter-topic={dlt}"))
         .spawn();
@@ -283,16 +347,17 @@ async fn an_unreadable_or_non_transactional_outbox_message_is_refused_by_name() 
     assert_eq!(letters.len(), 2, "{letters:?}");
     let logs = relay.logs();
     // Partitions differ (a letter without a key), so found by content.
-    let nt = letters
+    let parked = letters
         .iter()
-        .find(|l| l.header("id") == Some("nt-1"))
+        .find(|l| l.header("id") == Some(nt.as_str()))
         .unwrap_or_else(|| panic!("{letters:?}\n{logs}"));
     assert!(
-        nt.header("outbox.error")
+        parked
+            .header("outbox.error")
             .is_some_and(|e| e.contains("transactional = false")),
-        "{nt:?}"
+        "{parked:?}"
     );
-    assert_eq!(nt.key.as_deref(), Some("n1"));
+    assert_eq!(parked.key.as_deref(), Some("n1"));
     let garbage = letters
         .iter()
         .find(|l| l.value.as_deref() == Some(&b"garbage"[..]))

@@ -165,12 +165,13 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_ADDITIONAL_PLACEMENT", default_value = "")]
     pub additional_placement: String,
 
-    /// Prefix of the logical decoding messages that are outbox events
-    /// (written by `outbox::emit`, the tableless outbox): the relay asks
-    /// pgoutput for messages and publishes those with this prefix exactly
-    /// like table rows. Messages with other prefixes are skipped. An empty
-    /// value stops asking for messages.
-    #[arg(long, env = "OUTBOX_MESSAGE_PREFIX", default_value = outbox::message::DEFAULT_MESSAGE_PREFIX)]
+    /// Publish logical decoding messages with this prefix as events
+    /// (written by `outbox::emit`, the tableless outbox) exactly like table
+    /// rows; messages with other prefixes are skipped with a warning. Off
+    /// (empty) by default: any database role may call
+    /// pg_logical_emit_message, so before turning this on revoke it from
+    /// PUBLIC and grant it to the writers (docs/compatibility.md).
+    #[arg(long, env = "OUTBOX_MESSAGE_PREFIX", default_value = "")]
     pub message_prefix: String,
 
     /// Serve Prometheus metrics (delivered events, lag, commit-to-ack latency) at

@@ -70,7 +70,10 @@ pub async fn run(
         .query(&format!(
             "SELECT schemaname, tablename, {}, {}, (SELECT a.atttypid::text FROM pg_catalog.pg_attribute a \
              WHERE a.attrelid = pg_catalog.format('%I.%I', schemaname, tablename)::pg_catalog.regclass \
-             AND a.attname = 'payload' AND NOT a.attisdropped) AS payload_type \
+             AND a.attname = 'payload' AND NOT a.attisdropped) AS payload_type, \
+             (SELECT a.atttypid::text FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid = pg_catalog.format('%I.%I', schemaname, tablename)::pg_catalog.regclass \
+             AND a.attname = 'aggregateid' AND NOT a.attisdropped) AS key_type \
              FROM pg_catalog.pg_publication_tables WHERE pubname = {} ORDER BY schemaname, tablename",
             column("seq"),
             column("created_at"),
@@ -85,6 +88,7 @@ pub async fn run(
             has_seq: t.get("has_seq") == Some("true"),
             has_created_at: t.get("has_created_at") == Some("true"),
             payload_type: t.get("payload_type").and_then(|o| o.parse().ok()),
+            key_type: t.get("key_type").and_then(|o| o.parse().ok()),
         })
         .collect();
     let first_seen = match snapshot {
@@ -225,6 +229,8 @@ struct Table {
     has_created_at: bool,
     /// The `payload` column's type oid (read as the Debezium layout needs).
     payload_type: Option<u32>,
+    /// The `aggregateid` column's type oid (the same).
+    key_type: Option<u32>,
 }
 
 impl Table {
@@ -367,8 +373,13 @@ impl Backfill<'_> {
                 return Ok(());
             };
             let columns = first.columns().to_vec();
-            let layout =
-                Layout::for_columns_as(&key, &columns, &self.cfg.table_layout, table.payload_type)?;
+            let layout = Layout::for_columns_as(
+                &key,
+                &columns,
+                &self.cfg.table_layout,
+                table.payload_type,
+                table.key_type,
+            )?;
             for row in &rows {
                 self.row(&layout, row, &columns, progress).await?;
                 if table.has_seq {
@@ -525,6 +536,7 @@ mod tests {
             has_seq: true,
             has_created_at: true,
             payload_type: None,
+            key_type: None,
         };
         let seen = FirstSeen {
             // Epoch 1: the in-progress ids are compared in their 32-bit form.

@@ -134,6 +134,15 @@ impl Debezium {
                      one that is not visible ASCII; choose another alias",
                 ));
             }
+            if parsed
+                .iter()
+                .any(|p: &Placement| p.header.eq_ignore_ascii_case(alias))
+            {
+                return Err(bad(
+                    "names a header another entry already names; each header once, or consumers \
+                     cannot tell which is meant",
+                ));
+            }
             parsed.push(Placement {
                 column: column.to_owned(),
                 header: alias.to_owned(),
@@ -146,9 +155,13 @@ impl Debezium {
         })
     }
 
-    /// The record key for an `aggregateid`.
-    pub fn key(&self, aggregate_id: &str) -> Bytes {
+    /// The record key for an `aggregateid` of the given type: under
+    /// JsonConverter an integer column is a JSON number (`42`), anything
+    /// else a JSON string (`"42"`), as Debezium writes them; the bytes
+    /// decide the partition, so they must be the same.
+    pub fn key(&self, aggregate_id: &str, integer: bool) -> Bytes {
         match self.converter {
+            Converter::Json if integer => Bytes::copy_from_slice(aggregate_id.as_bytes()),
             Converter::Json => json_string(aggregate_id).into(),
             Converter::String => Bytes::copy_from_slice(aggregate_id.as_bytes()),
         }
@@ -187,8 +200,12 @@ impl Debezium {
 
 /// The W3C trace headers in a Debezium `tracingspancontext` value (a Java
 /// properties text: `key=value` lines, `#` comments).
+/// A key given twice keeps its last value, as Java's Properties does (and
+/// a record never carries two `traceparent` headers).
 pub fn span_context(text: &str) -> Vec<(String, String)> {
-    text.lines()
+    let mut found: Vec<(String, String)> = Vec::new();
+    let pairs = text
+        .lines()
         .filter_map(|line| line.split_once('='))
         .filter(|(k, _)| matches!(k.trim(), "traceparent" | "tracestate"))
         // Java properties escape `=` and `:` in values (`congo\=t61`).
@@ -196,8 +213,12 @@ pub fn span_context(text: &str) -> Vec<(String, String)> {
             let v = v.trim().replace("\\=", "=").replace("\\:", ":");
             (k.trim().to_owned(), v)
         })
-        .filter(|(_, v)| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
-        .collect()
+        .filter(|(_, v)| !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+    for (k, v) in pairs {
+        found.retain(|(seen, _)| *seen != k);
+        found.push((k, v));
+    }
+    found
 }
 
 fn json_string(s: &str) -> Vec<u8> {
@@ -260,7 +281,8 @@ mod tests {
             &json.value(&payload, PayloadKind::Json).unwrap()[..],
             br#""{\"id\": 1, \"s\": \"a\\\"b\"}""#
         );
-        assert_eq!(&json.key("1")[..], br#""1""#);
+        assert_eq!(&json.key("1", false)[..], br#""1""#);
+        assert_eq!(&json.key("42", true)[..], b"42");
         let expanded = Debezium::new(Converter::Json, true, "").unwrap();
         assert_eq!(
             expanded.value(&payload, PayloadKind::Json).unwrap(),
@@ -277,7 +299,7 @@ mod tests {
         );
         let string = Debezium::new(Converter::String, false, "").unwrap();
         assert_eq!(string.value(&payload, PayloadKind::Json).unwrap(), payload);
-        assert_eq!(&string.key("1")[..], b"1");
+        assert_eq!(&string.key("1", false)[..], b"1");
         // bytea: base64 under JsonConverter, the bytes under StringConverter.
         assert_eq!(
             &json.value(&b("\\x00ff10"), PayloadKind::Bytea).unwrap()[..],
@@ -337,6 +359,7 @@ mod tests {
             ("type:header:outbox.error", "sets itself"),
             ("type:header:event type", "not visible ASCII"),
             (":header:x", "no column name"),
+            ("a:header:x,b:header:X", "already names"),
         ] {
             let err = Debezium::new(Converter::Json, false, bad)
                 .unwrap_err()
@@ -364,5 +387,7 @@ mod tests {
         );
         assert_eq!(got.len(), 2);
         assert!(span_context("garbage\nno equals").is_empty());
+        let twice = span_context("traceparent=00-a\ntraceparent=00-b\n");
+        assert_eq!(twice, vec![("traceparent".to_owned(), "00-b".to_owned())]);
     }
 }

@@ -149,6 +149,8 @@ pub struct Layout {
 struct DebeziumColumns {
     settings: Arc<Debezium>,
     payload: PayloadKind,
+    /// Whether `aggregateid` is an integer column (a JSON number key).
+    integer_key: bool,
     span_context: Option<usize>,
     /// Placed columns: position and header name.
     placements: Vec<(usize, String)>,
@@ -166,12 +168,13 @@ impl Layout {
     pub fn from_relation_as(rel: &Relation, kind: &TableLayout) -> Result<Self> {
         let table = format!("{}.{}", printable(&rel.namespace), printable(&rel.name));
         let names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
-        let payload_oid = rel
-            .columns
-            .iter()
-            .find(|c| c.name == "payload")
-            .map(|c| c.type_oid);
-        Self::with_kind(table, &names, kind, payload_oid)
+        let oid = |name: &str| {
+            rel.columns
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.type_oid)
+        };
+        Self::with_kind(table, &names, kind, oid("payload"), oid("aggregateid"))
     }
 
     /// Maps the columns of a `SELECT * FROM outbox` result under `kind`;
@@ -181,9 +184,10 @@ impl Layout {
         columns: &[String],
         kind: &TableLayout,
         payload_oid: Option<u32>,
+        key_oid: Option<u32>,
     ) -> Result<Self> {
         let names: Vec<&str> = columns.iter().map(String::as_str).collect();
-        Self::with_kind(table.to_owned(), &names, kind, payload_oid)
+        Self::with_kind(table.to_owned(), &names, kind, payload_oid, key_oid)
     }
 
     fn with_kind(
@@ -191,6 +195,7 @@ impl Layout {
         names: &[&str],
         kind: &TableLayout,
         payload_oid: Option<u32>,
+        key_oid: Option<u32>,
     ) -> Result<Self> {
         let settings = match kind {
             TableLayout::Native => return Self::from_names(table, names),
@@ -236,6 +241,8 @@ impl Layout {
             debezium: Some(DebeziumColumns {
                 settings: settings.clone(),
                 payload: PayloadKind::from_oid(payload_oid),
+                // int2, int4, int8.
+                integer_key: matches!(key_oid, Some(20 | 21 | 23)),
                 span_context: find("tracingspancontext"),
                 placements,
             }),
@@ -411,7 +418,7 @@ impl Layout {
                 headers.extend(crate::pipeline::debezium::span_context(&context));
             }
             return Ok(OutboxEvent {
-                key: Some(d.settings.key(&aggregate_id)),
+                key: Some(d.settings.key(&aggregate_id, d.integer_key)),
                 id: id.clone(),
                 aggregate_type,
                 aggregate_id,
@@ -671,6 +678,21 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(ev.key(), br#""7""#);
+        // A bigint aggregateid is a JSON number under JsonConverter.
+        let mut bigint = relation(&full);
+        bigint.columns[2].type_oid = 20;
+        let numeric = Layout::from_relation_as(&bigint, &kind).unwrap();
+        let ev7 = numeric
+            .event(&[
+                t("e1"),
+                t("Order"),
+                t("7"),
+                t("Created"),
+                t("{}"),
+                Cell::Null,
+            ])
+            .unwrap();
+        assert_eq!(ev7.key(), b"7");
         let names: Vec<&str> = ev.record_headers().map(|(k, _)| k).collect();
         assert_eq!(names, ["id", "eventType"]);
         let err = Layout::from_relation_as(&relation(&full[..5]), &kind).unwrap_err();

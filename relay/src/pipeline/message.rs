@@ -81,7 +81,17 @@ impl Messages {
             opt(parsed.topic.as_deref()),
             opt(parsed.trace_context.as_deref()),
         ];
-        let event = if transactional {
+        let event = if outbox::EventId::parse(&parsed.id).is_err() {
+            // The table's `uuid` column enforces this for rows; consumers
+            // (outbox::Envelope, inboxes) deduplicate on a UUID.
+            Err(Error::BadEvent {
+                event_id: printable(&parsed.id).into_owned(),
+                reason: format!(
+                    "it is one of the {} but its `id` is not a UUID; outbox::emit writes UUIDv7 ids",
+                    self.layout.table()
+                ),
+            })
+        } else if transactional {
             self.layout.event(&cells)
         } else {
             Err(Error::BadEvent {
@@ -140,21 +150,30 @@ mod tests {
         assert!(err.to_string().contains("not an outbox event"), "{err}");
         assert_eq!(letter.unwrap().value.as_deref(), Some(&b"hello"[..]));
 
-        let content = br#"{"v":1,"id":"e-1","aggregate_type":"o","aggregate_id":"1","event_type":"t","payload":{}}"#;
+        let content = br#"{"v":1,"id":"01a208c7-0cb3-7158-aba7-278fd39b5166","aggregate_type":"o","aggregate_id":"1","event_type":"t","payload":{}}"#;
         let (err, letter) = m.event(false, content);
         let err = err.unwrap_err();
-        assert!(err.to_string().contains("event e-1"), "{err}");
+        let id = "01a208c7-0cb3-7158-aba7-278fd39b5166";
+        assert!(err.to_string().contains(id), "{err}");
         assert!(err.to_string().contains("transactional = false"), "{err}");
         let letter = letter.unwrap();
-        assert_eq!(letter.event_id, "e-1");
-        assert!(letter.headers.iter().any(|(k, v)| k == "id" && v == b"e-1"));
+        assert_eq!(letter.event_id, id);
+        assert!(
+            letter
+                .headers
+                .iter()
+                .any(|(k, v)| k == "id" && v == id.as_bytes())
+        );
+        // An id that is not a UUID, as the table's column would refuse it.
+        let (err, _) = m.event(true, br#"{"v":1,"id":"e-1","aggregate_type":"o","aggregate_id":"1","event_type":"t","payload":{}}"#);
+        assert!(err.unwrap_err().to_string().contains("not a UUID"));
 
         // Readable content, but one the row checks refuse: same rules as a table.
-        let spoof = br#"{"v":1,"id":"e-2","aggregate_type":"o","aggregate_id":"1","event_type":"t","payload":{},"headers":{"id":"x"}}"#;
+        let spoof = br#"{"v":1,"id":"01a208c7-0cb3-7158-aba7-278fd39b5167","aggregate_type":"o","aggregate_id":"1","event_type":"t","payload":{},"headers":{"id":"x"}}"#;
         let (err, letter) = m.event(true, spoof);
         let err = err.unwrap_err();
         assert!(err.to_string().contains("sets itself"), "{err}");
-        assert!(err.to_string().contains("event e-2"), "{err}");
+        assert!(err.to_string().contains("5167"), "{err}");
         let letter = letter.unwrap();
         assert_eq!(letter.key.as_deref(), Some(&b"1"[..]));
     }

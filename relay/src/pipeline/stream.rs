@@ -69,7 +69,7 @@ pub async fn run(
             _ => {}
         }
     }
-    tracing::info!(slot = %cfg.slot, start_lsn = %start_lsn, "streaming");
+    tracing::info!(slot = %cfg.slot, start_lsn = %start_lsn, message_prefix = ?cfg.message_prefix, "streaming");
 
     let progress = Progress::start(publisher.ledger(), start_lsn, cfg.max_in_flight);
     metrics.session_started();
@@ -79,6 +79,7 @@ pub async fn run(
         cfg,
         layouts: HashMap::new(),
         messages: cfg.message_prefix.as_deref().map(Messages::new),
+        other_prefixes: std::collections::HashSet::new(),
         in_transaction: false,
         commit_ts: None,
         progress,
@@ -111,6 +112,8 @@ struct Session<'a> {
     layouts: HashMap<u32, Layout>,
     /// Which logical decoding messages are events, when asked for.
     messages: Option<Messages>,
+    /// Other prefixes seen this session (warned about once each).
+    other_prefixes: std::collections::HashSet<bytes::Bytes>,
     in_transaction: bool,
     /// Commit time of the open transaction, for the latency metric.
     commit_ts: Option<i64>,
@@ -399,7 +402,16 @@ impl Session<'_> {
                 content,
             } => {
                 let Some(messages) = self.messages.as_ref().filter(|m| m.is_ours(&prefix)) else {
-                    tracing::debug!(lsn = %lsn, prefix = %String::from_utf8_lossy(&prefix).escape_debug(), "skipping a message with another prefix");
+                    // Said once per prefix and session: a writer whose
+                    // prefix differs from --message-prefix loses every
+                    // event it emits, which must not stay silent.
+                    let shown = String::from_utf8_lossy(&prefix).escape_debug().to_string();
+                    if self.other_prefixes.len() < 64 && self.other_prefixes.insert(prefix.clone())
+                    {
+                        tracing::warn!(lsn = %lsn, prefix = %shown, "skipping logical decoding messages with a prefix other than --message-prefix; if these are outbox events, their writer and the relay disagree on the prefix and they are not published");
+                    } else {
+                        tracing::debug!(lsn = %lsn, prefix = %shown, "skipping a message with another prefix");
+                    }
                     return Ok(());
                 };
                 // A non-transactional message arrives outside any
@@ -411,6 +423,7 @@ impl Session<'_> {
             }
             LogicalMessage::Commit { end_lsn, .. } => {
                 self.in_transaction = false;
+                self.commit_ts = None;
                 if end_lsn > self.last_position {
                     self.position(end_lsn);
                 }
