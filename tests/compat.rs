@@ -232,17 +232,10 @@ async fn emitted_events_arrive_exactly_once_like_rows() {
     assert_exactly_once(&written, &f.read_to_end().await);
 }
 
-/// Item 2, the tableless setup as docs/compatibility.md gives it: a
-/// database with no outbox table, only the relay's bookkeeping table
-/// (`migrate --bookkeeping-only`) and an empty publication; events emitted
-/// with the helper arrive. Without `--message-prefix` the relay does not
-/// ask for messages at all.
-#[tokio::test]
-async fn the_tableless_outbox_needs_no_table() {
-    use crate::support::{Postgres, RelayBuilder, Tansu, unique};
-    let pg = Postgres::start();
-    let tansu = Tansu::start();
-    let url = pg.create_database(&unique("db")).await;
+/// A new database with nothing but the relay's bookkeeping table, made by
+/// `outbox-relay migrate --bookkeeping-only`: its URL and a pool.
+async fn bookkeeping_only_database(pg: &crate::support::Postgres) -> (String, sqlx::PgPool) {
+    let url = pg.create_database(&crate::support::unique("db")).await;
     let out = std::process::Command::new(crate::support::relay::binary())
         .args(["migrate", "--bookkeeping-only"])
         .env("OUTBOX_DATABASE_URL", &url)
@@ -254,6 +247,20 @@ async fn the_tableless_outbox_needs_no_table() {
         String::from_utf8_lossy(&out.stderr)
     );
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    (url, pool)
+}
+
+/// Item 2, the tableless setup as docs/compatibility.md gives it: a
+/// database with no outbox table, only the relay's bookkeeping table
+/// (`migrate --bookkeeping-only`) and an empty publication; events emitted
+/// with the helper arrive. Without `--message-prefix` the relay does not
+/// ask for messages at all.
+#[tokio::test]
+async fn the_tableless_outbox_needs_no_table() {
+    use crate::support::{Postgres, RelayBuilder, Tansu, unique};
+    let pg = Postgres::start();
+    let tansu = Tansu::start();
+    let (url, pool) = bookkeeping_only_database(&pg).await;
     sqlx::query("CREATE PUBLICATION outbox_pub")
         .execute(&pool)
         .await
@@ -386,18 +393,7 @@ async fn a_debezium_outbox_table_is_relayed_as_debeziums_router_does() {
     use crate::support::{Postgres, RelayBuilder, Tansu, unique};
     let pg = Postgres::start();
     let tansu = Tansu::start();
-    let url = pg.create_database(&unique("db")).await;
-    let out = std::process::Command::new(crate::support::relay::binary())
-        .args(["migrate", "--bookkeeping-only"])
-        .env("OUTBOX_DATABASE_URL", &url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let (url, pool) = bookkeeping_only_database(&pg).await;
     // The bookkeeping table has exactly the migrations' shape.
     let migrated = pg.create_migrated_database(&unique("db")).await;
     let migrated = sqlx::PgPool::connect(&migrated).await.unwrap();
