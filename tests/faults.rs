@@ -211,7 +211,9 @@ async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
         Duration::ZERO,
     )
     .await;
-    // Wait until the slot confirmed everything so far, then take the broker down.
+    // Wait until the relay recorded its last event (its own WAL) and the
+    // slot confirmed everything so far, then take the broker down.
+    crate::support::postgres::wait_recorded(&pool, &slot).await;
     let caught_up = current_lsn(&pool).await;
     wait_confirmed(&url, &slot, &caught_up, "the slot to catch up").await;
     mock.broker_down(1).unwrap();
@@ -273,6 +275,10 @@ async fn a_broker_restart_with_durable_storage_loses_nothing() {
     )
     .await;
 
+    // The relay's bookkeeping write for the 300th event is WAL of its own,
+    // which the slot may rightly confirm: wait for it, so that the mark
+    // taken next has only the outage's events after it.
+    crate::support::postgres::wait_recorded(&pool, &slot).await;
     tansu.stop();
     let down_at = current_lsn(&pool).await;
     for i in 0..6 {
