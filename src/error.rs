@@ -59,6 +59,18 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// The value is not a W3C `tracestate`.
+    #[error(
+        "invalid tracestate `{value}`: {reason}; expected a W3C tracestate such as \
+         `vendor1=opaque1,vendor2=opaque2`"
+    )]
+    InvalidTraceState {
+        /// The refused value.
+        value: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
     /// The trace context is not a W3C `traceparent` value.
     #[error(
         "invalid trace context `{value}`: {reason}; expected a W3C traceparent such as \

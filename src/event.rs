@@ -156,6 +156,10 @@ impl Event {
         if event.payload.contains("\\u0000") {
             return Err(Error::NulCharacter { field: "payload" });
         }
+        // The event belongs to the operation that creates it: with the
+        // feature on, it carries that operation's trace to the consumer.
+        #[cfg(feature = "opentelemetry")]
+        let event = event.with_otel_context(&opentelemetry::Context::current());
         Ok(event)
     }
 
@@ -219,6 +223,46 @@ impl Event {
         }
         self.trace_context = Some(value);
         Ok(self)
+    }
+
+    /// Attaches a W3C `tracestate` (the vendors' data that travels with the
+    /// traceparent), forwarded as the Kafka header `tracestate`.
+    pub fn with_trace_state(self, tracestate: impl Into<String>) -> Result<Self> {
+        let value = tracestate.into();
+        if let Err(reason) = check_tracestate(&value) {
+            return Err(Error::InvalidTraceState { value, reason });
+        }
+        self.with_header(TRACESTATE, value)
+    }
+
+    /// Takes the trace context of the span active in `cx`: its `traceparent`,
+    /// and its `tracestate` when there is one (an empty one removes a
+    /// `tracestate` header set before). Without a valid span in `cx` the
+    /// event is unchanged. [`Event::new`] calls this with
+    /// `opentelemetry::Context::current()`, so an event created inside a
+    /// span (an OpenTelemetry one, or a `tracing` span under
+    /// `tracing-opentelemetry`) is traced without further code.
+    #[cfg(feature = "opentelemetry")]
+    pub fn with_otel_context(mut self, cx: &opentelemetry::Context) -> Self {
+        use opentelemetry::trace::TraceContextExt;
+        let span = cx.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return self;
+        }
+        self.trace_context = Some(format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        ));
+        let state = sc.trace_state().header();
+        if state.is_empty() || check_tracestate(&state).is_err() {
+            self.headers.remove(TRACESTATE);
+        } else {
+            self.headers.insert(TRACESTATE.to_owned(), state);
+        }
+        self
     }
 
     /// The event's id.
@@ -288,6 +332,35 @@ fn check_text(field: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// The header that carries the W3C `tracestate` next to `traceparent`.
+const TRACESTATE: &str = "tracestate";
+
+/// A W3C `tracestate`: at most 32 comma-separated `key=value` members,
+/// printable ASCII, at most 512 characters (what propagators must pass on).
+fn check_tracestate(value: &str) -> Result<(), &'static str> {
+    if value.is_empty() || value.len() > 512 {
+        return Err("a tracestate has 1 to 512 characters");
+    }
+    if !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err("a tracestate is printable ASCII");
+    }
+    let members: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .collect();
+    if members.is_empty() || members.len() > 32 {
+        return Err("a tracestate has 1 to 32 members");
+    }
+    if members.iter().any(|m| match m.split_once('=') {
+        Some((k, v)) => k.is_empty() || v.is_empty(),
+        None => true,
+    }) {
+        return Err("each tracestate member is `key=value`");
+    }
+    Ok(())
+}
+
 /// `version-traceid-parentid-flags`, lowercase hex, ids not all zero.
 fn check_traceparent(value: &str) -> Result<(), &'static str> {
     let parts: Vec<&str> = value.split('-').collect();
@@ -321,6 +394,79 @@ mod tests {
 
     fn event() -> Event {
         Event::new("order", "42", "OrderPlaced", &json!({"total": 1})).unwrap()
+    }
+
+    #[test]
+    fn a_tracestate_is_checked_and_sent_as_a_header() {
+        let e = event().with_trace_state("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7");
+        assert_eq!(
+            e.unwrap().headers().get("tracestate").map(String::as_str),
+            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+        );
+        for bad in ["", "novalue", "=v", "k=", "k=v\n", &"k=v,".repeat(40)] {
+            let err = event().with_trace_state(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("invalid tracestate"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[cfg(feature = "opentelemetry")]
+    #[test]
+    fn an_event_created_in_a_span_carries_its_trace_context() {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        use std::str::FromStr;
+        // Outside any span: no trace context, no tracestate.
+        let plain = event();
+        assert_eq!(plain.trace_context(), None);
+        assert!(plain.headers().is_empty());
+
+        let sc = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::from_str("congo=t61rcWkgMzE").unwrap(),
+        );
+        let cx = opentelemetry::Context::new().with_remote_span_context(sc);
+        let traced = {
+            let _attached = cx.clone().attach();
+            event()
+        };
+        assert_eq!(
+            traced.trace_context(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert_eq!(
+            traced.headers().get("tracestate").map(String::as_str),
+            Some("congo=t61rcWkgMzE")
+        );
+        // The format is the one the relay and consumers parse.
+        assert!(check_traceparent(traced.trace_context().unwrap()).is_ok());
+
+        // A context without tracestate clears one taken before; an invalid
+        // span context changes nothing.
+        let unsampled = SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::default(),
+            true,
+            TraceState::default(),
+        );
+        let moved = traced
+            .with_otel_context(&opentelemetry::Context::new().with_remote_span_context(unsampled));
+        assert_eq!(
+            moved.trace_context(),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")
+        );
+        assert!(moved.headers().get("tracestate").is_none());
+        let same = moved
+            .clone()
+            .with_otel_context(&opentelemetry::Context::new());
+        assert_eq!(same, moved);
     }
 
     #[test]
