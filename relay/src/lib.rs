@@ -18,6 +18,7 @@ pub mod postgres;
 pub mod prune;
 pub mod replay;
 pub mod status;
+pub mod traces;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -88,14 +88,19 @@ async fn dispatch(command: Command) -> outbox_relay::Result<ExitCode> {
             return Ok(ExitCode::from(status.health.exit_code()));
         }
         Command::Run(args) => {
-            let cfg = args.relay_config()?;
+            let mut cfg = args.relay_config()?;
             let pruner = args.pruner()?;
+            cfg.traces = outbox_relay::traces::Traces::start(&args.traces_config()?)?;
+            let traces = cfg.traces.clone();
             let token = CancellationToken::new();
             tokio::spawn(cancel_on_signal(token.clone()));
             if let Some((prune, every)) = pruner {
                 tokio::spawn(outbox_relay::prune::every(prune, every, token.clone()));
             }
-            outbox_relay::run(cfg, token).await?;
+            let result = outbox_relay::run(cfg, token).await;
+            // Exports the spans still buffered, whatever the outcome.
+            traces.shutdown();
+            result?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -12,6 +12,7 @@ use crate::pipeline::config::{RelayConfig, validate_slot_name};
 use crate::pipeline::debezium::{Converter, Debezium};
 use crate::pipeline::event::TableLayout;
 use crate::pipeline::topic::{AllowedTopics, TopicTemplate};
+use crate::traces::{Traces, TracesConfig, TracesExporter};
 use crate::{Error, Result};
 
 /// Flags of `outbox-relay run`.
@@ -217,6 +218,19 @@ pub struct RunArgs {
     /// Time allowed on SIGTERM/SIGINT for Kafka to acknowledge what was sent.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Where the relay's own spans go (one per published transaction that
+    /// carries trace context, as a child of the writer's span): `none`,
+    /// `console` (one JSON object per line) or `otlp` (OTLP/HTTP to
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT).
+    /// The `traceparent`/`tracestate` headers are forwarded either way.
+    #[arg(long, env = "OTEL_TRACES_EXPORTER", value_enum, default_value_t)]
+    pub traces_exporter: TracesExporter,
+
+    /// With `--traces-exporter console`: append the spans to this file
+    /// instead of stdout.
+    #[arg(long, env = "OUTBOX_TRACES_FILE")]
+    pub traces_file: Option<std::path::PathBuf>,
 }
 
 /// The policy for events Kafka will not take.
@@ -229,6 +243,21 @@ pub enum Undeliverable {
 }
 
 impl RunArgs {
+    /// Where spans go, checked.
+    pub fn traces_config(&self) -> Result<TracesConfig> {
+        if self.traces_file.is_some() && self.traces_exporter != TracesExporter::Console {
+            return Err(Error::Config(
+                "--traces-file (OUTBOX_TRACES_FILE) is only used by --traces-exporter console; \
+                 set that exporter or drop the file"
+                    .into(),
+            ));
+        }
+        Ok(TracesConfig {
+            exporter: self.traces_exporter,
+            file: self.traces_file.clone(),
+        })
+    }
+
     /// The built-in pruner's settings and interval, when one was asked for.
     pub fn pruner(&self) -> Result<Option<(crate::prune::PruneConfig, Duration)>> {
         if self.prune_older_than.is_none() && self.prune_inbox_older_than.is_none() {
@@ -374,6 +403,7 @@ impl RunArgs {
             table_layout,
             message_prefix: (!args.message_prefix.is_empty()).then(|| args.message_prefix.clone()),
             metrics_addr: args.metrics_addr,
+            traces: Traces::disabled(),
         })
     }
 }

@@ -52,6 +52,9 @@ pub struct RelayConfig {
     /// The prefix of logical decoding messages that are outbox events;
     /// `None`: messages are not asked for.
     pub message_prefix: Option<String>,
+    /// The relay's tracer: a span per transaction with trace context
+    /// (disabled unless an exporter was started).
+    pub traces: crate::traces::Traces,
     /// Where to serve metrics.
     pub metrics_addr: Option<std::net::SocketAddr>,
 }

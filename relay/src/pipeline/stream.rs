@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
+use opentelemetry::KeyValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -22,6 +23,7 @@ use crate::pipeline::route;
 use crate::postgres::connection::{Backend, Connection, quote_ident, quote_literal};
 use crate::postgres::lsn::Lsn;
 use crate::postgres::time::pg_now_us;
+use crate::traces::TransactionTrace;
 use crate::{Error, Result};
 
 /// Streams from the slot until `token` is cancelled (returns `Ok`) or a
@@ -82,6 +84,7 @@ pub async fn run(
         other_prefixes: std::collections::HashSet::new(),
         in_transaction: false,
         commit_ts: None,
+        trace: None,
         progress,
         metrics: metrics.clone(),
         last_position: start_lsn,
@@ -117,6 +120,8 @@ struct Session<'a> {
     in_transaction: bool,
     /// Commit time of the open transaction, for the latency metric.
     commit_ts: Option<i64>,
+    /// The trace contexts of the open transaction (when spans are exported).
+    trace: Option<TransactionTrace>,
     /// Tickets handed out, and the positions waiting on them.
     progress: Progress,
     metrics: Arc<Metrics>,
@@ -369,6 +374,7 @@ impl Session<'_> {
             } => {
                 self.in_transaction = true;
                 self.commit_ts = Some(commit_ts);
+                self.trace = self.cfg.traces.transaction();
                 // Saturating: the commit time is the server's value, not ours.
                 self.metrics.received(pg_now_us().saturating_sub(commit_ts));
                 tracing::trace!(xid, final_lsn = %final_lsn, "begin");
@@ -421,9 +427,24 @@ impl Session<'_> {
                 self.publish_one(event, letter, lsn, publisher, token)
                     .await?;
             }
-            LogicalMessage::Commit { end_lsn, .. } => {
+            LogicalMessage::Commit {
+                end_lsn,
+                commit_lsn,
+                ..
+            } => {
                 self.in_transaction = false;
                 self.commit_ts = None;
+                if let Some(trace) = self.trace.take() {
+                    // Ends when the transaction's events are with the
+                    // producer; Kafka's acknowledgements come later.
+                    self.cfg.traces.finish(
+                        trace,
+                        vec![
+                            KeyValue::new("outbox.slot", self.cfg.slot.clone()),
+                            KeyValue::new("outbox.commit_lsn", commit_lsn.to_string()),
+                        ],
+                    );
+                }
                 if end_lsn > self.last_position {
                     self.position(end_lsn);
                 }
@@ -446,6 +467,14 @@ impl Session<'_> {
         publisher: &mut Publisher,
         token: &CancellationToken,
     ) -> Result<()> {
+        if let (Some(trace), Ok(event)) = (self.trace.as_mut(), &event) {
+            let tracestate = event
+                .headers
+                .iter()
+                .find(|(k, _)| k == "tracestate")
+                .map(|(_, v)| v.as_str());
+            trace.observe(event.trace_context.as_deref(), tracestate);
+        }
         if let Ok(event) = &event
             && publisher.is_suspect(&event.id)
         {

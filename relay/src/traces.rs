@@ -1,0 +1,383 @@
+//! Traces: the relay's own OpenTelemetry span for each transaction it
+//! publishes, continuing the W3C trace context its writers attached, and the
+//! exporter those spans go to (`--traces-exporter`).
+//!
+//! The relay forwards each event's `traceparent` and `tracestate` headers
+//! unchanged, so a consumer continues the writer's trace whether or not the
+//! relay exports anything. With an exporter configured, each transaction
+//! holding at least one traced event gets a span: a child of the first
+//! traced event's context, linked to every other distinct context in the
+//! transaction (one transaction may carry events of several requests).
+//! Transactions without trace context get no span: there is no trace to
+//! continue, and a root span per transaction would be noise.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry::trace::{
+    Link, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
+    TracerProvider,
+};
+use opentelemetry::{KeyValue, Value};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter};
+
+use crate::{Error, Result};
+
+/// Where the relay's spans go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TracesExporter {
+    /// No spans (trace headers are still forwarded).
+    #[default]
+    None,
+    /// One JSON object per span and line, on stdout or `--traces-file`.
+    Console,
+    /// OTLP over HTTP (protobuf) to `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (default `http://localhost:4318`).
+    Otlp,
+}
+
+/// How to export spans.
+#[derive(Clone, Debug, Default)]
+pub struct TracesConfig {
+    /// The exporter.
+    pub exporter: TracesExporter,
+    /// For the console exporter: append to this file instead of stdout.
+    pub file: Option<PathBuf>,
+}
+
+/// The relay's tracer: cheap to clone; disabled unless an exporter is set.
+#[derive(Clone, Debug, Default)]
+pub struct Traces {
+    inner: Option<(SdkTracerProvider, SdkTracer)>,
+}
+
+impl Traces {
+    /// No spans.
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// Starts the exporter `cfg` names. Spans are batched on a thread of
+    /// their own (`OTEL_BSP_*` tune it); [`shutdown`](Self::shutdown)
+    /// exports what is left.
+    pub fn start(cfg: &TracesConfig) -> Result<Self> {
+        let builder = SdkTracerProvider::builder().with_resource(resource());
+        let provider = match cfg.exporter {
+            TracesExporter::None => return Ok(Self::disabled()),
+            TracesExporter::Console => {
+                let out: Box<dyn Write + Send> = match &cfg.file {
+                    Some(path) => Box::new(open_append(path)?),
+                    None => Box::new(std::io::stdout()),
+                };
+                builder.with_batch_exporter(JsonLines {
+                    out: Mutex::new(out),
+                })
+            }
+            TracesExporter::Otlp => {
+                use opentelemetry_otlp::WithExportConfig;
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .build()
+                    .map_err(|err| {
+                        Error::Config(format!(
+                            "cannot set up the OTLP trace exporter: {err}; check \
+                             OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT"
+                        ))
+                    })?;
+                builder.with_batch_exporter(exporter)
+            }
+        }
+        .build();
+        let tracer = provider.tracer("outbox-relay");
+        Ok(Self {
+            inner: Some((provider, tracer)),
+        })
+    }
+
+    /// Whether spans are recorded.
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// A new transaction's trace, or `None` when disabled.
+    pub fn transaction(&self) -> Option<TransactionTrace> {
+        self.inner.as_ref().map(|_| TransactionTrace {
+            start: SystemTime::now(),
+            parent: None,
+            links: Vec::new(),
+            events: 0,
+        })
+    }
+
+    /// Ends `trace` now: records its span if it had a traced event.
+    pub fn finish(&self, trace: TransactionTrace, attributes: Vec<KeyValue>) {
+        let (Some((_, tracer)), Some(parent)) = (self.inner.as_ref(), trace.parent) else {
+            return;
+        };
+        let mut all = attributes;
+        all.push(KeyValue::new("messaging.system", "kafka"));
+        all.push(KeyValue::new("messaging.operation.type", "send"));
+        all.push(KeyValue::new(
+            "messaging.batch.message_count",
+            Value::I64(trace.events as i64),
+        ));
+        let cx = opentelemetry::Context::new().with_remote_span_context(parent);
+        let span = tracer
+            .span_builder("outbox-relay transaction")
+            .with_kind(SpanKind::Producer)
+            .with_start_time(trace.start)
+            .with_links(
+                trace
+                    .links
+                    .into_iter()
+                    .map(|sc| Link::with_context(sc))
+                    .collect(),
+            )
+            .with_attributes(all)
+            .start_with_context(tracer, &cx);
+        opentelemetry::trace::Span::end(&mut { span });
+    }
+
+    /// Exports the spans still buffered (bounded by the SDK's own timeout).
+    pub fn shutdown(&self) {
+        if let Some((provider, _)) = &self.inner
+            && let Err(err) = provider.shutdown()
+        {
+            tracing::warn!(error = %err, "could not export every span before exit");
+        }
+    }
+}
+
+/// The trace contexts seen in one transaction.
+#[derive(Debug)]
+pub struct TransactionTrace {
+    start: SystemTime,
+    parent: Option<SpanContext>,
+    links: Vec<SpanContext>,
+    events: u64,
+}
+
+/// At most this many links per span (the SDK's default limit).
+const MAX_LINKS: usize = 128;
+
+impl TransactionTrace {
+    /// Counts one event and takes its trace context, if it has a valid one.
+    /// An invalid `traceparent` is still forwarded as written, but does
+    /// not parent or link a span.
+    pub fn observe(&mut self, traceparent: Option<&str>, tracestate: Option<&str>) {
+        self.events += 1;
+        let Some(sc) = traceparent.and_then(|tp| parse_traceparent(tp, tracestate)) else {
+            return;
+        };
+        let same = |other: &SpanContext| {
+            other.trace_id() == sc.trace_id() && other.span_id() == sc.span_id()
+        };
+        match &self.parent {
+            None => self.parent = Some(sc),
+            Some(parent) if same(parent) => {}
+            Some(_) => {
+                if self.links.len() < MAX_LINKS && !self.links.iter().any(same) {
+                    self.links.push(sc);
+                }
+            }
+        }
+    }
+}
+
+/// A W3C `traceparent` (version 00, or a later version read as 00 as the
+/// recommendation asks) as a remote span context.
+fn parse_traceparent(value: &str, tracestate: Option<&str>) -> Option<SpanContext> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+        return None;
+    }
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    let sc = SpanContext::new(
+        TraceId::from_hex(trace).ok()?,
+        SpanId::from_hex(span).ok()?,
+        TraceFlags::new(u8::from_str_radix(flags, 16).ok()? & 1),
+        true,
+        tracestate
+            .and_then(|ts| TraceState::from_str(ts).ok())
+            .unwrap_or_default(),
+    );
+    sc.is_valid().then_some(sc)
+}
+
+fn resource() -> Resource {
+    let builder = Resource::builder();
+    // OTEL_SERVICE_NAME, when set, names the service; otherwise the relay
+    // is `outbox-relay` rather than the SDK's `unknown_service`.
+    if std::env::var_os("OTEL_SERVICE_NAME").is_some() {
+        builder.build()
+    } else {
+        builder.with_service_name("outbox-relay").build()
+    }
+}
+
+fn open_append(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|err| {
+            Error::Config(format!(
+                "cannot open --traces-file {}: {err}; give a writable path",
+                path.display()
+            ))
+        })
+}
+
+/// The console exporter: one JSON object per span and line.
+struct JsonLines {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for JsonLines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JsonLines")
+    }
+}
+
+impl SpanExporter for JsonLines {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        let mut text = String::new();
+        for span in &batch {
+            text.push_str(&span_json(span).to_string());
+            text.push('\n');
+        }
+        let result = match self.out.lock() {
+            Ok(mut out) => out
+                .write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|err| OTelSdkError::InternalFailure(err.to_string())),
+            Err(_) => Err(OTelSdkError::InternalFailure("poisoned writer".into())),
+        };
+        std::future::ready(result)
+    }
+
+    fn shutdown_with_timeout(&mut self, _timeout: Duration) -> OTelSdkResult {
+        match self.out.lock() {
+            Ok(mut out) => out
+                .flush()
+                .map_err(|err| OTelSdkError::InternalFailure(err.to_string())),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+fn span_json(span: &SpanData) -> serde_json::Value {
+    let attributes: serde_json::Map<String, serde_json::Value> = span
+        .attributes
+        .iter()
+        .map(|kv| (kv.key.to_string(), value_json(&kv.value)))
+        .collect();
+    let links: Vec<serde_json::Value> = span
+        .links
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "trace_id": l.span_context.trace_id().to_string(),
+                "span_id": l.span_context.span_id().to_string(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "name": span.name,
+        "kind": format!("{:?}", span.span_kind).to_lowercase(),
+        "trace_id": span.span_context.trace_id().to_string(),
+        "span_id": span.span_context.span_id().to_string(),
+        "parent_span_id": (span.parent_span_id != SpanId::INVALID)
+            .then(|| span.parent_span_id.to_string()),
+        "trace_state": span.span_context.trace_state().header(),
+        "start_unix_nano": unix_nanos(span.start_time).to_string(),
+        "end_unix_nano": unix_nanos(span.end_time).to_string(),
+        "attributes": attributes,
+        "links": links,
+    })
+}
+
+fn value_json(value: &Value) -> serde_json::Value {
+    match value {
+        Value::Bool(b) => (*b).into(),
+        Value::I64(i) => (*i).into(),
+        Value::F64(f) => (*f).into(),
+        other => other.to_string().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn reads_w3c_traceparents_and_refuses_the_rest() {
+        let sc = parse_traceparent(TP, Some("congo=t61rcWkgMzE")).unwrap();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_sampled() && sc.is_remote());
+        assert_eq!(sc.trace_state().header(), "congo=t61rcWkgMzE");
+        // A later version with more fields is read as version 00.
+        assert!(parse_traceparent(&format!("01{}-extra", &TP[2..]), None).is_some());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "not a traceparent",
+        ] {
+            assert!(parse_traceparent(bad, None).is_none(), "{bad}");
+        }
+        // A bad tracestate does not lose the parent.
+        let sc = parse_traceparent(TP, Some("not a tracestate")).unwrap();
+        assert_eq!(sc.trace_state().header(), "");
+    }
+
+    #[test]
+    fn the_first_context_parents_and_the_others_link_once_each() {
+        let mut t = TransactionTrace {
+            start: SystemTime::now(),
+            parent: None,
+            links: Vec::new(),
+            events: 0,
+        };
+        let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        t.observe(None, None);
+        t.observe(Some("garbage"), None);
+        t.observe(Some(TP), None);
+        t.observe(Some(other), None);
+        t.observe(Some(TP), None);
+        t.observe(Some(other), None);
+        assert_eq!(t.events, 6);
+        assert_eq!(t.parent.unwrap().span_id().to_string(), "00f067aa0ba902b7");
+        assert_eq!(t.links.len(), 1);
+        assert_eq!(t.links[0].span_id().to_string(), "b7ad6b7169203331");
+    }
+}
