@@ -92,6 +92,53 @@ impl<'a> Envelope<'a> {
         })
     }
 
+    /// The writer's trace context as an OpenTelemetry context, for the
+    /// consumer's processing span to continue the trace: the `traceparent`
+    /// header as a remote parent, with the `tracestate` header when it is
+    /// valid. An empty context when the record has no valid `traceparent`,
+    /// so a span started from it is a new root.
+    ///
+    /// ```no_run
+    /// # fn demo(envelope: &outbox::Envelope<'_>) {
+    /// use opentelemetry::trace::{SpanKind, Tracer};
+    /// let tracer = opentelemetry::global::tracer("billing");
+    /// let span = tracer
+    ///     .span_builder("process order")
+    ///     .with_kind(SpanKind::Consumer)
+    ///     .start_with_context(&tracer, &envelope.otel_context());
+    /// # }
+    /// ```
+    #[cfg(feature = "opentelemetry")]
+    pub fn otel_context(&self) -> opentelemetry::Context {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        let Some(tp) = self.traceparent else {
+            return opentelemetry::Context::new();
+        };
+        if crate::event::check_traceparent(tp).is_err() {
+            return opentelemetry::Context::new();
+        }
+        // Checked: `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
+        let (trace, span, flags) = (&tp[3..35], &tp[36..52], &tp[53..55]);
+        let state = self
+            .header("tracestate")
+            .and_then(|ts| ts.parse::<TraceState>().ok())
+            .unwrap_or_default();
+        let sc = SpanContext::new(
+            TraceId::from_hex(trace).unwrap_or(TraceId::INVALID),
+            SpanId::from_hex(span).unwrap_or(SpanId::INVALID),
+            TraceFlags::new(u8::from_str_radix(flags, 16).unwrap_or(0) & 1),
+            true,
+            state,
+        );
+        if sc.is_valid() {
+            opentelemetry::Context::new().with_remote_span_context(sc)
+        } else {
+            opentelemetry::Context::new()
+        }
+    }
+
     /// The value of one of the event's own headers, as text.
     pub fn header(&self, name: &str) -> Option<&'a str> {
         self.headers
@@ -104,6 +151,43 @@ impl<'a> Envelope<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "opentelemetry")]
+    #[test]
+    fn the_trace_context_continues_from_the_headers() {
+        use opentelemetry::trace::TraceContextExt;
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let headers = [
+            ("id", Some(ID.as_bytes())),
+            ("traceparent", Some(tp.as_bytes())),
+            ("tracestate", Some(b"congo=t61rcWkgMzE".as_slice())),
+        ];
+        let e = Envelope::from_headers(headers).unwrap();
+        let cx = e.otel_context();
+        let span = cx.span();
+        let sc = span.span_context();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_sampled() && sc.is_remote());
+        assert_eq!(sc.trace_state().header(), "congo=t61rcWkgMzE");
+        for bad in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "junk",
+        ] {
+            let headers = [
+                ("id", Some(ID.as_bytes())),
+                ("traceparent", Some(bad.as_bytes())),
+            ];
+            let e = Envelope::from_headers(headers).unwrap();
+            assert!(!e.otel_context().has_active_span(), "{bad}");
+        }
+        let e = Envelope::from_headers([("id", Some(ID.as_bytes()))]).unwrap();
+        assert!(!e.otel_context().has_active_span());
+    }
 
     const ID: &str = "01a208c7-0cb3-7158-aba7-278fd39b5166";
 

@@ -362,7 +362,7 @@ fn check_tracestate(value: &str) -> Result<(), &'static str> {
 }
 
 /// `version-traceid-parentid-flags`, lowercase hex, ids not all zero.
-fn check_traceparent(value: &str) -> Result<(), &'static str> {
+pub(crate) fn check_traceparent(value: &str) -> Result<(), &'static str> {
     let parts: Vec<&str> = value.split('-').collect();
     if parts.len() != 4 {
         return Err("it must have four `-`-separated fields");

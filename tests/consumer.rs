@@ -26,16 +26,16 @@ pub(crate) struct Stand {
     _pg: Postgres,
     tansu: Tansu,
     /// Where clients bootstrap: the broker, or a proxy in front of it.
-    brokers: String,
+    pub(crate) brokers: String,
     /// `key=value` client settings given to both the relay and the consumer.
     kafka_options: Vec<String>,
     pub(crate) url: String,
-    pool: PgPool,
+    pub(crate) pool: PgPool,
     slot: String,
 }
 
 impl Stand {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let tansu = Tansu::start();
         let brokers = tansu.brokers();
         Self::with_broker(tansu, brokers, Vec::new()).await

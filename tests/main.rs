@@ -16,3 +16,4 @@ mod operations;
 mod reliability;
 mod security;
 mod tls;
+mod traces;

@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use opentelemetry::KeyValue;
 use outbox::{EventId, Inbox};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -53,9 +54,23 @@ pub enum Outcome {
     DeadLettered(String),
 }
 
+impl Outcome {
+    /// A one-word name, for the processing span.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Applied { .. } => "applied",
+            Outcome::Deduplicated => "deduplicated",
+            Outcome::DeadLettered(_) => "dead-lettered",
+        }
+    }
+}
+
 /// One record and its outcome, for whoever watches (the demo prints them).
 #[derive(Debug, Clone)]
 pub struct Observed {
+    /// The trace the processing span belongs to (the writer's, when the
+    /// record carried a `traceparent`; a new one otherwise).
+    pub trace_id: Option<String>,
     pub event_id: Option<String>,
     pub event_type: Option<String>,
     pub key: Option<String>,
@@ -112,6 +127,10 @@ pub async fn run(
                 continue;
             }
         };
+        // The processing span continues the writer's trace (its
+        // `traceparent` header); it covers every attempt, until the
+        // transaction that applied or parked the record committed.
+        let span = processing_span(&msg);
         // A database outage is not the record's fault: retry the same record
         // until it goes through (or we are stopped), never skip it.
         let mut wait = Duration::from_millis(100);
@@ -160,7 +179,16 @@ pub async fn run(
         consumer
             .store_offset_from_message(&msg)
             .context("storing the offset")?;
-        let observed = observe(&msg, outcome);
+        let trace_id = {
+            use opentelemetry::trace::TraceContextExt;
+            let span = span.span();
+            span.set_attribute(KeyValue::new("outbox.outcome", outcome.name()));
+            span.end();
+            let sc = span.span_context();
+            sc.is_valid().then(|| sc.trace_id().to_string())
+        };
+        let mut observed = observe(&msg, outcome);
+        observed.trace_id = trace_id;
         if let Some(tx) = &observer {
             let _ = tx.send(observed);
         } else {
@@ -173,6 +201,44 @@ pub async fn run(
         tracing::warn!(error = %err, "committing offsets at exit failed");
     }
     Ok(())
+}
+
+/// The name of the tracer the consumer's spans come from (through the
+/// global tracer provider: spans are dropped unless one is installed).
+pub const TRACER: &str = "outbox-consumer-example";
+
+/// A consumer span for `msg`, a child of the writer's span when the record
+/// carries a valid `traceparent` (see [`outbox::Envelope::otel_context`]).
+fn processing_span(msg: &BorrowedMessage<'_>) -> opentelemetry::Context {
+    use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+    let parent = msg
+        .headers()
+        .and_then(|h| {
+            outbox::Envelope::from_headers(h.iter().map(|h| (h.key, h.value)))
+                .ok()
+                .map(|e| e.otel_context())
+        })
+        .unwrap_or_default();
+    let tracer = opentelemetry::global::tracer(TRACER);
+    let span = tracer
+        .span_builder(format!("process {}", msg.topic()))
+        .with_kind(SpanKind::Consumer)
+        .with_attributes([
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", msg.topic().to_owned()),
+            KeyValue::new(
+                "messaging.destination.partition.id",
+                msg.partition().to_string(),
+            ),
+            KeyValue::new("messaging.kafka.offset", msg.offset()),
+            KeyValue::new(
+                "messaging.message.id",
+                header_text(msg, "id").unwrap_or_default(),
+            ),
+        ])
+        .start_with_context(&tracer, &parent);
+    parent.with_span(span)
 }
 
 fn header<'a>(msg: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a [u8]> {
@@ -323,6 +389,7 @@ fn check(msg: &BorrowedMessage<'_>) -> Result<(EventId, KitchenEvent), String> {
 
 fn observe(msg: &BorrowedMessage<'_>, outcome: Outcome) -> Observed {
     Observed {
+        trace_id: None,
         event_id: header_text(msg, "id"),
         event_type: header_text(msg, "event_type"),
         key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),

@@ -132,13 +132,7 @@ impl Traces {
             .span_builder("outbox-relay transaction")
             .with_kind(SpanKind::Producer)
             .with_start_time(trace.start)
-            .with_links(
-                trace
-                    .links
-                    .into_iter()
-                    .map(|sc| Link::with_context(sc))
-                    .collect(),
-            )
+            .with_links(trace.links.into_iter().map(Link::with_context).collect())
             .with_attributes(all)
             .start_with_context(tracer, &cx);
         opentelemetry::trace::Span::end(&mut { span });
