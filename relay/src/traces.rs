@@ -48,6 +48,9 @@ pub struct TracesConfig {
     pub exporter: TracesExporter,
     /// For the console exporter: append to this file instead of stdout.
     pub file: Option<PathBuf>,
+    /// For the OTLP exporter: the traces URL; `None` reads the standard
+    /// `OTEL_EXPORTER_OTLP_*` environment variables.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The relay's tracer: cheap to clone; disabled unless an exporter is set.
@@ -80,16 +83,18 @@ impl Traces {
             }
             TracesExporter::Otlp => {
                 use opentelemetry_otlp::WithExportConfig;
-                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                let mut exporter = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .build()
-                    .map_err(|err| {
-                        Error::Config(format!(
-                            "cannot set up the OTLP trace exporter: {err}; check \
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                if let Some(url) = &cfg.otlp_endpoint {
+                    exporter = exporter.with_endpoint(url.clone());
+                }
+                let exporter = exporter.build().map_err(|err| {
+                    Error::Config(format!(
+                        "cannot set up the OTLP trace exporter: {err}; check \
                              OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT"
-                        ))
-                    })?;
+                    ))
+                })?;
                 builder.with_batch_exporter(exporter)
             }
         }
@@ -352,6 +357,89 @@ mod tests {
         // A bad tracestate does not lose the parent.
         let sc = parse_traceparent(TP, Some("not a tracestate")).unwrap();
         assert_eq!(sc.trace_state().header(), "");
+    }
+
+    /// The OTLP exporter against a one-request HTTP server: the span
+    /// arrives as OTLP/HTTP protobuf, a child of the writer's span.
+    #[test]
+    fn spans_reach_an_otlp_collector() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        use std::io::{BufRead, BufReader, Read};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = Vec::new();
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    length = v.trim().parse().unwrap();
+                }
+                head.push(line);
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            (&stream)
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .unwrap();
+            (head, body)
+        });
+        let traces = Traces::start(&TracesConfig {
+            exporter: TracesExporter::Otlp,
+            file: None,
+            otlp_endpoint: Some(url),
+        })
+        .unwrap();
+        let mut t = traces.transaction().unwrap();
+        t.observe(Some(TP), Some("congo=t61rcWkgMzE"));
+        traces.finish(t, vec![KeyValue::new("outbox.slot", "s1")]);
+        traces.shutdown();
+        let (head, body) = server.join().unwrap();
+        assert!(head[0].starts_with("POST /v1/traces "), "{head:?}");
+        assert!(
+            head.iter()
+                .any(|h| h.to_ascii_lowercase() == "content-type: application/x-protobuf\r\n"),
+            "{head:?}"
+        );
+        let request = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+        let spans: Vec<_> = request
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .collect();
+        assert_eq!(spans.len(), 1);
+        let span = spans[0];
+        assert_eq!(span.name, "outbox-relay transaction");
+        assert_eq!(hex(&span.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hex(&span.parent_span_id), "00f067aa0ba902b7");
+        assert_eq!(span.trace_state, "congo=t61rcWkgMzE");
+        let service = request.resource_spans[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .attributes
+            .iter()
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| kv.value.clone())
+            .unwrap();
+        assert!(
+            format!("{service:?}").contains("outbox-relay"),
+            "{service:?}"
+        );
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]

@@ -255,6 +255,7 @@ impl RunArgs {
         Ok(TracesConfig {
             exporter: self.traces_exporter,
             file: self.traces_file.clone(),
+            otlp_endpoint: None,
         })
     }
 
