@@ -73,26 +73,34 @@ async fn a_trace_runs_from_the_writer_through_the_relay_to_the_consumer() {
     let dir = std::env::temp_dir().join(unique("traces"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("relay-spans.jsonl");
+
+    // Before the relay's first start: the seed (8 transactions) outside any
+    // span, and one traced change; the backfill publishes them from the table.
+    let seeded = kitchen::seed(&s.pool).await.unwrap();
+    assert_eq!(seeded.len(), 8);
+    // event id -> (trace id, writer span id) of the span it was created in.
+    let mut traced: HashMap<String, (String, String)> = HashMap::new();
+    let mut untraced: BTreeSet<String> = seeded.iter().map(|w| w.id.to_string()).collect();
+    let mut rng = rand::rng();
+    let early = writer_span("early order");
+    let w = kitchen::step(&s.pool, &mut rng)
+        .with_context(early.clone())
+        .await
+        .unwrap();
+    early.span().end();
+    traced.insert(w.id.to_string(), ids(&early));
+
     let mut relay = s
         .relay_builder()
         .args(["--traces-exporter", "console", "--traces-file"])
         .arg(file.to_str().unwrap())
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .spawn();
-    // Rows already there at the first start are backfilled, not streamed,
-    // and the backfill records no transaction spans: write once streaming.
+    // Streaming from here: transaction spans.
     relay.wait_log(" streaming ", Duration::from_secs(60)).await;
-
-    // Untraced: the seed (8 transactions) writes outside any span.
-    let seeded = kitchen::seed(&s.pool).await.unwrap();
-    assert_eq!(seeded.len(), 8);
-    // event id -> (trace id, writer span id) of the span it was created in.
-    let mut traced: HashMap<String, (String, String)> = HashMap::new();
-    let mut untraced: BTreeSet<String> = seeded.iter().map(|w| w.id.to_string()).collect();
 
     // One operation, one span, one transaction each: the event takes the
     // span's context through `Context::current()`, across awaits.
-    let mut rng = rand::rng();
     let mut steps = Vec::new();
     for i in 0..4 {
         let cx = writer_span(&format!("order {i}"));
@@ -258,14 +266,15 @@ async fn a_trace_runs_from_the_writer_through_the_relay_to_the_consumer() {
     }
     assert_eq!(processed.len(), total, "one processing span per event");
 
-    // The relay: one span per transaction with trace context, none for the
-    // seed's; children of the (first) writer span, linked to the others.
+    // The relay: one span per transaction with trace context (and per
+    // traced backfilled row), none for the seed's; children of the (first)
+    // writer span, linked to the others.
     let text = std::fs::read_to_string(&file).unwrap();
     let relay_spans: Vec<Json> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    assert_eq!(relay_spans.len(), 5, "{text}");
+    assert_eq!(relay_spans.len(), 6, "{text}");
     let find = |(trace, span): &(String, String)| {
         relay_spans
             .iter()
@@ -288,6 +297,9 @@ async fn a_trace_runs_from_the_writer_through_the_relay_to_the_consumer() {
         let end: u128 = span["end_unix_nano"].as_str().unwrap().parse().unwrap();
         assert!(start > 0 && end >= start, "{span}");
     }
+    let backfilled = find(&ids(&early));
+    assert_eq!(backfilled["name"], "outbox-relay backfill");
+    assert_eq!(backfilled["trace_state"], "vendor=abc");
     let mixed = find(&ids(&a));
     assert_eq!(mixed["attributes"]["messaging.batch.message_count"], 3);
     let (bt, bs) = ids(&b);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use outbox_consumer_example::consume::{self, ConsumerConfig, Observed, Outcome};
 use outbox_consumer_example::kitchen;
 use rdkafka::ClientConfig;
@@ -97,6 +98,13 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
     println!(
         "demo: schema applied (outbox, inbox, ingredients, stock_view, low_stock, dead_letter)"
     );
+    // Spans get real ids (nothing is exported from this process): the
+    // kitchen's changes run in spans, and the consumer continues them.
+    opentelemetry::global::set_tracer_provider(SdkTracerProvider::builder().build());
+    let spans_file = std::env::temp_dir().join(format!(
+        "outbox-demo-relay-spans-{}.jsonl",
+        std::process::id()
+    ));
 
     let mock = match &args.kafka_brokers {
         Some(_) => None,
@@ -132,7 +140,12 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
                 "1s",
                 "--slot",
                 "outbox_demo",
+                "--traces-exporter",
+                "console",
+                "--traces-file",
             ])
+            .arg(&spans_file)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
             .env("OUTBOX_DATABASE_URL", &args.database_url)
             .env("OUTBOX_KAFKA_BROKERS", &brokers)
             .env("OUTBOX_LOG", "warn")
@@ -170,7 +183,7 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
 
     let seeded = kitchen::seed(&pool).await?;
     for w in &seeded {
-        println!("written      {} {:<20} {}", w.id, w.event_type, w.name);
+        print_written(w);
     }
     println!(
         "demo: kitchen running for {}s at {}/s",
@@ -181,13 +194,14 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
         args.rate,
         Duration::from_secs(args.seconds),
         token,
-        |w| {
-            println!("written      {} {:<20} {}", w.id, w.event_type, w.name);
-        },
+        print_written,
     );
     tokio::pin!(kitchen_run);
 
     let mut written_ids: BTreeSet<String> = seeded.iter().map(|w| w.id.to_string()).collect();
+    // Trace ids of the kitchen's changes, and those the consumer continued.
+    let mut kitchen_traces = BTreeSet::new();
+    let mut consumer_traces = BTreeSet::new();
     let mut published_ids = BTreeSet::new();
     let mut applied_ids = BTreeSet::new();
     let mut kitchen_done = false;
@@ -195,7 +209,9 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             ws = &mut kitchen_run, if !kitchen_done => {
-                written_ids.extend(ws?.iter().map(|w| w.id.to_string()));
+                let ws = ws?;
+                written_ids.extend(ws.iter().map(|w| w.id.to_string()));
+                kitchen_traces.extend(ws.iter().filter_map(|w| w.trace_id.clone()));
                 kitchen_done = true;
                 settle_deadline = Some(Instant::now() + Duration::from_secs(60));
                 println!("demo: kitchen stopped; waiting for the last events to arrive");
@@ -203,6 +219,7 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
             Some(id) = published.recv() => { published_ids.insert(id); }
             Some(o) = observed.recv() => {
                 consume::print_line(&o);
+                consumer_traces.extend(o.trace_id.clone());
                 if matches!(o.outcome, Outcome::Applied { .. } | Outcome::Deduplicated)
                     && let Some(id) = o.event_id
                 {
@@ -232,9 +249,69 @@ async fn demo(args: &Args, token: &CancellationToken) -> anyhow::Result<()> {
     printer.await??;
 
     if token.is_cancelled() {
+        let _ = std::fs::remove_file(&spans_file);
         return Ok(());
     }
-    reconcile(&pool, &written_ids, &published_ids, &applied_ids).await
+    let relay_spans = std::fs::read_to_string(&spans_file).unwrap_or_default();
+    let _ = std::fs::remove_file(&spans_file);
+    reconcile(&pool, &written_ids, &published_ids, &applied_ids).await?;
+    print_traces(&relay_spans, &kitchen_traces, &consumer_traces)
+}
+
+fn print_written(w: &kitchen::Written) {
+    println!(
+        "written      {} {:<20} {}{}",
+        w.id,
+        w.event_type,
+        w.name,
+        w.trace_id
+            .as_deref()
+            .map(|t| format!(" trace={t}"))
+            .unwrap_or_default()
+    );
+}
+
+/// The traces section: every kitchen change's trace reached the relay's
+/// span (its exported JSON lines) and the consumer's processing span.
+fn print_traces(
+    relay_spans: &str,
+    kitchen: &BTreeSet<String>,
+    consumer: &BTreeSet<String>,
+) -> anyhow::Result<()> {
+    let spans: Vec<serde_json::Value> = relay_spans
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let relay: BTreeSet<String> = spans
+        .iter()
+        .filter_map(|s| s["trace_id"].as_str().map(str::to_owned))
+        .collect();
+    println!();
+    println!("traces (kitchen change -> relay transaction span -> consumer processing span)");
+    println!("  kitchen changes traced     {}", kitchen.len());
+    println!(
+        "  continued by the relay     {}",
+        kitchen.intersection(&relay).count()
+    );
+    println!(
+        "  continued by the consumer  {}",
+        kitchen.intersection(consumer).count()
+    );
+    if let Some(span) = spans
+        .iter()
+        .find(|s| s["trace_id"].as_str().is_some_and(|t| kitchen.contains(t)))
+    {
+        println!(
+            "  for example trace {}: kitchen span {} -> relay span {} (its child) -> consumer span (a child of the kitchen span)",
+            span["trace_id"].as_str().unwrap_or("-"),
+            span["parent_span_id"].as_str().unwrap_or("-"),
+            span["span_id"].as_str().unwrap_or("-"),
+        );
+    }
+    if !kitchen.is_subset(&relay) || !kitchen.is_subset(consumer) {
+        bail!("a trace was not continued from the kitchen through the relay to the consumer");
+    }
+    Ok(())
 }
 
 async fn print_published(

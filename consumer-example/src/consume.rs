@@ -404,7 +404,16 @@ fn observe(msg: &BorrowedMessage<'_>, outcome: Outcome) -> Observed {
 pub fn print_line(o: &Observed) {
     let id = o.event_id.as_deref().unwrap_or("-");
     let kind = o.event_type.as_deref().unwrap_or("-");
-    let at = format!("{}/{}/{}", o.topic, o.partition, o.offset);
+    let at = format!(
+        "{}/{}/{}{}",
+        o.topic,
+        o.partition,
+        o.offset,
+        o.trace_id
+            .as_deref()
+            .map(|t| format!(" trace={t}"))
+            .unwrap_or_default()
+    );
     match &o.outcome {
         Outcome::Applied { stock, low_stock } => println!(
             "applied      {id} {kind:<20} {:<13} stock={stock}{} at {at}",

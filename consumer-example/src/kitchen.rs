@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use opentelemetry::context::FutureExt;
+use opentelemetry::trace::{TraceContextExt, Tracer};
 use outbox::{Event, EventId};
 use rand::Rng;
 use sqlx::PgPool;
@@ -63,6 +65,8 @@ pub struct Written {
     pub id: EventId,
     pub event_type: &'static str,
     pub name: String,
+    /// The trace the event belongs to, when it was written inside a span.
+    pub trace_id: Option<String>,
 }
 
 /// Creates the ingredients (stock 0) and restocks each, once. Returns the
@@ -127,6 +131,11 @@ async fn write<P: serde::Serialize>(
         id,
         event_type,
         name: name.to_owned(),
+        // `00-<trace id>-<span id>-<flags>`, as the helper wrote it.
+        trace_id: event
+            .trace_context()
+            .and_then(|tp| tp.get(3..35))
+            .map(str::to_owned),
     })
 }
 
@@ -180,6 +189,9 @@ pub async fn step(pool: &PgPool, rng: &mut impl Rng) -> anyhow::Result<Written> 
     Ok(written)
 }
 
+/// The name of the kitchen's tracer.
+pub const TRACER: &str = "outbox-kitchen";
+
 /// Runs the kitchen at `rate` changes per second for `duration`, calling
 /// `on_write` after each commit.
 pub async fn run(
@@ -199,7 +211,12 @@ pub async fn run(
             _ = token.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let w = step(pool, &mut rng).await?;
+        // Each change is one operation with its own span (from the global
+        // tracer provider); the event written in it carries its context.
+        let span = opentelemetry::global::tracer(TRACER).start("kitchen change");
+        let cx = opentelemetry::Context::current_with_span(span);
+        let w = step(pool, &mut rng).with_context(cx.clone()).await?;
+        cx.span().end();
         on_write(&w);
         written.push(w);
     }

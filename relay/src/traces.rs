@@ -120,8 +120,9 @@ impl Traces {
         })
     }
 
-    /// Ends `trace` now: records its span if it had a traced event.
-    pub fn finish(&self, trace: TransactionTrace, attributes: Vec<KeyValue>) {
+    /// Ends `trace` now: records its span, named `name`, if it had a
+    /// traced event.
+    pub fn finish(&self, name: &'static str, trace: TransactionTrace, attributes: Vec<KeyValue>) {
         let (Some((_, tracer)), Some(parent)) = (self.inner.as_ref(), trace.parent) else {
             return;
         };
@@ -134,7 +135,7 @@ impl Traces {
         ));
         let cx = opentelemetry::Context::new().with_remote_span_context(parent);
         let span = tracer
-            .span_builder("outbox-relay transaction")
+            .span_builder(name)
             .with_kind(SpanKind::Producer)
             .with_start_time(trace.start)
             .with_links(trace.links.into_iter().map(Link::with_context).collect())
@@ -401,7 +402,11 @@ mod tests {
         .unwrap();
         let mut t = traces.transaction().unwrap();
         t.observe(Some(TP), Some("congo=t61rcWkgMzE"));
-        traces.finish(t, vec![KeyValue::new("outbox.slot", "s1")]);
+        traces.finish(
+            "outbox-relay transaction",
+            t,
+            vec![KeyValue::new("outbox.slot", "s1")],
+        );
         traces.shutdown();
         let (head, body) = server.join().unwrap();
         assert!(head[0].starts_with("POST /v1/traces "), "{head:?}");

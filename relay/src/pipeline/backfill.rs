@@ -419,6 +419,15 @@ impl Backfill<'_> {
         }
         let ticket = progress.ticket(None)?;
         let id = event.as_ref().map(|e: &OutboxEvent| e.id.clone()).ok();
+        // Rows read from the table have no transaction: a span per traced
+        // row, so a trace started before the relay's first start goes on.
+        let trace = match &event {
+            Ok(e) => self.cfg.traces.transaction().map(|mut t| {
+                t.observe(e.trace_context.as_deref(), e.tracestate());
+                t
+            }),
+            Err(_) => None,
+        };
         route::publish(
             self.publisher,
             ticket,
@@ -429,6 +438,16 @@ impl Backfill<'_> {
         .await?;
         self.published += 1;
         self.metrics.backfilled_row();
+        if let Some(trace) = trace {
+            self.cfg.traces.finish(
+                "outbox-relay backfill",
+                trace,
+                vec![opentelemetry::KeyValue::new(
+                    "outbox.slot",
+                    self.cfg.slot.clone(),
+                )],
+            );
+        }
         if alone {
             self.wait(progress, Some(ticket), |p| p.all_settled())
                 .await?;

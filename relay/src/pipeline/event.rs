@@ -40,6 +40,14 @@ pub struct OutboxEvent {
 }
 
 impl OutboxEvent {
+    /// The `tracestate` header, if the event has one.
+    pub fn tracestate(&self) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == "tracestate")
+            .map(|(_, v)| v.as_str())
+    }
+
     /// The record key.
     pub fn key(&self) -> &[u8] {
         self.key.as_deref().unwrap_or(self.aggregate_id.as_bytes())

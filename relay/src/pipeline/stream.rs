@@ -438,6 +438,7 @@ impl Session<'_> {
                     // Ends when the transaction's events are with the
                     // producer; Kafka's acknowledgements come later.
                     self.cfg.traces.finish(
+                        "outbox-relay transaction",
                         trace,
                         vec![
                             KeyValue::new("outbox.slot", self.cfg.slot.clone()),
@@ -468,12 +469,7 @@ impl Session<'_> {
         token: &CancellationToken,
     ) -> Result<()> {
         if let (Some(trace), Ok(event)) = (self.trace.as_mut(), &event) {
-            let tracestate = event
-                .headers
-                .iter()
-                .find(|(k, _)| k == "tracestate")
-                .map(|(_, v)| v.as_str());
-            trace.observe(event.trace_context.as_deref(), tracestate);
+            trace.observe(event.trace_context.as_deref(), event.tracestate());
         }
         if let Ok(event) = &event
             && publisher.is_suspect(&event.id)
