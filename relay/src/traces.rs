@@ -83,18 +83,22 @@ impl Traces {
             }
             TracesExporter::Otlp => {
                 use opentelemetry_otlp::WithExportConfig;
-                let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-                if let Some(url) = &cfg.otlp_endpoint {
-                    exporter = exporter.with_endpoint(url.clone());
-                }
-                let exporter = exporter.build().map_err(|err| {
-                    Error::Config(format!(
-                        "cannot set up the OTLP trace exporter: {err}; check \
-                             OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT"
-                    ))
+                let endpoint = otlp_endpoint(cfg.otlp_endpoint.as_deref(), |var| {
+                    std::env::var(var).ok().filter(|v| !v.is_empty())
                 })?;
+                // Only the origin and path: a URL may carry credentials.
+                tracing::info!(
+                    endpoint = %format!("{}{}", endpoint.origin().ascii_serialization(), endpoint.path()),
+                    "exporting spans over OTLP/HTTP"
+                );
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(endpoint.to_string())
+                    .build()
+                    .map_err(|err| {
+                        Error::Config(format!("cannot set up the OTLP trace exporter: {err}"))
+                    })?;
                 builder.with_batch_exporter(exporter)
             }
         }
@@ -217,6 +221,36 @@ fn parse_traceparent(value: &str, tracestate: Option<&str>) -> Option<SpanContex
             .unwrap_or_default(),
     );
     sc.is_valid().then_some(sc)
+}
+
+/// The OTLP/HTTP traces URL, resolved as the OpenTelemetry specification
+/// says: the given one, else `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as is,
+/// else `OTEL_EXPORTER_OTLP_ENDPOINT` with `/v1/traces` appended, else
+/// `http://localhost:4318/v1/traces`. Resolved here rather than by the
+/// exporter, which falls back to the default on a value it cannot parse:
+/// a typo would send spans nowhere without a word.
+fn otlp_endpoint(given: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Result<url::Url> {
+    const TRACES: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+    const BASE: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+    let (source, text) = if let Some(url) = given {
+        ("the traces endpoint", url.to_owned())
+    } else if let Some(url) = env(TRACES) {
+        (TRACES, url)
+    } else if let Some(base) = env(BASE) {
+        (BASE, format!("{}/v1/traces", base.trim_end_matches('/')))
+    } else {
+        ("the default", "http://localhost:4318/v1/traces".to_owned())
+    };
+    let url = url::Url::parse(&text).ok().filter(|u| {
+        matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+    });
+    url.ok_or_else(|| {
+        Error::Config(format!(
+            "{source} for --traces-exporter otlp is not an http:// or https:// URL; \
+             set it like http://collector:4318 (OTEL_EXPORTER_OTLP_ENDPOINT) or \
+             http://collector:4318/v1/traces (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"
+        ))
+    })
 }
 
 fn resource() -> Resource {
@@ -441,6 +475,53 @@ mod tests {
             format!("{service:?}").contains("outbox-relay"),
             "{service:?}"
         );
+    }
+
+    #[test]
+    fn the_otlp_endpoint_is_resolved_as_the_specification_says_and_checked() {
+        fn url(given: Option<&str>, pairs: &[(&str, &str)]) -> Result<String> {
+            otlp_endpoint(given, |var| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == var)
+                    .map(|(_, v)| v.to_string())
+            })
+            .map(|u| u.to_string())
+        }
+        assert_eq!(url(None, &[]).unwrap(), "http://localhost:4318/v1/traces");
+        assert_eq!(
+            url(None, &[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318/")]).unwrap(),
+            "https://c:4318/v1/traces"
+        );
+        assert_eq!(
+            url(
+                None,
+                &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://base:4318"),
+                    ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:9/custom"),
+                ]
+            )
+            .unwrap(),
+            "http://c:9/custom"
+        );
+        assert_eq!(
+            url(
+                Some("http://given:1/v1/traces"),
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x")]
+            )
+            .unwrap(),
+            "http://given:1/v1/traces"
+        );
+        for bad in ["mycollector:4318", "grpc://c:4317", "not a url"] {
+            let err = url(None, &[("OTEL_EXPORTER_OTLP_ENDPOINT", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("OTEL_EXPORTER_OTLP_ENDPOINT") && err.contains("http://"),
+                "{bad}: {err}"
+            );
+            assert!(!err.contains(bad), "the value is not echoed: {err}");
+        }
     }
 
     fn hex(bytes: &[u8]) -> String {
