@@ -123,6 +123,7 @@ impl<'a> Envelope<'a> {
         let (trace, span, flags) = (&tp[3..35], &tp[36..52], &tp[53..55]);
         let state = self
             .header("tracestate")
+            .and_then(|ts| crate::event::check_tracestate(ts).ok())
             .and_then(|ts| ts.parse::<TraceState>().ok())
             .unwrap_or_default();
         let sc = SpanContext::new(
@@ -160,7 +161,7 @@ mod tests {
         let headers = [
             ("id", Some(ID.as_bytes())),
             ("traceparent", Some(tp.as_bytes())),
-            ("tracestate", Some(b"congo=t61rcWkgMzE".as_slice())),
+            ("tracestate", Some(b"congo=t61rcWkgMzE , rojo=1".as_slice())),
         ];
         let e = Envelope::from_headers(headers).unwrap();
         let cx = e.otel_context();
@@ -172,7 +173,7 @@ mod tests {
         );
         assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
         assert!(sc.is_sampled() && sc.is_remote());
-        assert_eq!(sc.trace_state().header(), "congo=t61rcWkgMzE");
+        assert_eq!(sc.trace_state().header(), "congo=t61rcWkgMzE,rojo=1");
         for bad in [
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",

@@ -59,7 +59,7 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// The value is not a W3C `tracestate`.
+    /// The value is not a W3C `tracestate` (the first 64 characters kept).
     #[error(
         "invalid tracestate `{value}`: {reason}; expected a W3C tracestate such as \
          `vendor1=opaque1,vendor2=opaque2`"

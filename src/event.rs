@@ -179,6 +179,17 @@ impl Event {
     ) -> Result<Self> {
         let name = name.into();
         let value = value.into();
+        // The one header with a format: consumers and the relay parse it.
+        if name.eq_ignore_ascii_case(TRACESTATE) {
+            let value = check_tracestate(&value).map_err(|reason| Error::InvalidTraceState {
+                value: value.chars().take(64).collect(),
+                reason,
+            })?;
+            self.headers
+                .retain(|k, _| !k.eq_ignore_ascii_case(TRACESTATE));
+            self.headers.insert(TRACESTATE.to_owned(), value);
+            return Ok(self);
+        }
         if let Some(problem) = header_name_problem(&name) {
             let reason = match problem {
                 HeaderNameProblem::Empty => "header names must not be empty",
@@ -215,24 +226,33 @@ impl Event {
         Ok(self)
     }
 
-    /// Attaches a W3C `traceparent`, forwarded as the Kafka header of that name.
+    /// Attaches a W3C `traceparent`, forwarded as the Kafka header of that
+    /// name. It replaces any trace context the event had, and removes its
+    /// `tracestate` (which belonged to that context): call
+    /// [`with_trace_state`](Self::with_trace_state) after this one.
     pub fn with_trace_context(mut self, traceparent: impl Into<String>) -> Result<Self> {
         let value = traceparent.into();
         if let Err(reason) = check_traceparent(&value) {
             return Err(Error::InvalidTraceContext { value, reason });
         }
         self.trace_context = Some(value);
+        self.headers.remove(TRACESTATE);
         Ok(self)
+    }
+
+    /// Removes the trace context (`traceparent` and `tracestate`), for
+    /// example one [`Event::new`] took from the current span under the
+    /// `opentelemetry` feature when this event should not be traced.
+    pub fn without_trace_context(mut self) -> Self {
+        self.trace_context = None;
+        self.headers.remove(TRACESTATE);
+        self
     }
 
     /// Attaches a W3C `tracestate` (the vendors' data that travels with the
     /// traceparent), forwarded as the Kafka header `tracestate`.
     pub fn with_trace_state(self, tracestate: impl Into<String>) -> Result<Self> {
-        let value = tracestate.into();
-        if let Err(reason) = check_tracestate(&value) {
-            return Err(Error::InvalidTraceState { value, reason });
-        }
-        self.with_header(TRACESTATE, value)
+        self.with_header(TRACESTATE, tracestate)
     }
 
     /// Takes the trace context of the span active in `cx`: its `traceparent`,
@@ -256,12 +276,10 @@ impl Event {
             sc.span_id(),
             sc.trace_flags().to_u8()
         ));
-        let state = sc.trace_state().header();
-        if state.is_empty() || check_tracestate(&state).is_err() {
-            self.headers.remove(TRACESTATE);
-        } else {
-            self.headers.insert(TRACESTATE.to_owned(), state);
-        }
+        match check_tracestate(&sc.trace_state().header()) {
+            Ok(state) => self.headers.insert(TRACESTATE.to_owned(), state),
+            Err(_) => self.headers.remove(TRACESTATE),
+        };
         self
     }
 
@@ -335,30 +353,83 @@ fn check_text(field: &'static str, value: &str) -> Result<()> {
 /// The header that carries the W3C `tracestate` next to `traceparent`.
 const TRACESTATE: &str = "tracestate";
 
-/// A W3C `tracestate`: at most 32 comma-separated `key=value` members,
-/// printable ASCII, at most 512 characters (what propagators must pass on).
-fn check_tracestate(value: &str) -> Result<(), &'static str> {
-    if value.is_empty() || value.len() > 512 {
-        return Err("a tracestate has 1 to 512 characters");
-    }
-    if !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-        return Err("a tracestate is printable ASCII");
-    }
+/// What is wrong with a W3C `traceparent` value, if anything: the rule the
+/// write helper applies, and the relay and [`Envelope::otel_context`]
+/// (`crate::Envelope`) read by: `version-traceid-parentid-flags`, lowercase
+/// hex, version not `ff`, ids not all zero, exactly four fields.
+pub fn traceparent_problem(value: &str) -> Option<&'static str> {
+    check_traceparent(value).err()
+}
+
+/// A `tracestate` value in the normalized form the OpenTelemetry parsers
+/// read (members trimmed, joined by `,`), or why it is not W3C.
+pub fn normalize_tracestate(value: &str) -> Result<String, &'static str> {
+    check_tracestate(value)
+}
+
+/// A W3C `tracestate` (Trace Context level 1, section 3.3), normalized:
+/// 1 to 32 comma-separated `key=value` members, whitespace around them
+/// dropped, at most 512 characters. Keys are lowercase
+/// `[a-z0-9][a-z0-9_*/-]*` (or `tenant@system`), at most 256 characters and
+/// not repeated; values are printable ASCII without `,` and `=`, not ending
+/// in a space, at most 256 characters. The normalized form is what the
+/// OpenTelemetry parsers read.
+pub(crate) fn check_tracestate(value: &str) -> Result<String, &'static str> {
     let members: Vec<&str> = value
         .split(',')
-        .map(str::trim)
+        .map(|m| m.trim_matches([' ', '\t']))
         .filter(|m| !m.is_empty())
         .collect();
     if members.is_empty() || members.len() > 32 {
-        return Err("a tracestate has 1 to 32 members");
+        return Err("a tracestate has 1 to 32 `key=value` members");
     }
-    if members.iter().any(|m| match m.split_once('=') {
-        Some((k, v)) => k.is_empty() || v.is_empty(),
-        None => true,
-    }) {
-        return Err("each tracestate member is `key=value`");
+    let key_char = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*/".contains(&b);
+    let mut keys = Vec::with_capacity(members.len());
+    for m in &members {
+        let Some((key, val)) = m.split_once('=') else {
+            return Err("each tracestate member is `key=value`");
+        };
+        let (tenant, system) = match key.split_once('@') {
+            Some((t, s)) => (t, Some(s)),
+            None => (key, None),
+        };
+        let key_ok = !tenant.is_empty()
+            && key.len() <= 256
+            && (tenant.as_bytes()[0].is_ascii_lowercase()
+                || (system.is_some() && tenant.as_bytes()[0].is_ascii_digit()))
+            && tenant.bytes().all(key_char)
+            && system.is_none_or(|s| {
+                !s.is_empty()
+                    && s.len() <= 14
+                    && s.as_bytes()[0].is_ascii_lowercase()
+                    && s.bytes().all(key_char)
+            });
+        if !key_ok {
+            return Err(
+                "a tracestate key is lowercase letters, digits and `_-*/`, starting with a letter (or `tenant@system`)",
+            );
+        }
+        let val_ok = !val.is_empty()
+            && val.len() <= 256
+            && !val.ends_with(' ')
+            && val
+                .bytes()
+                .all(|b| (0x20..=0x7e).contains(&b) && b != b',' && b != b'=');
+        if !val_ok {
+            return Err(
+                "a tracestate value is 1 to 256 printable ASCII characters without `,` or `=`",
+            );
+        }
+        if keys.contains(&key) {
+            return Err("a tracestate key appears twice");
+        }
+        keys.push(key);
     }
-    Ok(())
+    let normalized = members.join(",");
+    if normalized.len() > 512 {
+        return Err("a tracestate has at most 512 characters");
+    }
+    Ok(normalized)
 }
 
 /// `version-traceid-parentid-flags`, lowercase hex, ids not all zero.
@@ -403,7 +474,42 @@ mod tests {
             e.unwrap().headers().get("tracestate").map(String::as_str),
             Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
         );
-        for bad in ["", "novalue", "=v", "k=", "k=v\n", &"k=v,".repeat(40)] {
+        // Whitespace around members is dropped, as W3C allows it.
+        let spaced = event().with_trace_state(" a=1 ,\tb=2").unwrap();
+        assert_eq!(spaced.headers()["tracestate"], "a=1,b=2");
+        // Through with_header too, in any case of the name.
+        let e = event().with_header("TraceState", "a=1").unwrap();
+        assert_eq!(e.headers()["tracestate"], "a=1");
+        assert!(event().with_header("tracestate", "Bad=1").is_err());
+        // with_trace_context drops the tracestate of the context it replaces.
+        let e = event()
+            .with_trace_state("a=1")
+            .unwrap()
+            .with_trace_context("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .unwrap();
+        assert!(e.headers().get("tracestate").is_none());
+        let e = e.with_trace_state("b=2").unwrap().without_trace_context();
+        assert_eq!(
+            (e.trace_context(), e.headers().get("tracestate")),
+            (None, None)
+        );
+        let long = (0..33)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for bad in [
+            "",
+            "novalue",
+            "=v",
+            "k=",
+            "k=v\n",
+            "K=v",
+            "k=v=w",
+            "k=v,k=w",
+            "1k=v",
+            "k=a b,=",
+            long.as_str(),
+        ] {
             let err = event().with_trace_state(bad).unwrap_err();
             assert!(
                 err.to_string().contains("invalid tracestate"),

@@ -59,7 +59,7 @@ pub use envelope::{Envelope, EnvelopeError};
 pub use error::{Error, Result};
 pub use event::{
     Event, EventId, HeaderNameProblem, RESERVED_HEADER_PREFIX, RESERVED_HEADERS,
-    header_name_problem, is_reserved_header,
+    header_name_problem, is_reserved_header, normalize_tracestate, traceparent_problem,
 };
 pub use inbox::Inbox;
 pub use message::{emit, emit_all};

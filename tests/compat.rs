@@ -440,7 +440,11 @@ async fn a_debezium_outbox_table_is_relayed_as_debeziums_router_does() {
         "--additional-placement",
         "type:header:eventType,tenant:header",
     ]);
-    let mut relay = relay.spawn();
+    let spans_file = std::env::temp_dir().join(format!("{}.jsonl", unique("dbz-spans")));
+    let mut relay = relay
+        .args(["--traces-exporter", "console", "--traces-file"])
+        .arg(spans_file.to_str().unwrap())
+        .spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
 
     // (id, aggregateid, type, payload text as jsonb prints it, tenant, traceparent)
@@ -545,6 +549,18 @@ async fn a_debezium_outbox_table_is_relayed_as_debeziums_router_does() {
             "aggregate {aggregate} out of order"
         );
     }
+    // The relay's span continues the trace of `tracingspancontext`: one,
+    // for the one transaction that carried it.
+    let spans = std::fs::read_to_string(&spans_file).unwrap();
+    let _ = std::fs::remove_file(&spans_file);
+    let spans: Vec<serde_json::Value> = spans
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    assert_eq!(spans[0]["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(spans[0]["parent_span_id"], "b7ad6b7169203331");
+    assert_eq!(spans[0]["attributes"]["messaging.batch.message_count"], 4);
 }
 
 /// Item 3: `outbox-relay verify` proves a relay-delivered window clean

@@ -20,6 +20,23 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // The span exporter runs on a thread of its own, started before the
+    // runtime and shut down after it, so exporting never holds up the
+    // runtime's one thread.
+    let traces = match &cli.command {
+        Command::Run(args) => match args
+            .traces_config()
+            .and_then(|cfg| outbox_relay::traces::Traces::start(&cfg))
+        {
+            Ok(traces) => traces,
+            Err(err) => {
+                tracing::error!(error = %err, "outbox-relay stopped");
+                eprintln!("error: {err}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => outbox_relay::traces::Traces::disabled(),
+    };
     // One thread: the relay is one stream, and serving Kafka's delivery
     // reports on the thread that produced the records lets allocations be
     // freed where they were made (see `kafka::reports`).
@@ -33,7 +50,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let result = runtime.block_on(dispatch(cli.command, traces.clone()));
+    drop(runtime);
+    traces.shutdown(std::time::Duration::from_secs(5));
+    match result {
         Ok(code) => code,
         Err(err) => {
             tracing::error!(error = %err, "outbox-relay stopped");
@@ -47,7 +67,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> outbox_relay::Result<ExitCode> {
+async fn dispatch(
+    command: Command,
+    traces: outbox_relay::traces::Traces,
+) -> outbox_relay::Result<ExitCode> {
     match command {
         Command::Migrate(args) if args.bookkeeping_only => {
             outbox_relay::migrate::bookkeeping(&args.database.pg_config()?, &args.schema).await?
@@ -90,17 +113,13 @@ async fn dispatch(command: Command) -> outbox_relay::Result<ExitCode> {
         Command::Run(args) => {
             let mut cfg = args.relay_config()?;
             let pruner = args.pruner()?;
-            cfg.traces = outbox_relay::traces::Traces::start(&args.traces_config()?)?;
-            let traces = cfg.traces.clone();
+            cfg.traces = traces;
             let token = CancellationToken::new();
             tokio::spawn(cancel_on_signal(token.clone()));
             if let Some((prune, every)) = pruner {
                 tokio::spawn(outbox_relay::prune::every(prune, every, token.clone()));
             }
-            let result = outbox_relay::run(cfg, token).await;
-            // Exports the spans still buffered, whatever the outcome.
-            traces.shutdown();
-            result?;
+            outbox_relay::run(cfg, token).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -118,40 +118,71 @@ impl Traces {
     pub fn transaction(&self) -> Option<TransactionTrace> {
         self.inner.as_ref().map(|_| TransactionTrace {
             start: SystemTime::now(),
-            parent: None,
-            links: Vec::new(),
+            contexts: Vec::new(),
+            last_raw: None,
             events: 0,
         })
     }
 
     /// Ends `trace` now: records its span, named `name`, if it had a
     /// traced event.
+    ///
+    /// As OpenTelemetry's messaging conventions model a send that does not
+    /// inject its own context (the records carry the writers'): kind
+    /// client, a link to every creation context, and a child of the
+    /// creation context when there is only one. A transaction of several
+    /// requests gets a root span linked to each of them.
     pub fn finish(&self, name: &'static str, trace: TransactionTrace, attributes: Vec<KeyValue>) {
-        let (Some((_, tracer)), Some(parent)) = (self.inner.as_ref(), trace.parent) else {
+        let Some((_, tracer)) = self.inner.as_ref() else {
+            return;
+        };
+        let Some(first) = trace.contexts.first() else {
             return;
         };
         let mut all = attributes;
         all.push(KeyValue::new("messaging.system", "kafka"));
         all.push(KeyValue::new("messaging.operation.type", "send"));
-        all.push(KeyValue::new(
-            "messaging.batch.message_count",
-            Value::I64(trace.events as i64),
-        ));
-        let cx = opentelemetry::Context::new().with_remote_span_context(parent);
+        all.push(KeyValue::new("messaging.operation.name", "send"));
+        if trace.events > 1 {
+            all.push(KeyValue::new(
+                "messaging.batch.message_count",
+                Value::I64(trace.events as i64),
+            ));
+        }
+        let cx = if trace.contexts.len() == 1 {
+            opentelemetry::Context::new().with_remote_span_context(first.clone())
+        } else {
+            opentelemetry::Context::new()
+        };
+        // Links carry ids only: a row's tracestate is not copied 128 times.
+        let links = trace
+            .contexts
+            .iter()
+            .map(|sc| {
+                Link::with_context(SpanContext::new(
+                    sc.trace_id(),
+                    sc.span_id(),
+                    sc.trace_flags(),
+                    true,
+                    TraceState::default(),
+                ))
+            })
+            .collect();
         let span = tracer
             .span_builder(name)
-            .with_kind(SpanKind::Producer)
+            .with_kind(SpanKind::Client)
             .with_start_time(trace.start)
-            .with_links(trace.links.into_iter().map(Link::with_context).collect())
+            .with_links(links)
             .with_attributes(all)
             .start_with_context(tracer, &cx);
         opentelemetry::trace::Span::end(&mut { span });
     }
 
-    /// Exports the spans still buffered (bounded by the SDK's own timeout).
-    pub fn shutdown(&self) {
+    /// Exports the spans still buffered, waiting at most `timeout`. Called
+    /// after the runtime stopped: it blocks.
+    pub fn shutdown(&self, timeout: Duration) {
         if let Some((provider, _)) = &self.inner
-            && let Err(err) = provider.shutdown()
+            && let Err(err) = provider.shutdown_with_timeout(timeout)
         {
             tracing::warn!(error = %err, "could not export every span before exit");
         }
@@ -162,12 +193,16 @@ impl Traces {
 #[derive(Debug)]
 pub struct TransactionTrace {
     start: SystemTime,
-    parent: Option<SpanContext>,
-    links: Vec<SpanContext>,
+    /// Distinct creation contexts, in the order first seen.
+    contexts: Vec<SpanContext>,
+    /// The last `traceparent` read, so a transaction's repeats of one
+    /// context are not parsed again.
+    last_raw: Option<String>,
     events: u64,
 }
 
-/// At most this many links per span (the SDK's default limit).
+/// At most this many creation contexts per span (the SDK's default limit
+/// on links).
 const MAX_LINKS: usize = 128;
 
 impl TransactionTrace {
@@ -176,48 +211,42 @@ impl TransactionTrace {
     /// not parent or link a span.
     pub fn observe(&mut self, traceparent: Option<&str>, tracestate: Option<&str>) {
         self.events += 1;
-        let Some(sc) = traceparent.and_then(|tp| parse_traceparent(tp, tracestate)) else {
+        let Some(raw) = traceparent else { return };
+        if self.last_raw.as_deref() == Some(raw) || self.contexts.len() >= MAX_LINKS {
+            return;
+        }
+        self.last_raw = Some(raw.to_owned());
+        let Some(sc) = parse_traceparent(raw, tracestate) else {
             return;
         };
-        let same = |other: &SpanContext| {
-            other.trace_id() == sc.trace_id() && other.span_id() == sc.span_id()
-        };
-        match &self.parent {
-            None => self.parent = Some(sc),
-            Some(parent) if same(parent) => {}
-            Some(_) => {
-                if self.links.len() < MAX_LINKS && !self.links.iter().any(same) {
-                    self.links.push(sc);
-                }
-            }
+        if !self
+            .contexts
+            .iter()
+            .any(|c| c.trace_id() == sc.trace_id() && c.span_id() == sc.span_id())
+        {
+            self.contexts.push(sc);
         }
     }
 }
 
-/// A W3C `traceparent` (version 00, or a later version read as 00 as the
-/// recommendation asks) as a remote span context.
+/// A W3C `traceparent`, by the rule the write helper and consumers apply
+/// ([`outbox::traceparent_problem`]), as a remote span context; with the
+/// `tracestate` when that is valid W3C (at most 512 characters; W3C lets a
+/// longer one be dropped).
 fn parse_traceparent(value: &str, tracestate: Option<&str>) -> Option<SpanContext> {
-    let mut parts = value.trim().split('-');
-    let (version, trace, span, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+    if outbox::traceparent_problem(value).is_some() {
         return None;
     }
-    if version == "00" && parts.next().is_some() {
-        return None;
-    }
+    // Checked: `vv-<32 hex>-<16 hex>-<2 hex>`.
+    let (trace, span, flags) = (&value[3..35], &value[36..52], &value[53..55]);
     let sc = SpanContext::new(
         TraceId::from_hex(trace).ok()?,
         SpanId::from_hex(span).ok()?,
         TraceFlags::new(u8::from_str_radix(flags, 16).ok()? & 1),
         true,
         tracestate
-            .and_then(|ts| TraceState::from_str(ts).ok())
+            .and_then(|ts| outbox::normalize_tracestate(ts).ok())
+            .and_then(|ts| TraceState::from_str(&ts).ok())
             .unwrap_or_default(),
     );
     sc.is_valid().then_some(sc)
@@ -244,23 +273,54 @@ fn otlp_endpoint(given: Option<&str>, env: impl Fn(&str) -> Option<String>) -> R
     let url = url::Url::parse(&text).ok().filter(|u| {
         matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
     });
-    url.ok_or_else(|| {
+    let url = url.ok_or_else(|| {
         Error::Config(format!(
             "{source} for --traces-exporter otlp is not an http:// or https:// URL; \
              set it like http://collector:4318 (OTEL_EXPORTER_OTLP_ENDPOINT) or \
              http://collector:4318/v1/traces (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"
         ))
-    })
+    })?;
+    // Failed exports are logged with their URL: credentials there would be.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::Config(format!(
+            "{source} for --traces-exporter otlp has credentials in it; \
+             pass them in OTEL_EXPORTER_OTLP_HEADERS (for example `authorization=Bearer ...`) instead"
+        )));
+    }
+    // Only OTLP/HTTP protobuf is built in; a collector expecting gRPC or
+    // JSON would refuse every export.
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Some(protocol) = env(var)
+            && protocol.trim() != "http/protobuf"
+        {
+            return Err(Error::Config(format!(
+                "{var} asks for `{}`, but the relay exports spans over OTLP/HTTP protobuf only; \
+                 set it to http/protobuf (or unset it) and point the endpoint at the collector's \
+                 HTTP port (4318)",
+                protocol.escape_debug()
+            )));
+        }
+    }
+    Ok(url)
 }
 
 fn resource() -> Resource {
-    let builder = Resource::builder();
-    // OTEL_SERVICE_NAME, when set, names the service; otherwise the relay
-    // is `outbox-relay` rather than the SDK's `unknown_service`.
-    if std::env::var_os("OTEL_SERVICE_NAME").is_some() {
-        builder.build()
+    // OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name the service when
+    // they do; otherwise the relay is `outbox-relay`, not the SDK's
+    // `unknown_service`.
+    let resource = Resource::builder().build();
+    let named = resource
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
+    if named {
+        resource
     } else {
-        builder.with_service_name("outbox-relay").build()
+        Resource::builder()
+            .with_service_name("outbox-relay")
+            .build()
     }
 }
 
@@ -375,8 +435,16 @@ mod tests {
         assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
         assert!(sc.is_sampled() && sc.is_remote());
         assert_eq!(sc.trace_state().header(), "congo=t61rcWkgMzE");
-        // A later version with more fields is read as version 00.
-        assert!(parse_traceparent(&format!("01{}-extra", &TP[2..]), None).is_some());
+        // Another version with the four fields is read as version 00.
+        assert!(parse_traceparent(&format!("01{}", &TP[2..]), None).is_some());
+        // The tracestate is read as W3C allows it, and dropped when too long.
+        let sc = parse_traceparent(TP, Some("a=1 , b=2")).unwrap();
+        assert_eq!(sc.trace_state().header(), "a=1,b=2");
+        let long = (0..20)
+            .map(|i| format!("k{i}={}", "v".repeat(30)))
+            .collect::<Vec<_>>();
+        let sc = parse_traceparent(TP, Some(&long.join(","))).unwrap();
+        assert_eq!(sc.trace_state().header(), "");
         for bad in [
             "",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
@@ -403,8 +471,21 @@ mod tests {
         use std::io::{BufRead, BufReader, Read};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
+        listener.set_nonblocking(true).unwrap();
         let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
+            // Fails instead of hanging when nothing is sent.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(std::time::Instant::now() < deadline, "no export arrived");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            stream.set_nonblocking(false).unwrap();
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut head = Vec::new();
             let mut length = 0usize;
@@ -441,7 +522,7 @@ mod tests {
             t,
             vec![KeyValue::new("outbox.slot", "s1")],
         );
-        traces.shutdown();
+        traces.shutdown(Duration::from_secs(10));
         let (head, body) = server.join().unwrap();
         assert!(head[0].starts_with("POST /v1/traces "), "{head:?}");
         assert!(
@@ -512,6 +593,30 @@ mod tests {
             .unwrap(),
             "http://given:1/v1/traces"
         );
+        let err = url(
+            None,
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://u:secret@c:4318")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("OTEL_EXPORTER_OTLP_HEADERS") && !err.contains("secret"),
+            "{err}"
+        );
+        let err = url(None, &[("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("OTEL_EXPORTER_OTLP_PROTOCOL") && err.contains("http/protobuf"),
+            "{err}"
+        );
+        assert!(
+            url(
+                None,
+                &[("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")]
+            )
+            .is_ok()
+        );
         for bad in ["mycollector:4318", "grpc://c:4317", "not a url"] {
             let err = url(None, &[("OTEL_EXPORTER_OTLP_ENDPOINT", bad)])
                 .unwrap_err()
@@ -529,11 +634,11 @@ mod tests {
     }
 
     #[test]
-    fn the_first_context_parents_and_the_others_link_once_each() {
+    fn each_distinct_context_is_kept_once_in_order() {
         let mut t = TransactionTrace {
             start: SystemTime::now(),
-            parent: None,
-            links: Vec::new(),
+            contexts: Vec::new(),
+            last_raw: None,
             events: 0,
         };
         let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -542,10 +647,14 @@ mod tests {
         t.observe(Some(TP), None);
         t.observe(Some(other), None);
         t.observe(Some(TP), None);
-        t.observe(Some(other), None);
+        t.observe(Some(other), Some("a=1"));
         assert_eq!(t.events, 6);
-        assert_eq!(t.parent.unwrap().span_id().to_string(), "00f067aa0ba902b7");
-        assert_eq!(t.links.len(), 1);
-        assert_eq!(t.links[0].span_id().to_string(), "b7ad6b7169203331");
+        let spans: Vec<String> = t.contexts.iter().map(|c| c.span_id().to_string()).collect();
+        assert_eq!(spans, ["00f067aa0ba902b7", "b7ad6b7169203331"]);
+        // A hostile row cannot grow the list past the link limit.
+        for i in 1..=1000u64 {
+            t.observe(Some(&format!("00-{i:032x}-{i:016x}-01")), None);
+        }
+        assert_eq!(t.contexts.len(), MAX_LINKS);
     }
 }

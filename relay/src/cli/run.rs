@@ -224,7 +224,9 @@ pub struct RunArgs {
     /// `console` (one JSON object per line) or `otlp` (OTLP/HTTP to
     /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT).
     /// The `traceparent`/`tracestate` headers are forwarded either way.
-    #[arg(long, env = "OTEL_TRACES_EXPORTER", value_enum, default_value_t)]
+    /// Not OTEL_TRACES_EXPORTER: that one is often set for a whole host,
+    /// with values (`zipkin`, lists) this flag does not take.
+    #[arg(long, env = "OUTBOX_TRACES_EXPORTER", value_enum, default_value_t)]
     pub traces_exporter: TracesExporter,
 
     /// With `--traces-exporter console`: append the spans to this file

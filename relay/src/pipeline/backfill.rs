@@ -423,7 +423,7 @@ impl Backfill<'_> {
         // row, so a trace started before the relay's first start goes on.
         let trace = match &event {
             Ok(e) => self.cfg.traces.transaction().map(|mut t| {
-                t.observe(e.trace_context.as_deref(), e.tracestate());
+                t.observe(e.traceparent(), e.tracestate());
                 t
             }),
             Err(_) => None,

@@ -42,9 +42,24 @@ pub struct OutboxEvent {
 impl OutboxEvent {
     /// The `tracestate` header, if the event has one.
     pub fn tracestate(&self) -> Option<&str> {
+        self.header("tracestate")
+    }
+
+    /// The W3C `traceparent`: the column's, or under the Debezium layout
+    /// the header made from `tracingspancontext`.
+    pub fn traceparent(&self) -> Option<&str> {
+        match &self.trace_context {
+            Some(tp) => Some(tp),
+            None if self.debezium => self.header("traceparent"),
+            None => None,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
-            .find(|(k, _)| k == "tracestate")
+            .rev()
+            .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
 

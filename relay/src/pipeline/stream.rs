@@ -469,7 +469,7 @@ impl Session<'_> {
         token: &CancellationToken,
     ) -> Result<()> {
         if let (Some(trace), Ok(event)) = (self.trace.as_mut(), &event) {
-            trace.observe(event.trace_context.as_deref(), event.tracestate());
+            trace.observe(event.traceparent(), event.tracestate());
         }
         if let Ok(event) = &event
             && publisher.is_suspect(&event.id)
