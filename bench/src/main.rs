@@ -4,6 +4,7 @@
 
 mod plot;
 mod probe;
+mod readme;
 mod report;
 mod scenario;
 
@@ -27,9 +28,6 @@ struct Args {
     /// The outbox-relay binary (build it with --release).
     #[arg(long)]
     relay_bin: PathBuf,
-    /// pg_recvlogical, for the walsender-alone limit.
-    #[arg(long, default_value = "/usr/lib/postgresql/15/bin/pg_recvlogical")]
-    pg_recvlogical: PathBuf,
     /// Backlog size for the limits and the drain.
     #[arg(long, default_value_t = 200_000)]
     events: u64,
@@ -52,6 +50,10 @@ struct Args {
     /// Rows of the large transaction (0 skips it).
     #[arg(long, default_value_t = 1_000_000)]
     large_rows: u64,
+    /// Shard counts for the scale-out drain (one database, slot and relay
+    /// per shard, --events in all); empty skips it.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    shards: Vec<usize>,
     /// Port for the relay's metrics endpoint.
     #[arg(long, default_value_t = 19187)]
     metrics_port: u16,
@@ -82,10 +84,10 @@ async fn main() -> anyhow::Result<()> {
         database_url: args.database_url.clone(),
         brokers: args.kafka_brokers.clone(),
         relay_bin: args.relay_bin.clone(),
-        pg_recvlogical: args.pg_recvlogical.clone(),
         payload_bytes: args.payload_bytes,
         metrics_port: args.metrics_port,
         relay_args: args.relay_args.clone(),
+        checkpoint_failures: Default::default(),
     };
 
     // Limits first: the relay's slot must not exist while their backlogs are
@@ -93,11 +95,15 @@ async fn main() -> anyhow::Result<()> {
     let (mut walsender, mut broker, mut drains) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=args.runs {
         eprintln!(
-            "bench: limit (a), walsender alone, {} events, run {run}/{}",
+            "bench: limit (a), the walsender's ceiling, {} events, run {run}/{}",
             args.events, args.runs
         );
-        let w = scenario::walsender_limit(&env, args.events).await?;
-        eprintln!("bench:   {w:.0} events/s");
+        let w = scenario::walsender_ceiling(&env, args.events).await?;
+        eprintln!(
+            "bench:   {:.0} events/s, walsender {:.4} CPU s per 1000",
+            w.events_per_s,
+            w.walsender_cpu_s / w.events * 1000.0
+        );
         walsender.push(w);
     }
     for run in 1..=args.runs {
@@ -133,8 +139,10 @@ async fn main() -> anyhow::Result<()> {
             scenario::quiesce(&env, scenario::Outbox::Empty).await?;
             let s = scenario::steady(&env, &relay, rate, rows, args.seconds).await?;
             eprintln!(
-                "bench:   p99 {:.1} ms, kept up: {}",
+                "bench:   p99 {:.1} ms, writers {:.0}/s (reached the rate: {}), relay caught up: {}",
                 probe::quantile_ms(&s.latency, 0.99).unwrap_or(f64::NAN),
+                s.achieved_rate,
+                s.writers_reached,
                 s.kept_up
             );
             steady.push(s);
@@ -148,6 +156,13 @@ async fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    let mut sharded = Vec::new();
+    for &k in &args.shards {
+        eprintln!("bench: drain of {} events over {k} shard(s)", args.events);
+        let s = scenario::shards(&env, args.events, k).await?;
+        eprintln!("bench:   {:.0} events/s", s.events_per_s);
+        sharded.push(s);
+    }
     let results = report::Results {
         events: args.events,
         payload_bytes: args.payload_bytes,
@@ -158,6 +173,10 @@ async fn main() -> anyhow::Result<()> {
         steady,
         steady_rss_mib: steady_rss,
         large,
+        shards: sharded,
+        checkpoint_failures: env
+            .checkpoint_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
     };
     report::write(&args.out, &results)?;
     eprintln!("bench: report in {}", args.out.join("report.md").display());

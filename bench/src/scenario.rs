@@ -3,7 +3,6 @@
 //! returns plain numbers and time series for the report.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -27,11 +26,13 @@ pub struct Env {
     pub database_url: String,
     pub brokers: String,
     pub relay_bin: PathBuf,
-    pub pg_recvlogical: PathBuf,
     pub payload_bytes: usize,
     pub metrics_port: u16,
     /// Extra relay flags.
     pub relay_args: Vec<String>,
+    /// CHECKPOINTs refused while quieting the database (the report says
+    /// "checkpointed" only when there were none).
+    pub checkpoint_failures: std::sync::atomic::AtomicU64,
 }
 
 const SLOT: &str = "bench_relay";
@@ -45,23 +46,25 @@ pub struct Relay {
 
 impl Relay {
     pub fn start(env: &Env) -> anyhow::Result<Self> {
-        let mut builder = support::RelayBuilder::new(&env.database_url, &env.brokers, SLOT);
+        Self::start_on(env, &env.database_url, SLOT, env.metrics_port)
+    }
+
+    /// A relay on `database_url`'s outbox with its own slot and metrics port.
+    pub fn start_on(env: &Env, database_url: &str, slot: &str, port: u16) -> anyhow::Result<Self> {
+        let mut builder = support::RelayBuilder::new(database_url, &env.brokers, slot);
         // The relay's own defaults, not the tests' faster timeouts.
-        builder.args = ["--create-topics", "--slot", SLOT, "--status-interval", "1s"]
+        builder.args = ["--create-topics", "--slot", slot, "--status-interval", "1s"]
             .map(String::from)
             .to_vec();
         let process = builder
             .binary(&env.relay_bin)
             .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{}", env.metrics_port))
+            .arg(format!("127.0.0.1:{port}"))
             .args(&env.relay_args)
             // Logging costs CPU: only what goes wrong.
             .env("OUTBOX_LOG", "warn")
             .spawn_with_output_shown();
-        Ok(Self {
-            process,
-            port: env.metrics_port,
-        })
+        Ok(Self { process, port })
     }
 
     pub fn pid(&self) -> u32 {
@@ -162,6 +165,18 @@ async fn walsender_pid(env: &Env, slot: &str) -> Option<u32> {
     .map(|p| p as u32)
 }
 
+/// Waits until no walsender holds `slot` (it goes away with its client).
+async fn wait_slot_free(env: &Env, slot: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while walsender_pid(env, slot).await.is_some() {
+        if Instant::now() > deadline {
+            bail!("the walsender of {slot} did not exit");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 async fn lag_bytes(env: &Env) -> f64 {
     sqlx::query_scalar::<_, Option<f64>>(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
@@ -175,50 +190,94 @@ async fn lag_bytes(env: &Env) -> f64 {
     .unwrap_or(0.0)
 }
 
-/// (a) How fast the walsender alone emits a backlog of `n` rows through
-/// pgoutput, to `pg_recvlogical` (a C client that discards the data).
-pub async fn walsender_limit(env: &Env, n: u64) -> anyhow::Result<f64> {
-    sqlx::query("SELECT pg_create_logical_replication_slot('bench_limit', 'pgoutput')")
+/// The walsender's ceiling on one backlog.
+#[derive(Clone, Copy)]
+pub struct Ceiling {
+    pub events_per_s: f64,
+    pub seconds: f64,
+    pub walsender_cpu_s: f64,
+    pub reader_cpu_s: f64,
+    pub events: f64,
+}
+
+/// (a) The walsender's ceiling: a backlog of `n` rows read from a pgoutput
+/// slot with the relay's protocol options by the relay's own replication
+/// client, which counts the inserts and discards everything (no decoding, no
+/// Kafka). Timed as the drain is, from connecting to the last insert. Also
+/// the walsender's CPU over that window.
+pub async fn walsender_ceiling(env: &Env, n: u64) -> anyhow::Result<Ceiling> {
+    use outbox_relay::postgres::config::PgConfig;
+    use outbox_relay::postgres::connection::{Backend, Connection, Mode};
+    const LIMIT_SLOT: &str = "bench_limit";
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(LIMIT_SLOT)
         .execute(&env.pool)
         .await?;
     backlog(env, "bench_limit", n, false).await?;
     quiesce(env, Outbox::Keep).await?;
-    let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-        .fetch_one(&env.pool)
-        .await?;
+    let cfg = PgConfig::from_url(&env.database_url)?;
+    let reader_cpu0 = probe::cpu_seconds(std::process::id());
     let start = Instant::now();
-    let status = Command::new(&env.pg_recvlogical)
-        .args([
-            "-d",
-            &env.database_url,
-            "--slot",
-            "bench_limit",
-            "--start",
-            "--no-loop",
-        ])
-        .args([
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=outbox_pub",
-            "-f",
-            "/dev/null",
-            "-E",
-            &end,
-        ])
-        .status()
-        .context("running pg_recvlogical")?;
-    let secs = start.elapsed().as_secs_f64();
-    sqlx::query("SELECT pg_drop_replication_slot('bench_limit')")
+    let mut conn = Connection::connect(&cfg, Mode::Replication).await?;
+    // The relay's options: proto_version 1, its publication, no messages.
+    conn.send_query(&format!(
+        "START_REPLICATION SLOT {LIMIT_SLOT} LOGICAL 0/0 (proto_version '1', publication_names '\"outbox_pub\"')"
+    ))
+    .await?;
+    let mut wal_pid = None;
+    let mut wal_cpu0 = 0.0;
+    let mut inserts = 0u64;
+    while inserts < n {
+        match conn.recv().await? {
+            Backend::CopyBoth => {
+                wal_pid = walsender_pid(env, LIMIT_SLOT).await;
+                wal_cpu0 = wal_pid.map(probe::cpu_seconds).unwrap_or(0.0);
+            }
+            // XLogData: 'w', three u64, then the pgoutput message; its
+            // first byte is the message type.
+            Backend::CopyData(data) if data.first() == Some(&b'w') => {
+                if data.get(25) == Some(&b'I') {
+                    inserts += 1;
+                }
+            }
+            // Keepalive asking for a reply: confirm its position.
+            Backend::CopyData(data) if data.first() == Some(&b'k') && data.get(17) == Some(&1) => {
+                let mut reply = Vec::with_capacity(34);
+                reply.push(b'r');
+                for _ in 0..3 {
+                    reply.extend_from_slice(&data[1..9]);
+                }
+                reply.extend_from_slice(&0i64.to_be_bytes());
+                reply.push(0);
+                conn.send_copy_data(&reply).await?;
+            }
+            Backend::CopyData(_) => {}
+            Backend::Error(e) => bail!("reading the slot: {e}"),
+            other => bail!("unexpected message while reading the slot: {other:?}"),
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let walsender_cpu_s = wal_pid.map(probe::cpu_seconds).unwrap_or(0.0) - wal_cpu0;
+    let reader_cpu_s = probe::cpu_seconds(std::process::id()) - reader_cpu0;
+    conn.terminate().await;
+    wait_slot_free(env, LIMIT_SLOT).await?;
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(LIMIT_SLOT)
         .execute(&env.pool)
         .await?;
     // Without this the relay's first start would backfill these rows before
     // the drain.
     sqlx::query("TRUNCATE outbox").execute(&env.pool).await?;
-    if !status.success() {
-        bail!("pg_recvlogical failed: {status}");
+    if wal_pid.is_none() {
+        bail!("the walsender of {LIMIT_SLOT} was not found: its CPU cannot be measured");
     }
-    Ok(n as f64 / secs)
+    Ok(Ceiling {
+        events_per_s: n as f64 / seconds,
+        seconds,
+        walsender_cpu_s,
+        reader_cpu_s,
+        events: n as f64,
+    })
 }
 
 /// (b) How fast the broker alone accepts `n` records of the same size from
@@ -384,6 +443,8 @@ pub async fn quiesce(env: &Env, outbox: Outbox) -> anyhow::Result<()> {
     sqlx::query(sql).execute(&env.pool).await?;
     if let Err(err) = sqlx::query("CHECKPOINT").execute(&env.pool).await {
         eprintln!("bench: CHECKPOINT refused ({err}); going on without it");
+        env.checkpoint_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(())
 }
@@ -408,6 +469,9 @@ pub struct Steady {
     pub postgres_latency: Vec<(f64, f64)>,
     pub max_lag_mib: f64,
     pub end_lag_mib: f64,
+    /// The writers committed at least 95 % of the target rate.
+    pub writers_reached: bool,
+    /// Everything written was delivered within 2 s of the end.
     pub kept_up: bool,
     pub cost: Cost,
     pub samples: Samples,
@@ -525,6 +589,7 @@ pub async fn steady(
         postgres_latency,
         max_lag_mib,
         end_lag_mib,
+        writers_reached: written as f64 / elapsed >= 0.95 * rate as f64,
         kept_up: caught_up,
         cost: Cost {
             relay_cpu_s: probe::cpu_seconds(relay.pid()) - relay_cpu0,
@@ -560,5 +625,128 @@ pub async fn large(env: &Env, rows: u64) -> anyhow::Result<Large> {
         rows,
         seconds,
         peak_rss_mib,
+    })
+}
+
+/// One drain over several shards.
+pub struct Shards {
+    pub shards: usize,
+    pub events_per_s: f64,
+    pub seconds: f64,
+    pub cost: Cost,
+}
+
+/// The drain scaled out: `shards` databases in this cluster, each with its
+/// own outbox, slot and relay, `n` events in all (`n / shards` each),
+/// written while the relays are stopped; timed from starting the relays to
+/// the last delivery. CPU is summed over the relays and their walsenders.
+pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> {
+    let per = n / shards as u64;
+    let (base, query) = env
+        .database_url
+        .split_once('?')
+        .map_or((env.database_url.as_str(), ""), |(b, q)| (b, q));
+    let (server, _) = base
+        .rsplit_once('/')
+        .context("a database URL with a path")?;
+    let mut urls = Vec::new();
+    for i in 0..shards {
+        let db = format!("bench_shard_{shards}_{i}");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(&env.pool)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+            .execute(&env.pool)
+            .await?;
+        let url = if query.is_empty() {
+            format!("{server}/{db}")
+        } else {
+            format!("{server}/{db}?{query}")
+        };
+        let pool = PgPool::connect(&url).await?;
+        outbox::MIGRATOR.run(&pool).await?;
+        pool.close().await;
+        urls.push(url);
+    }
+    let slot = |i: usize| format!("bench_shard_{i}");
+    let port = |i: usize| env.metrics_port + 1 + i as u16;
+    // First starts create the slots; the backlogs go in behind them.
+    for (i, url) in urls.iter().enumerate() {
+        let relay = Relay::start_on(env, url, &slot(i), port(i))?;
+        relay.ready().await?;
+        relay.stop().await?;
+    }
+    for url in &urls {
+        let pool = PgPool::connect(url).await?;
+        let shard = Env {
+            pool: pool.clone(),
+            database_url: url.clone(),
+            brokers: env.brokers.clone(),
+            relay_bin: env.relay_bin.clone(),
+            payload_bytes: env.payload_bytes,
+            metrics_port: env.metrics_port,
+            relay_args: env.relay_args.clone(),
+            checkpoint_failures: Default::default(),
+        };
+        backlog(&shard, "bench_shards", per, false).await?;
+        sqlx::query("VACUUM (ANALYZE) outbox")
+            .execute(&pool)
+            .await?;
+        pool.close().await;
+    }
+    if let Err(err) = sqlx::query("CHECKPOINT").execute(&env.pool).await {
+        eprintln!("bench: CHECKPOINT refused ({err}); going on without it");
+        env.checkpoint_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let start = Instant::now();
+    let mut relays = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        relays.push(Relay::start_on(env, url, &slot(i), port(i))?);
+    }
+    let mut walsenders = Vec::new();
+    for (i, relay) in relays.iter().enumerate() {
+        relay.ready().await?;
+        let pid = walsender_pid(env, &slot(i)).await;
+        walsenders.push((pid, pid.map(probe::cpu_seconds).unwrap_or(0.0)));
+    }
+    for relay in &relays {
+        relay
+            .wait_delivered(per as f64, Duration::from_secs(900))
+            .await?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let cost = Cost {
+        relay_cpu_s: relays.iter().map(|r| probe::cpu_seconds(r.pid())).sum(),
+        walsender_cpu_s: walsenders
+            .iter()
+            .map(|(pid, cpu0)| pid.map(probe::cpu_seconds).unwrap_or(0.0) - cpu0)
+            .sum(),
+        events: (per * shards as u64) as f64,
+    };
+    for relay in relays {
+        relay.stop().await?;
+    }
+    for i in 0..shards {
+        // A database with a logical slot cannot be dropped.
+        wait_slot_free(env, &slot(i)).await?;
+        sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(slot(i))
+            .execute(&env.pool)
+            .await?;
+        let db = format!("bench_shard_{shards}_{i}");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+        )))
+        .execute(&env.pool)
+        .await?;
+    }
+    Ok(Shards {
+        shards,
+        events_per_s: cost.events / seconds,
+        seconds,
+        cost,
     })
 }
