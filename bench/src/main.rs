@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     large_rows: u64,
     /// Shard counts for the scale-out drain (one database, slot and relay
-    /// per shard, --events in all); empty skips it.
+    /// per shard, --events in all); 0 skips it.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     shards: Vec<usize>,
     /// Port for the relay's metrics endpoint.
@@ -157,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     let mut sharded = Vec::new();
-    for &k in &args.shards {
+    for &k in args.shards.iter().filter(|&&k| k > 0) {
         eprintln!("bench: drain of {} events over {k} shard(s)", args.events);
         let s = scenario::shards(&env, args.events, k).await?;
         eprintln!("bench:   {:.0} events/s", s.events_per_s);

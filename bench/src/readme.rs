@@ -63,10 +63,11 @@ pub fn table(doc: &Value) -> String {
     );
     let _ = writeln!(
         t,
-        "| CPU per 1,000 events in the drain (medians) | relay {}, walsender {} (so at most {} events/s from one walsender core), a bare rdkafka producer {} |",
+        "| CPU per 1,000 events in the drain (medians) | relay {}, walsender {} (so at most {} events/s from one walsender core; the drain reached {} of that), a bare rdkafka producer {} |",
         ms(&drain["relay_cpu_s_per_1000"]),
         ms(&drain["walsender_cpu_s_per_1000"]),
         k(&drain["walsender_cpu_ceiling_events_per_s"]),
+        f2(&drain["ratio_to_walsender_cpu_ceiling"]),
         ms(&limits["bare_producer_cpu_s_per_1000"]),
     );
     for rate in [1000, 5000] {

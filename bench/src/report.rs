@@ -136,8 +136,15 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     // than the walsender feeding it, so a ratio above 1 is a measurement
     // fault, not a result.
     let ratio = m.drain_events_per_s / m.walsender_limit;
+    // The bound that holds whatever the reader does: the walsender's CPU
+    // per event during the drain, at 100 % of one core.
     let cpu_ceiling = if m.drain_walsender_cpu_per_1000 > 0.0 {
         1000.0 / m.drain_walsender_cpu_per_1000
+    } else {
+        0.0
+    };
+    let cpu_ratio = if cpu_ceiling > 0.0 {
+        m.drain_events_per_s / cpu_ceiling
     } else {
         0.0
     };
@@ -179,6 +186,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
         "drain": {"events_per_s": m.drain_events_per_s, "ratio_to_walsender_ceiling": ratio,
                   "measurement_fault": ratio > 1.0,
                   "walsender_cpu_ceiling_events_per_s": cpu_ceiling,
+                  "ratio_to_walsender_cpu_ceiling": cpu_ratio,
                   "relay_cpu_s_per_1000": m.drain_relay_cpu_per_1000,
                   "walsender_cpu_s_per_1000": m.drain_walsender_cpu_per_1000,
                   "relay_rss_mib_max_sampled": drain_peak_rss(r),
@@ -327,12 +335,20 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "During the drain the walsender used {:.4} CPU s per 1000 events: on one core no reader can get more than {:.0} events/s out of it. Reading the ceiling's backlog it used {:.4}, and the discarding reader {:.4}.\n",
+        "During the drain the walsender used {:.4} CPU s per 1000 events: on one core no reader can get more than {:.0} events/s out of it, and the drain reached {:.2} of that (target >= 0.95: {}). Serving the discarding reader of (a) it used {:.4} CPU s per 1000 events (the reader's process {:.4}).\n",
         m.drain_walsender_cpu_per_1000,
         cpu_ceiling,
+        cpu_ratio,
+        ok(cpu_ratio >= 0.95),
         m.ceiling_walsender_cpu_per_1000,
         m.ceiling_reader_cpu_per_1000
     );
+    if ratio > 1.0 {
+        let _ = writeln!(
+            md,
+            "(a) is below the drain, so it is not the walsender's ceiling: serving this idle, discarding reader the walsender spends more CPU per event than serving the relay (figures above). Why is not settled; in a one-off perf profile of the walsender serving (a), 18 % of its samples were in the kernel's socket wake-up path (`_raw_spin_unlock_irqrestore` under `sock_def_readable`), which the relay's walsender did not show, but a reader that never parks (busy polling) did no better. The CPU ceiling above is the bound that holds.\n"
+        );
+    }
     let _ = writeln!(
         md,
         "## Steady load\n\nWriters: 32 connections, staggered evenly over each commit period (not in bursts), durable commits (`synchronous_commit = on`); before each run the outbox is truncated{}. Latency: commit timestamp from pgoutput to Kafka's delivery report, same clock, from the relay's histogram (interpolated within buckets). \"Of which PostgreSQL\" is commit to the transaction's arrival at the relay (WAL flush, decoding, sending): the part the relay cannot shorten. \"Writers reached\" is whether the writers committed at least 95 % of the target; \"caught up\" whether the relay had delivered everything written within 2 s of the end.\n",
@@ -470,7 +486,15 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     let cpu_ok = m.drain_relay_cpu_per_1000 <= m.drain_walsender_cpu_per_1000;
     let _ = writeln!(
         md,
-        "- drain >= 0.95 x the walsender's ceiling: {ratio:.2} ({verdict})"
+        "- drain >= 0.95 x the walsender's ceiling: {}",
+        if ratio > 1.0 {
+            format!(
+                "(a) is below the drain ({ratio:.2}, a measurement fault); against the walsender's CPU ceiling {cpu_ratio:.2} ({})",
+                ok(cpu_ratio >= 0.95)
+            )
+        } else {
+            format!("{ratio:.2} ({verdict}); against its CPU ceiling {cpu_ratio:.2}")
+        }
     );
     let _ = match p99_1k {
         Some(p99) => writeln!(

@@ -153,11 +153,15 @@ pub async fn backlog(env: &Env, aggregate_type: &str, n: u64, one_tx: bool) -> a
 }
 
 async fn walsender_pid(env: &Env, slot: &str) -> Option<u32> {
+    walsender_pid_of(&env.pool, slot).await
+}
+
+async fn walsender_pid_of(pool: &PgPool, slot: &str) -> Option<u32> {
     sqlx::query_scalar::<_, Option<i32>>(
         "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
     )
     .bind(slot)
-    .fetch_optional(&env.pool)
+    .fetch_optional(pool)
     .await
     .ok()
     .flatten()
@@ -678,7 +682,7 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
         relay.ready().await?;
         relay.stop().await?;
     }
-    for url in &urls {
+    for (i, url) in urls.iter().enumerate() {
         let pool = PgPool::connect(url).await?;
         let shard = Env {
             pool: pool.clone(),
@@ -690,7 +694,8 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
             relay_args: env.relay_args.clone(),
             checkpoint_failures: Default::default(),
         };
-        backlog(&shard, "bench_shards", per, false).await?;
+        // A topic per shard, as shards split by aggregate type would.
+        backlog(&shard, &format!("bench_shard_{i}"), per, false).await?;
         sqlx::query("VACUUM (ANALYZE) outbox")
             .execute(&pool)
             .await?;
