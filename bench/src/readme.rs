@@ -47,13 +47,13 @@ pub fn table(doc: &Value) -> String {
     let drain = &doc["drain"];
     let limits = &doc["limits"];
     let fault = if drain["measurement_fault"].as_bool() == Some(true) {
-        " (**above the ceiling: a measurement fault**)"
+        " (above 1: that reader was not the ceiling, a measurement fault; the CPU ceiling below is the bound)"
     } else {
         ""
     };
     let _ = writeln!(
         t,
-        "| drain of a {}-event backlog (median of {} runs) | {} events/s = {} x the walsender's ceiling ({}/s: a reader that discards; broker alone {}/s){fault} |",
+        "| drain of a {}-event backlog (median of {} runs) | {} events/s = {} x a reader that discards ({}/s, meant as the walsender's ceiling; broker alone {}/s){fault} |",
         doc["events"].as_u64().unwrap_or(0),
         doc["runs"].as_u64().unwrap_or(0),
         k(&drain["events_per_s"]),
