@@ -3,7 +3,6 @@
 
 use std::process::Command;
 
-use crate::support::postgres::bin;
 use crate::support::relay::{bench_binary, binary};
 use crate::support::{Postgres, Tansu, free_port, unique};
 
@@ -28,6 +27,8 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
             // Two runs: the second drain restarts the relay behind a new backlog.
             "--runs",
             "2",
+            "--shards",
+            "1,2",
         ])
         .arg("--database-url")
         .arg(&url)
@@ -35,8 +36,6 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
         .arg(tansu.brokers())
         .arg("--relay-bin")
         .arg(binary())
-        .arg("--pg-recvlogical")
-        .arg(bin("pg_recvlogical"))
         .arg("--metrics-port")
         .arg(free_port().to_string())
         .arg("--out")
@@ -50,11 +49,24 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
         "/limits/walsender_events_per_s",
         "/limits/broker_events_per_s",
         "/drain/events_per_s",
-        "/drain/ratio_to_limit",
+        "/drain/ratio_to_walsender_ceiling",
+        "/relay_rss_mib/steady_max_sampled",
         "/large_transaction/peak_rss_mib",
     ] {
         let v = report.pointer(path).and_then(|v| v.as_f64()).unwrap_or(0.0);
         assert!(v > 0.0, "{path} missing or zero in {report:#}");
+    }
+    // CPU-derived figures: a tiny run may stay under the clock's 10 ms tick.
+    for path in [
+        "/limits/walsender_cpu_s_per_1000",
+        "/drain/walsender_cpu_ceiling_events_per_s",
+        "/drain/ratio_to_walsender_cpu_ceiling",
+    ] {
+        let v = report.pointer(path);
+        assert!(
+            v.is_some_and(|v| v.is_null() || v.as_f64().is_some_and(|x| x >= 0.0)),
+            "{path} missing in {report:#}"
+        );
     }
     let drains = report["drain"]["runs"].as_array().unwrap();
     assert_eq!(drains.len(), 2, "{report:#}");
@@ -66,7 +78,21 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
     for s in steady {
         assert!(s["written"].as_u64().unwrap() > 0);
         assert!(s["latency_ms"]["p99"].as_f64().is_some(), "{s:#}");
+        assert!(s["writers_reached_rate"].is_boolean(), "{s:#}");
     }
+    let shards = report["shards"].as_array().unwrap();
+    let counts: Vec<u64> = shards
+        .iter()
+        .map(|s| s["shards"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, [1, 2], "{report:#}");
+    for s in shards {
+        assert!(s["events_per_s"].as_f64().unwrap() > 0.0, "{s:#}");
+        assert_eq!(s["events"].as_f64(), Some(2000.0), "{s:#}");
+    }
+    // The README's table as this run gives it.
+    let table = std::fs::read_to_string(out.join("readme-table.md")).unwrap();
+    assert!(table.contains("| drain split over shards"), "{table}");
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## Targets"));
     for svg in ["latency_cdf.svg", "throughput.svg", "lag.svg"] {

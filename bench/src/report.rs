@@ -185,8 +185,9 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                    "broker_runs": r.broker_runs.iter().map(|b| b.0).collect::<Vec<_>>()},
         "drain": {"events_per_s": m.drain_events_per_s, "ratio_to_walsender_ceiling": ratio,
                   "measurement_fault": ratio > 1.0,
-                  "walsender_cpu_ceiling_events_per_s": cpu_ceiling,
-                  "ratio_to_walsender_cpu_ceiling": cpu_ratio,
+                  // null when the walsender's CPU was below the clock's 10 ms tick
+                  "walsender_cpu_ceiling_events_per_s": (cpu_ceiling > 0.0).then_some(cpu_ceiling),
+                  "ratio_to_walsender_cpu_ceiling": (cpu_ceiling > 0.0).then_some(cpu_ratio),
                   "relay_cpu_s_per_1000": m.drain_relay_cpu_per_1000,
                   "walsender_cpu_s_per_1000": m.drain_walsender_cpu_per_1000,
                   "relay_rss_mib_max_sampled": drain_peak_rss(r),
@@ -333,16 +334,23 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
         runs_text(r.drains.iter().map(|d| d.events_per_s).collect(), 0),
         ratio,
     );
-    let _ = writeln!(
-        md,
-        "During the drain the walsender used {:.4} CPU s per 1000 events: on one core no reader can get more than {:.0} events/s out of it, and the drain reached {:.2} of that (target >= 0.95: {}). Serving the discarding reader of (a) it used {:.4} CPU s per 1000 events (the reader's process {:.4}).\n",
-        m.drain_walsender_cpu_per_1000,
-        cpu_ceiling,
-        cpu_ratio,
-        ok(cpu_ratio >= 0.95),
-        m.ceiling_walsender_cpu_per_1000,
-        m.ceiling_reader_cpu_per_1000
-    );
+    if cpu_ceiling > 0.0 {
+        let _ = writeln!(
+            md,
+            "During the drain the walsender used {:.4} CPU s per 1000 events: on one core no reader can get more than {:.0} events/s out of it, and the drain reached {:.2} of that (target >= 0.95: {}). Serving the discarding reader of (a) it used {:.4} CPU s per 1000 events (the reader's process {:.4}).\n",
+            m.drain_walsender_cpu_per_1000,
+            cpu_ceiling,
+            cpu_ratio,
+            ok(cpu_ratio >= 0.95),
+            m.ceiling_walsender_cpu_per_1000,
+            m.ceiling_reader_cpu_per_1000
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "The walsender's CPU during the drain was below the clock's 10 ms tick: no CPU ceiling.\n"
+        );
+    }
     if ratio > 1.0 {
         let _ = writeln!(
             md,
@@ -487,7 +495,9 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     let _ = writeln!(
         md,
         "- drain >= 0.95 x the walsender's ceiling: {}",
-        if ratio > 1.0 {
+        if cpu_ceiling <= 0.0 {
+            format!("{ratio:.2} ({verdict}); the walsender's CPU was too small to measure")
+        } else if ratio > 1.0 {
             format!(
                 "(a) is below the drain ({ratio:.2}, a measurement fault); against the walsender's CPU ceiling {cpu_ratio:.2} ({})",
                 ok(cpu_ratio >= 0.95)

@@ -675,7 +675,9 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
         urls.push(url);
     }
     let slot = |i: usize| format!("bench_shard_{i}");
-    let port = |i: usize| env.metrics_port + 1 + i as u16;
+    // Free ports, not the main relay's + i: those may be taken.
+    let ports: Vec<u16> = (0..shards).map(|_| support::free_port()).collect();
+    let port = |i: usize| ports[i];
     // First starts create the slots; the backlogs go in behind them.
     for (i, url) in urls.iter().enumerate() {
         let relay = Relay::start_on(env, url, &slot(i), port(i))?;
