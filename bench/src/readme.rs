@@ -34,7 +34,7 @@ fn ms(v: &Value) -> String {
     num(v).map_or_else(|| "-".into(), |x| format!("{:.1} ms", x * 1000.0))
 }
 
-fn steady<'a>(doc: &'a Value, rate: u64, rows: u64) -> Option<&'a Value> {
+fn steady(doc: &Value, rate: u64, rows: u64) -> Option<&Value> {
     doc["steady"]
         .as_array()?
         .iter()

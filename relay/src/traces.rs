@@ -527,7 +527,7 @@ mod tests {
         assert!(head[0].starts_with("POST /v1/traces "), "{head:?}");
         assert!(
             head.iter()
-                .any(|h| h.to_ascii_lowercase() == "content-type: application/x-protobuf\r\n"),
+                .any(|h| h.eq_ignore_ascii_case("content-type: application/x-protobuf\r\n")),
             "{head:?}"
         );
         let request = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
