@@ -131,7 +131,18 @@ impl Relay {
 /// Inserts `n` outbox rows of about `payload_bytes` for `aggregate_type`, in
 /// statements of 50,000 rows (or one statement when `one_tx`).
 pub async fn backlog(env: &Env, aggregate_type: &str, n: u64, one_tx: bool) -> anyhow::Result<()> {
-    let pad = env.payload_bytes.saturating_sub(40).max(1) as i32;
+    backlog_into(&env.pool, env.payload_bytes, aggregate_type, n, one_tx).await
+}
+
+/// [`backlog`] into the outbox of `pool`'s database.
+async fn backlog_into(
+    pool: &PgPool,
+    payload_bytes: usize,
+    aggregate_type: &str,
+    n: u64,
+    one_tx: bool,
+) -> anyhow::Result<()> {
+    let pad = payload_bytes.saturating_sub(40).max(1) as i32;
     let chunk = if one_tx { n } else { 50_000 };
     let mut from = 1;
     while from <= n {
@@ -145,7 +156,7 @@ pub async fn backlog(env: &Env, aggregate_type: &str, n: u64, one_tx: bool) -> a
         .bind(from as i64)
         .bind(to as i64)
         .bind(pad)
-        .execute(&env.pool)
+        .execute(pool)
         .await?;
         from = to + 1;
     }
@@ -153,15 +164,11 @@ pub async fn backlog(env: &Env, aggregate_type: &str, n: u64, one_tx: bool) -> a
 }
 
 async fn walsender_pid(env: &Env, slot: &str) -> Option<u32> {
-    walsender_pid_of(&env.pool, slot).await
-}
-
-async fn walsender_pid_of(pool: &PgPool, slot: &str) -> Option<u32> {
     sqlx::query_scalar::<_, Option<i32>>(
         "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
     )
     .bind(slot)
-    .fetch_optional(pool)
+    .fetch_optional(&env.pool)
     .await
     .ok()
     .flatten()
@@ -445,12 +452,17 @@ pub async fn quiesce(env: &Env, outbox: Outbox) -> anyhow::Result<()> {
         Outbox::Keep => "VACUUM (ANALYZE) outbox",
     };
     sqlx::query(sql).execute(&env.pool).await?;
+    checkpoint(env).await;
+    Ok(())
+}
+
+/// A CHECKPOINT, counted in `checkpoint_failures` when refused.
+async fn checkpoint(env: &Env) {
     if let Err(err) = sqlx::query("CHECKPOINT").execute(&env.pool).await {
         eprintln!("bench: CHECKPOINT refused ({err}); going on without it");
         env.checkpoint_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    Ok(())
 }
 
 /// What [`quiesce`] does with the outbox.
@@ -686,28 +698,21 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
     }
     for (i, url) in urls.iter().enumerate() {
         let pool = PgPool::connect(url).await?;
-        let shard = Env {
-            pool: pool.clone(),
-            database_url: url.clone(),
-            brokers: env.brokers.clone(),
-            relay_bin: env.relay_bin.clone(),
-            payload_bytes: env.payload_bytes,
-            metrics_port: env.metrics_port,
-            relay_args: env.relay_args.clone(),
-            checkpoint_failures: Default::default(),
-        };
         // A topic per shard, as shards split by aggregate type would.
-        backlog(&shard, &format!("bench_shard_{i}"), per, false).await?;
+        backlog_into(
+            &pool,
+            env.payload_bytes,
+            &format!("bench_shard_{i}"),
+            per,
+            false,
+        )
+        .await?;
         sqlx::query("VACUUM (ANALYZE) outbox")
             .execute(&pool)
             .await?;
         pool.close().await;
     }
-    if let Err(err) = sqlx::query("CHECKPOINT").execute(&env.pool).await {
-        eprintln!("bench: CHECKPOINT refused ({err}); going on without it");
-        env.checkpoint_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
+    checkpoint(env).await;
     let start = Instant::now();
     let mut relays = Vec::new();
     for (i, url) in urls.iter().enumerate() {

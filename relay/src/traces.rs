@@ -109,11 +109,6 @@ impl Traces {
         })
     }
 
-    /// Whether spans are recorded.
-    pub fn enabled(&self) -> bool {
-        self.inner.is_some()
-    }
-
     /// A new transaction's trace, or `None` when disabled.
     pub fn transaction(&self) -> Option<TransactionTrace> {
         self.inner.as_ref().map(|_| TransactionTrace {
