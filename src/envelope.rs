@@ -110,34 +110,12 @@ impl<'a> Envelope<'a> {
     /// ```
     #[cfg(feature = "opentelemetry")]
     pub fn otel_context(&self) -> opentelemetry::Context {
-        use opentelemetry::trace::{
-            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
-        };
-        let Some(tp) = self.traceparent else {
-            return opentelemetry::Context::new();
-        };
-        if crate::event::check_traceparent(tp).is_err() {
-            return opentelemetry::Context::new();
-        }
-        // Checked: `00-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
-        let (trace, span, flags) = (&tp[3..35], &tp[36..52], &tp[53..55]);
-        let state = self
-            .header("tracestate")
-            .and_then(|ts| crate::event::check_tracestate(ts).ok())
-            .and_then(|ts| ts.parse::<TraceState>().ok())
-            .unwrap_or_default();
-        let sc = SpanContext::new(
-            TraceId::from_hex(trace).unwrap_or(TraceId::INVALID),
-            SpanId::from_hex(span).unwrap_or(SpanId::INVALID),
-            TraceFlags::new(u8::from_str_radix(flags, 16).unwrap_or(0) & 1),
-            true,
-            state,
-        );
-        if sc.is_valid() {
-            opentelemetry::Context::new().with_remote_span_context(sc)
-        } else {
-            opentelemetry::Context::new()
-        }
+        use opentelemetry::trace::TraceContextExt;
+        self.traceparent
+            .and_then(|tp| crate::remote_span_context(tp, self.header("tracestate")))
+            .map_or_else(opentelemetry::Context::new, |sc| {
+                opentelemetry::Context::new().with_remote_span_context(sc)
+            })
     }
 
     /// The value of one of the event's own headers, as text.

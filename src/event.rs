@@ -367,6 +367,38 @@ pub fn normalize_tracestate(value: &str) -> Result<String, &'static str> {
     check_tracestate(value)
 }
 
+/// A W3C `traceparent` (by [`traceparent_problem`]'s rule) as a remote
+/// OpenTelemetry span context, with `tracestate` when that is valid W3C
+/// (at most 512 characters; W3C lets a longer one be dropped). `None` when
+/// the traceparent is not valid. What [`Envelope::otel_context`]
+/// (`crate::Envelope`) and the relay's spans continue from.
+#[cfg(feature = "opentelemetry")]
+pub fn remote_span_context(
+    traceparent: &str,
+    tracestate: Option<&str>,
+) -> Option<opentelemetry::trace::SpanContext> {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    check_traceparent(traceparent).ok()?;
+    // Checked: `vv-<32 hex>-<16 hex>-<2 hex>`, ids not all zero.
+    let (trace, span, flags) = (
+        &traceparent[3..35],
+        &traceparent[36..52],
+        &traceparent[53..55],
+    );
+    let state = tracestate
+        .and_then(|ts| check_tracestate(ts).ok())
+        .and_then(|ts| ts.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    let sc = SpanContext::new(
+        TraceId::from_hex(trace).ok()?,
+        SpanId::from_hex(span).ok()?,
+        TraceFlags::new(u8::from_str_radix(flags, 16).ok()? & 1),
+        true,
+        state,
+    );
+    sc.is_valid().then_some(sc)
+}
+
 /// A W3C `tracestate` (Trace Context level 1, section 3.3), normalized:
 /// 1 to 32 comma-separated `key=value` members, whitespace around them
 /// dropped, at most 512 characters. Keys are lowercase

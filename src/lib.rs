@@ -57,6 +57,8 @@ pub mod tokio_postgres;
 
 pub use envelope::{Envelope, EnvelopeError};
 pub use error::{Error, Result};
+#[cfg(feature = "opentelemetry")]
+pub use event::remote_span_context;
 pub use event::{
     Event, EventId, HeaderNameProblem, RESERVED_HEADER_PREFIX, RESERVED_HEADERS,
     header_name_problem, is_reserved_header, normalize_tracestate, traceparent_problem,

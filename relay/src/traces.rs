@@ -13,13 +13,11 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{
-    Link, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
-    TracerProvider,
+    Link, SpanContext, SpanId, SpanKind, TraceContextExt, TraceState, Tracer, TracerProvider,
 };
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::Resource;
@@ -211,7 +209,7 @@ impl TransactionTrace {
             return;
         }
         self.last_raw = Some(raw.to_owned());
-        let Some(sc) = parse_traceparent(raw, tracestate) else {
+        let Some(sc) = outbox::remote_span_context(raw, tracestate) else {
             return;
         };
         if !self
@@ -222,29 +220,6 @@ impl TransactionTrace {
             self.contexts.push(sc);
         }
     }
-}
-
-/// A W3C `traceparent`, by the rule the write helper and consumers apply
-/// ([`outbox::traceparent_problem`]), as a remote span context; with the
-/// `tracestate` when that is valid W3C (at most 512 characters; W3C lets a
-/// longer one be dropped).
-fn parse_traceparent(value: &str, tracestate: Option<&str>) -> Option<SpanContext> {
-    if outbox::traceparent_problem(value).is_some() {
-        return None;
-    }
-    // Checked: `vv-<32 hex>-<16 hex>-<2 hex>`.
-    let (trace, span, flags) = (&value[3..35], &value[36..52], &value[53..55]);
-    let sc = SpanContext::new(
-        TraceId::from_hex(trace).ok()?,
-        SpanId::from_hex(span).ok()?,
-        TraceFlags::new(u8::from_str_radix(flags, 16).ok()? & 1),
-        true,
-        tracestate
-            .and_then(|ts| outbox::normalize_tracestate(ts).ok())
-            .and_then(|ts| TraceState::from_str(&ts).ok())
-            .unwrap_or_default(),
-    );
-    sc.is_valid().then_some(sc)
 }
 
 /// The OTLP/HTTP traces URL, resolved as the OpenTelemetry specification
@@ -422,7 +397,7 @@ mod tests {
 
     #[test]
     fn reads_w3c_traceparents_and_refuses_the_rest() {
-        let sc = parse_traceparent(TP, Some("congo=t61rcWkgMzE")).unwrap();
+        let sc = outbox::remote_span_context(TP, Some("congo=t61rcWkgMzE")).unwrap();
         assert_eq!(
             sc.trace_id().to_string(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -431,14 +406,14 @@ mod tests {
         assert!(sc.is_sampled() && sc.is_remote());
         assert_eq!(sc.trace_state().header(), "congo=t61rcWkgMzE");
         // Another version with the four fields is read as version 00.
-        assert!(parse_traceparent(&format!("01{}", &TP[2..]), None).is_some());
+        assert!(outbox::remote_span_context(&format!("01{}", &TP[2..]), None).is_some());
         // The tracestate is read as W3C allows it, and dropped when too long.
-        let sc = parse_traceparent(TP, Some("a=1 , b=2")).unwrap();
+        let sc = outbox::remote_span_context(TP, Some("a=1 , b=2")).unwrap();
         assert_eq!(sc.trace_state().header(), "a=1,b=2");
         let long = (0..20)
             .map(|i| format!("k{i}={}", "v".repeat(30)))
             .collect::<Vec<_>>();
-        let sc = parse_traceparent(TP, Some(&long.join(","))).unwrap();
+        let sc = outbox::remote_span_context(TP, Some(&long.join(","))).unwrap();
         assert_eq!(sc.trace_state().header(), "");
         for bad in [
             "",
@@ -450,10 +425,10 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "not a traceparent",
         ] {
-            assert!(parse_traceparent(bad, None).is_none(), "{bad}");
+            assert!(outbox::remote_span_context(bad, None).is_none(), "{bad}");
         }
         // A bad tracestate does not lose the parent.
-        let sc = parse_traceparent(TP, Some("not a tracestate")).unwrap();
+        let sc = outbox::remote_span_context(TP, Some("not a tracestate")).unwrap();
         assert_eq!(sc.trace_state().header(), "");
     }
 
