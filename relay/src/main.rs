@@ -24,35 +24,33 @@ fn main() -> ExitCode {
     // runtime and shut down after it, so exporting never holds up the
     // runtime's one thread.
     let traces = match &cli.command {
-        Command::Run(args) => match args
+        Command::Run(args) => args
             .traces_config()
-            .and_then(|cfg| outbox_relay::traces::Traces::start(&cfg))
-        {
-            Ok(traces) => traces,
-            Err(err) => {
-                tracing::error!(error = %err, "outbox-relay stopped");
-                eprintln!("error: {err}");
-                return ExitCode::from(2);
-            }
-        },
-        _ => outbox_relay::traces::Traces::disabled(),
+            .and_then(|cfg| outbox_relay::traces::Traces::start(&cfg)),
+        _ => Ok(outbox_relay::traces::Traces::disabled()),
     };
-    // One thread: the relay is one stream, and serving Kafka's delivery
-    // reports on the thread that produced the records lets allocations be
-    // freed where they were made (see `kafka::reports`).
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
+    let result = match traces {
+        Ok(traces) => {
+            // One thread: the relay is one stream, and serving Kafka's
+            // delivery reports on the thread that produced the records lets
+            // allocations be freed where they were made (see `kafka::reports`).
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(err) => {
+                    eprintln!("error: cannot start the async runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = runtime.block_on(dispatch(cli.command, traces.clone()));
+            drop(runtime);
+            traces.shutdown(std::time::Duration::from_secs(5));
+            result
         }
+        Err(err) => Err(err),
     };
-    let result = runtime.block_on(dispatch(cli.command, traces.clone()));
-    drop(runtime);
-    traces.shutdown(std::time::Duration::from_secs(5));
     match result {
         Ok(code) => code,
         Err(err) => {
