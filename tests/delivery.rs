@@ -293,6 +293,12 @@ async fn metrics_count_deliveries_and_latency() {
         text.contains("outbox_relay_commit_to_ack_seconds_bucket{le=\"+Inf\"} 50"),
         "{text}"
     );
+    // Each event's latency is also split at its arrival at the relay.
+    assert_eq!(
+        metric(&text, "outbox_relay_receive_to_ack_seconds_count"),
+        Some(50.0),
+        "{text}"
+    );
     // The endpoint speaks OpenMetrics, which Prometheus asks for, and
     // answers 404 elsewhere.
     let metrics = get(port, "/metrics").await.unwrap();
@@ -310,6 +316,72 @@ async fn metrics_count_deliveries_and_latency() {
 /// SIGTERM while a large transaction is being streamed: the relay reads on
 /// to its commit (within half the shutdown timeout), waits for the
 /// acknowledgements, confirms and exits 0; the next start loses nothing.
+/// Eight writers committing back to back while the relay streams: every
+/// event arrives once, in order per aggregate, and each one's latency is
+/// also counted from its arrival at the relay.
+#[tokio::test]
+async fn concurrent_writers_back_to_back_arrive_once_in_order() {
+    let f = Fixture::new().await;
+    let port = crate::support::free_port();
+    let mut relay = f
+        .relay()
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .spawn();
+    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    // Eight writers, each with its own aggregates; every tenth transaction
+    // holds three events of one aggregate.
+    async fn writer(f: &Fixture, w: u64) -> Vec<crate::support::fixture::Written> {
+        let mut written = Vec::new();
+        let mut seq = 0;
+        for i in 0..50 {
+            let aggregate = format!("w{w}-a{}", i % 4);
+            let rows = if i % 10 == 9 { 3 } else { 1 };
+            let items: Vec<(String, u64)> = (0..rows)
+                .map(|_| {
+                    seq += 1;
+                    (aggregate.clone(), seq)
+                })
+                .collect();
+            written.extend(f.write_tx(&items).await);
+        }
+        written
+    }
+    let all = tokio::join!(
+        writer(&f, 0),
+        writer(&f, 1),
+        writer(&f, 2),
+        writer(&f, 3),
+        writer(&f, 4),
+        writer(&f, 5),
+        writer(&f, 6),
+        writer(&f, 7)
+    );
+    let written: Vec<_> = [all.0, all.1, all.2, all.3, all.4, all.5, all.6, all.7]
+        .into_iter()
+        .flatten()
+        .collect();
+    let records = f.read(written.len()).await;
+    assert_exactly_once(&written, &records);
+    assert_records_match(&written, &records);
+    let total = written.len() as f64;
+    let text = wait_for(
+        "every delivery in the metrics",
+        Duration::from_secs(30),
+        || async {
+            let text = scrape(port).await.ok()?;
+            (metric(&text, "outbox_relay_events_delivered_total")? >= total).then_some(text)
+        },
+    )
+    .await;
+    assert_eq!(
+        metric(&text, "outbox_relay_receive_to_ack_seconds_count"),
+        Some(total),
+        "{text}"
+    );
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}
+
 #[tokio::test]
 async fn sigterm_inside_a_large_open_transaction_loses_nothing() {
     let f = Fixture::new().await;

@@ -75,6 +75,7 @@ pub struct Metrics {
     stalled_seconds: Gauge<f64, AtomicU64>,
     commit_to_ack: Histogram,
     commit_to_receive: Histogram,
+    receive_to_ack: Histogram,
     state: AtomicU8,
     states: Family<Vec<(String, String)>, Gauge>,
     last_delivery: Gauge<f64, AtomicU64>,
@@ -98,6 +99,7 @@ impl Default for Metrics {
             stalled_seconds: Gauge::default(),
             commit_to_ack: latency(),
             commit_to_receive: latency(),
+            receive_to_ack: latency(),
             state: AtomicU8::new(RelayState::Starting as u8),
             states: Family::default(),
             last_delivery: Gauge::default(),
@@ -189,6 +191,12 @@ impl Default for Metrics {
             "Time from a transaction's commit to its arrival at the relay (PostgreSQL's share of the latency)",
             m.commit_to_receive.clone(),
         );
+        r.register(
+            "outbox_relay_receive_to_ack_seconds",
+            "Time from a transaction's arrival at the relay to Kafka's acknowledgement of each of its events \
+             (the relay's and Kafka's share of the latency)",
+            m.receive_to_ack.clone(),
+        );
         m
     }
 }
@@ -199,11 +207,14 @@ impl Metrics {
         Arc::new(Self::default())
     }
 
-    /// One event acknowledged by Kafka, `latency_us` after its commit.
-    pub fn delivered(&self, latency_us: Option<i64>) {
+    /// One event acknowledged by Kafka, `since_commit_us` after its
+    /// commit and `since_receive_us` after its transaction reached the relay
+    /// (none for backfilled rows).
+    pub fn delivered(&self, latency_us: Option<(i64, i64)>) {
         self.delivered.inc();
-        if let Some(us) = latency_us {
-            self.commit_to_ack.observe(seconds(us));
+        if let Some((since_commit_us, since_receive_us)) = latency_us {
+            self.commit_to_ack.observe(seconds(since_commit_us));
+            self.receive_to_ack.observe(seconds(since_receive_us));
         }
     }
 
@@ -330,8 +341,8 @@ mod tests {
     fn renders_counters_and_a_cumulative_histogram() {
         let m = Metrics::default();
         m.stalled(1.5);
-        m.delivered(Some(800)); // 0.8 ms
-        m.delivered(Some(4_000)); // 4 ms
+        m.delivered(Some((800, 300))); // 0.8 ms after commit, 0.3 ms after arrival
+        m.delivered(Some((4_000, 2_500))); // 4 ms, 2.5 ms
         m.delivered(None);
         m.received(2_000);
         m.confirmed(100);
@@ -368,6 +379,22 @@ mod tests {
         );
         assert!(
             text.contains("outbox_relay_commit_to_ack_seconds_count 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_receive_to_ack_seconds_bucket{le=\"0.0005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_receive_to_ack_seconds_bucket{le=\"0.002\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_receive_to_ack_seconds_bucket{le=\"0.003\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_relay_commit_to_receive_seconds_count 1"),
             "{text}"
         );
     }

@@ -155,9 +155,20 @@ struct State {
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
     settled: bool,
-    /// The transaction's commit time (microseconds since 2000-01-01), for
-    /// the latency metric; none for backfilled rows.
-    commit_ts: Option<i64>,
+    /// When its transaction was committed and reached the relay, for the
+    /// latency metrics; none for backfilled rows.
+    arrival: Option<Arrival>,
+}
+
+/// When a streamed transaction was committed and when it reached the relay,
+/// both in microseconds since 2000-01-01 (PostgreSQL's epoch), the first on
+/// the server's clock, the second on the relay's (see `postgres::time`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// The commit time from its Begin message (the server's clock).
+    pub commit_ts: i64,
+    /// When its Begin message was read (the relay's clock).
+    pub received_us: i64,
 }
 
 impl Ledger {
@@ -266,14 +277,20 @@ impl Ledger {
             return None;
         }
         slot.settled = true;
-        let commit_ts = slot.commit_ts;
+        let arrival = slot.arrival;
         if ticket.is_dead_letter() {
             s.totals.dead_lettered += 1;
             self.metrics.dead_lettered();
         } else {
             s.totals.delivered += 1;
-            self.metrics
-                .delivered(commit_ts.map(|ts| pg_now_us().saturating_sub(ts)));
+            let now = pg_now_us();
+            // Saturating: the commit time is the server's clock, not ours.
+            self.metrics.delivered(arrival.map(|a| {
+                (
+                    now.saturating_sub(a.commit_ts),
+                    now.saturating_sub(a.received_us),
+                )
+            }));
         }
         while s.settled_below < s.next {
             let i = (s.settled_below % len) as usize;
@@ -288,7 +305,7 @@ impl Ledger {
             drop(s);
             self.changed.notify_one();
         }
-        commit_ts
+        arrival.map(|a| a.commit_ts)
     }
 
     /// Kafka refused the record holding `ticket` for good.
@@ -354,9 +371,10 @@ impl Progress {
         false
     }
 
-    /// Takes the next ticket for a record of a transaction committed at
-    /// `commit_ts`. Call only after [`has_room`](Self::has_room) said yes.
-    pub fn ticket(&self, commit_ts: Option<i64>) -> Result<Ticket> {
+    /// Takes the next ticket for a record of a streamed transaction that
+    /// arrived as `arrival` (none for backfilled rows). Call only after
+    /// [`has_room`](Self::has_room) said yes.
+    pub fn ticket(&self, arrival: Option<Arrival>) -> Result<Ticket> {
         let mut s = self.ledger.lock();
         let len = s.ring.len() as u64;
         if s.next - s.settled_below >= len {
@@ -367,7 +385,7 @@ impl Progress {
         let seq = s.next;
         s.ring[(seq % len) as usize] = Slot {
             settled: false,
-            commit_ts,
+            arrival,
         };
         s.next += 1;
         Ok(Ticket::record(seq))
@@ -518,6 +536,13 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    fn at(ts: i64) -> Arrival {
+        Arrival {
+            commit_ts: ts,
+            received_us: ts,
+        }
+    }
+
     fn progress(window: usize) -> (Arc<Ledger>, Progress) {
         let ledger = Ledger::new(Metrics::new());
         let progress = Progress::start(ledger.clone(), Lsn(10), window);
@@ -536,10 +561,10 @@ mod tests {
     #[test]
     fn a_position_waits_for_every_record_before_it() {
         let (ledger, mut p) = progress(8);
-        let a = p.ticket(Some(0)).unwrap();
+        let a = p.ticket(Some(at(0))).unwrap();
         p.position(Lsn(100));
-        let b = p.ticket(Some(0)).unwrap();
-        let c = p.ticket(Some(0)).unwrap();
+        let b = p.ticket(Some(at(0))).unwrap();
+        let c = p.ticket(Some(at(0))).unwrap();
         p.position(Lsn(200));
         // Acknowledged out of order (different partitions).
         ledger.acknowledged(c);
@@ -556,8 +581,8 @@ mod tests {
     #[test]
     fn extreme_commit_times_do_not_overflow() {
         let (ledger, p) = progress(4);
-        let past = p.ticket(Some(i64::MIN)).unwrap();
-        let future = p.ticket(Some(i64::MAX)).unwrap();
+        let past = p.ticket(Some(at(i64::MIN))).unwrap();
+        let future = p.ticket(Some(at(i64::MAX))).unwrap();
         ledger.acknowledged(past);
         ledger.acknowledged(future);
         assert_eq!(p.totals().delivered, 2);

@@ -17,7 +17,7 @@ use crate::pipeline::config::RelayConfig;
 use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::event::{Layout, OutboxEvent};
 use crate::pipeline::message::Messages;
-use crate::pipeline::progress::{Progress, StallWatch};
+use crate::pipeline::progress::{Arrival, Progress, StallWatch};
 use crate::pipeline::publish::Publisher;
 use crate::pipeline::route;
 use crate::postgres::connection::{Backend, Connection, quote_ident, quote_literal};
@@ -83,7 +83,7 @@ pub async fn run(
         messages: cfg.message_prefix.as_deref().map(Messages::new),
         other_prefixes: std::collections::HashSet::new(),
         in_transaction: false,
-        commit_ts: None,
+        arrival: None,
         trace: None,
         progress,
         metrics: metrics.clone(),
@@ -118,8 +118,9 @@ struct Session<'a> {
     /// Other prefixes seen this session (warned about once each).
     other_prefixes: std::collections::HashSet<bytes::Bytes>,
     in_transaction: bool,
-    /// Commit time of the open transaction, for the latency metric.
-    commit_ts: Option<i64>,
+    /// When the open transaction committed and reached the relay, for the
+    /// latency metrics.
+    arrival: Option<Arrival>,
     /// The trace contexts of the open transaction (when spans are exported).
     trace: Option<TransactionTrace>,
     /// Tickets handed out, and the positions waiting on them.
@@ -260,7 +261,7 @@ impl Session<'_> {
         if !self.wait_settled(publisher, token).await? {
             return Err(interrupted());
         }
-        let ticket = self.progress.ticket(self.commit_ts)?;
+        let ticket = self.progress.ticket(self.arrival)?;
         self.isolated = Some(ticket);
         let dead_letter_topic = self.cfg.dead_letter_topic.clone();
         let id = event.id.clone();
@@ -373,10 +374,14 @@ impl Session<'_> {
                 commit_ts,
             } => {
                 self.in_transaction = true;
-                self.commit_ts = Some(commit_ts);
+                let received_us = pg_now_us();
+                self.arrival = Some(Arrival {
+                    commit_ts,
+                    received_us,
+                });
                 self.trace = self.cfg.traces.transaction();
                 // Saturating: the commit time is the server's value, not ours.
-                self.metrics.received(pg_now_us().saturating_sub(commit_ts));
+                self.metrics.received(received_us.saturating_sub(commit_ts));
                 tracing::trace!(xid, final_lsn = %final_lsn, "begin");
             }
             LogicalMessage::Relation(rel) => {
@@ -433,7 +438,7 @@ impl Session<'_> {
                 ..
             } => {
                 self.in_transaction = false;
-                self.commit_ts = None;
+                self.arrival = None;
                 if let Some(trace) = self.trace.take() {
                     // Ends when the transaction's events are with the
                     // producer; Kafka's acknowledgements come later.
@@ -477,7 +482,7 @@ impl Session<'_> {
             let event = event.clone();
             return self.send_alone(event, publisher, token).await;
         }
-        let ticket = self.progress.ticket(self.commit_ts)?;
+        let ticket = self.progress.ticket(self.arrival)?;
         let id = match &event {
             Ok(event) if tracing::enabled!(tracing::Level::DEBUG) => Some(event.id.clone()),
             _ => None,
