@@ -84,7 +84,15 @@ impl ReportQueue {
             });
             match read {
                 Ok(Ok(n)) if n as usize == buf.len() => continue,
-                Ok(Ok(_)) => return Ok(()),
+                // A short read emptied the pipe: forget the readiness now
+                // rather than learn it from one more read that would block
+                // (a read per delivery report at a moderate rate). A byte
+                // written after the read is a new edge, seen at the next
+                // turn of the driver, so no wake-up is lost.
+                Ok(Ok(_)) => {
+                    guard.clear_ready();
+                    return Ok(());
+                }
                 Ok(Err(err)) => return Err(err),
                 // Would block: empty, readiness cleared.
                 Err(_) => return Ok(()),
