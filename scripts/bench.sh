@@ -40,5 +40,5 @@ out="bench-results/$(date +%Y%m%d-%H%M%S)"
   --database-url "postgres://postgres@127.0.0.1:${pg_port}/bench?sslmode=disable" \
   --kafka-brokers "127.0.0.1:${kafka_port}" \
   --relay-bin "${OUTBOX_BENCH_RELAY_BIN:-${target}/release/outbox-relay}" \
-  --out "${out}" "$@"
+  --broker-pid "${tansu_pid}" --out "${out}" "$@"
 echo "report: ${out}/report.md"

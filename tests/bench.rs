@@ -38,6 +38,12 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
         .arg(binary())
         .arg("--metrics-port")
         .arg(free_port().to_string())
+        .args(
+            tansu
+                .pid()
+                .map(|pid| vec!["--broker-pid".to_owned(), pid.to_string()])
+                .unwrap_or_default(),
+        )
         .arg("--out")
         .arg(&out)
         .status()
@@ -79,6 +85,31 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
         assert!(s["written"].as_u64().unwrap() > 0);
         assert!(s["latency_ms"]["p99"].as_f64().is_some(), "{s:#}");
         assert!(s["writers_reached_rate"].is_boolean(), "{s:#}");
+        // The latency split at the relay, and what the machine did.
+        assert!(s["relay_share_ms"]["p99"].as_f64().is_some(), "{s:#}");
+        assert!(s["postgres_share_ms"]["p99"].as_f64().is_some(), "{s:#}");
+        assert!(
+            s["machine"]["cores"].as_u64().is_some_and(|c| c >= 1),
+            "{s:#}"
+        );
+        assert!(
+            s["machine"]["busy_cores"].as_f64().is_some_and(|b| b > 0.0),
+            "{s:#}"
+        );
+        assert!(
+            s["machine"]["relay_run_queue_wait_s_per_1000"]
+                .as_f64()
+                .is_some_and(|w| w >= 0.0),
+            "{s:#}"
+        );
+        if tansu.pid().is_some() {
+            assert!(
+                s["machine"]["broker_cpu_s_per_1000"]
+                    .as_f64()
+                    .is_some_and(|c| c >= 0.0),
+                "{s:#}"
+            );
+        }
     }
     let shards = report["shards"].as_array().unwrap();
     let counts: Vec<u64> = shards

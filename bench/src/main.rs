@@ -60,6 +60,10 @@ struct Args {
     /// Extra flag for the relay (repeatable), e.g. --relay-arg=--kafka-option=linger.ms=1.
     #[arg(long = "relay-arg", allow_hyphen_values = true)]
     relay_args: Vec<String>,
+    /// The Kafka broker's process id, to report its CPU next to the relay's
+    /// (scripts/bench.sh passes Tansu's).
+    #[arg(long, env = "OUTBOX_BENCH_BROKER_PID")]
+    broker_pid: Option<u32>,
     /// Output folder.
     #[arg(long, default_value = "bench-results/latest")]
     out: PathBuf,
@@ -87,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         payload_bytes: args.payload_bytes,
         metrics_port: args.metrics_port,
         relay_args: args.relay_args.clone(),
+        broker_pid: args.broker_pid,
         checkpoint_failures: Default::default(),
     };
 

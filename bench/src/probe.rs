@@ -14,6 +14,41 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
+/// Seconds a process's threads have spent runnable but waiting for a core
+/// (the scheduler's run-queue delay, /proc/<pid>/task/*/schedstat), summed
+/// over the threads alive now.
+pub fn run_queue_wait_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
+}
+
+/// CPU seconds this machine's cores spent busy so far (user, nice, system,
+/// interrupts and steal; not idle or I/O wait), from /proc/stat.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let fields: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|i| fields.get(*i))
+        .sum();
+    busy / 100.0 // USER_HZ
+}
+
 /// Resident and peak resident memory of a process, in MiB.
 pub fn memory_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

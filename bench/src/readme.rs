@@ -80,8 +80,15 @@ pub fn table(doc: &Value) -> String {
                 } else {
                     format!(", writers reached only {}/s", f0(&s["achieved_rate"]))
                 };
+                // Reports before the arrival-to-acknowledgement histogram
+                // lack the relay's share.
+                let relay_share = if s["relay_share_ms"]["p99"].is_number() {
+                    format!(", of the relay's and Kafka's {} ms", f1(&s["relay_share_ms"]["p99"]))
+                } else {
+                    String::new()
+                };
                 Some(format!(
-                    "{rows}-row transactions: p50 {} ms, p99 {} ms (PostgreSQL's share of the p99 {} ms), relay {} vs walsender {} CPU per 1,000{reached}",
+                    "{rows}-row transactions: p50 {} ms, p99 {} ms (p99 of PostgreSQL's share {} ms{relay_share}), relay {} vs walsender {} CPU per 1,000{reached}",
                     f1(&s["latency_ms"]["p50"]),
                     f1(&s["latency_ms"]["p99"]),
                     f1(&s["postgres_share_ms"]["p99"]),

@@ -30,6 +30,8 @@ pub struct Env {
     pub metrics_port: u16,
     /// Extra relay flags.
     pub relay_args: Vec<String>,
+    /// The broker's process, when known.
+    pub broker_pid: Option<u32>,
     /// CHECKPOINTs refused while quieting the database (the report says
     /// "checkpointed" only when there were none).
     pub checkpoint_failures: std::sync::atomic::AtomicU64,
@@ -483,6 +485,11 @@ pub struct Steady {
     pub latency: Vec<(f64, f64)>,
     /// Commit to arrival at the relay: PostgreSQL's share of `latency`.
     pub postgres_latency: Vec<(f64, f64)>,
+    /// Arrival at the relay to Kafka's acknowledgement: the relay's and
+    /// Kafka's share of `latency`.
+    pub relay_latency: Vec<(f64, f64)>,
+    /// What the whole machine did meanwhile.
+    pub machine: MachineUse,
     pub max_lag_mib: f64,
     pub end_lag_mib: f64,
     /// The writers committed at least 95 % of the target rate.
@@ -491,6 +498,21 @@ pub struct Steady {
     pub kept_up: bool,
     pub cost: Cost,
     pub samples: Samples,
+}
+
+/// CPU use over a steady run, for telling the relay's share of the
+/// latency from queueing for the machine's cores.
+pub struct MachineUse {
+    /// Cores busy on average (of `cores`).
+    pub busy_cores: f64,
+    pub cores: usize,
+    /// The broker's CPU seconds, when its process is known.
+    pub broker_cpu_s: Option<f64>,
+    /// This process's CPU seconds: the writers (and the probes).
+    pub writers_cpu_s: f64,
+    /// Seconds the relay's threads spent waiting for a core.
+    pub relay_wait_s: f64,
+    pub seconds: f64,
 }
 
 /// Writers commit `rate` events/s in transactions of `rows_per_tx` for
@@ -511,6 +533,10 @@ pub async fn steady(
         probe::cpu_seconds(relay.pid()),
         wal_pid.map(probe::cpu_seconds).unwrap_or(0.0),
     );
+    let busy0 = probe::machine_busy_seconds();
+    let broker_cpu0 = env.broker_pid.map(probe::cpu_seconds);
+    let writers_cpu0 = probe::cpu_seconds(std::process::id());
+    let relay_wait0 = probe::run_queue_wait_seconds(relay.pid());
     let payload = json!({"pad": "x".repeat(env.payload_bytes.saturating_sub(40))});
     let aggregate_type = format!("bench_steady_{rate}_{rows_per_tx}");
     let period = Duration::from_secs_f64((WRITERS * rows_per_tx) as f64 / rate as f64);
@@ -574,6 +600,19 @@ pub async fn steady(
         written += w.await??;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let machine = MachineUse {
+        busy_cores: (probe::machine_busy_seconds() - busy0) / elapsed,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        broker_cpu_s: env
+            .broker_pid
+            .zip(broker_cpu0)
+            .map(|(pid, before)| probe::cpu_seconds(pid) - before),
+        writers_cpu_s: probe::cpu_seconds(std::process::id()) - writers_cpu0,
+        relay_wait_s: probe::run_queue_wait_seconds(relay.pid()) - relay_wait0,
+        seconds: elapsed,
+    };
     // Kept up: everything written is delivered within 2 s of the end.
     let caught_up = relay
         .wait_delivered(delivered0 + written as f64, Duration::from_secs(2))
@@ -594,6 +633,11 @@ pub async fn steady(
         &metrics::histogram(&before, receive),
         &metrics::histogram(&after, receive),
     );
+    let arrival = "outbox_relay_receive_to_ack_seconds";
+    let relay_latency = probe::histogram_delta(
+        &metrics::histogram(&before, arrival),
+        &metrics::histogram(&after, arrival),
+    );
     let max_lag_mib = samples.lag_mib.iter().map(|p| p.1).fold(0.0, f64::max);
     let end_lag_mib = samples.lag_mib.last().map(|p| p.1).unwrap_or(0.0);
     Ok(Steady {
@@ -603,6 +647,8 @@ pub async fn steady(
         written,
         latency,
         postgres_latency,
+        relay_latency,
+        machine,
         max_lag_mib,
         end_lag_mib,
         writers_reached: written as f64 / elapsed >= 0.95 * rate as f64,

@@ -160,6 +160,11 @@ impl Tansu {
         }
     }
 
+    /// The broker's process id (none for the mock cluster or a stopped broker).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Bootstrap servers for clients.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
