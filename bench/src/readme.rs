@@ -78,7 +78,17 @@ pub fn table(doc: &Value) -> String {
                 let reached = if s["writers_reached_rate"].as_bool() == Some(true) {
                     String::new()
                 } else {
-                    format!(", writers reached only {}/s", f0(&s["achieved_rate"]))
+                    let busy = &s["machine"]["busy_cores"];
+                    let busy = if busy.is_number() {
+                        format!(
+                            " with {} of {} cores busy",
+                            f2(busy),
+                            s["machine"]["cores"].as_u64().unwrap_or(0)
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(", writers reached only {}/s{busy}", f0(&s["achieved_rate"]))
                 };
                 // Reports before the arrival-to-acknowledgement histogram
                 // lack the relay's share.

@@ -441,7 +441,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     }
     let _ = writeln!(
         md,
-        "\nThe rest of the machine during the steady runs, CPU s per 1000 events: the broker{}, the benchmark's writers (their client side; the PostgreSQL backends serving them are not counted here); and the time the relay's threads were ready to run but waited for a core (the scheduler's run-queue delay, summed over its threads), s per 1000 events: the part of the relay's share of the latency that is queueing on this machine, not the relay's work.\n\n| steady run | broker CPU | writers CPU | relay waiting for a core |\n|---|---|---|---|",
+        "\nThe rest of the machine during the steady runs, CPU s per 1000 events: the broker{}, the benchmark's writers (their client side; the PostgreSQL backends serving them are not counted here); and the time the relay's threads were ready to run but waited for a core (the scheduler's run-queue delay, summed over its threads), s per 1000 events: how much of the relay's share of the latency can be queueing on this machine rather than the relay's work (threads wait at once, so the sum is an upper bound, not a part of any one event's latency).\n\n| steady run | broker CPU | writers CPU | relay waiting for a core |\n|---|---|---|---|",
         if r.steady.iter().any(|s| s.machine.broker_cpu_s.is_some()) {
             ""
         } else {
