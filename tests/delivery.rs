@@ -313,9 +313,6 @@ async fn metrics_count_deliveries_and_latency() {
     assert!(relay.stop().await.success());
 }
 
-/// SIGTERM while a large transaction is being streamed: the relay reads on
-/// to its commit (within half the shutdown timeout), waits for the
-/// acknowledgements, confirms and exits 0; the next start loses nothing.
 /// Eight writers committing back to back while the relay streams: every
 /// event arrives once, in order per aggregate, and each one's latency is
 /// also counted from its arrival at the relay.
@@ -382,6 +379,9 @@ async fn concurrent_writers_back_to_back_arrive_once_in_order() {
     assert!(relay.stop().await.success(), "{}", relay.logs());
 }
 
+/// SIGTERM while a large transaction is being streamed: the relay reads on
+/// to its commit (within half the shutdown timeout), waits for the
+/// acknowledgements, confirms and exits 0; the next start loses nothing.
 #[tokio::test]
 async fn sigterm_inside_a_large_open_transaction_loses_nothing() {
     let f = Fixture::new().await;
