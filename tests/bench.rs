@@ -97,6 +97,12 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
             "{s:#}"
         );
         assert!(
+            s["machine"]["relay_librdkafka_threads_cpu_s_per_1000"]
+                .as_f64()
+                .is_some_and(|c| c >= 0.0),
+            "{s:#}"
+        );
+        assert!(
             s["machine"]["relay_run_queue_wait_s_per_1000"]
                 .as_f64()
                 .is_some_and(|w| w >= 0.0),

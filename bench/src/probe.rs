@@ -14,6 +14,42 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
+/// CPU seconds (user + system) per thread of a process so far, by thread
+/// id, with each thread's name (librdkafka names its threads `rdk:...`).
+pub fn thread_cpu_seconds(pid: u32) -> std::collections::HashMap<u32, (String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Default::default();
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_owned();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: f64 = [11, 12]
+                .iter()
+                .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+                .sum();
+            Some((tid, (name, ticks / 100.0)))
+        })
+        .collect()
+}
+
+/// CPU seconds librdkafka's threads (`rdk:*`) used between two
+/// [`thread_cpu_seconds`] readings; threads started in between count from 0.
+pub fn librdkafka_cpu_seconds(
+    before: &std::collections::HashMap<u32, (String, f64)>,
+    after: &std::collections::HashMap<u32, (String, f64)>,
+) -> f64 {
+    after
+        .iter()
+        .filter(|(_, (name, _))| name.starts_with("rdk:"))
+        .map(|(tid, (_, cpu))| cpu - before.get(tid).map_or(0.0, |(_, c)| *c))
+        .sum()
+}
+
 /// Seconds a process's threads have spent runnable but waiting for a core
 /// (the scheduler's run-queue delay, /proc/<pid>/task/*/schedstat), summed
 /// over the threads alive now.

@@ -165,6 +165,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                     "broker_cpu_s_per_1000": s.machine.broker_cpu_s.map(|c| per_1000(c, s.cost.events)),
                     "writers_cpu_s_per_1000": per_1000(s.machine.writers_cpu_s, s.cost.events),
                     "relay_run_queue_wait_s_per_1000": per_1000(s.machine.relay_wait_s, s.cost.events),
+                    "relay_librdkafka_threads_cpu_s_per_1000": per_1000(s.machine.relay_librdkafka_cpu_s, s.cost.events),
                 },
                 "max_lag_mib": s.max_lag_mib, "end_lag_mib": s.end_lag_mib, "caught_up_within_2s": s.kept_up,
                 "relay_cpu_s_per_1000": per_1000(s.cost.relay_cpu_s, s.cost.events),
@@ -432,10 +433,15 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     for s in &r.steady {
         let _ = writeln!(
             md,
-            "| steady {}/s x{} | {:.4} | {:.4} |",
+            "| steady {}/s x{} | {:.4} (its own threads {:.4}, librdkafka's {:.4}) | {:.4} |",
             s.rate,
             s.rows_per_tx,
             per_1000(s.cost.relay_cpu_s, s.cost.events),
+            per_1000(
+                s.cost.relay_cpu_s - s.machine.relay_librdkafka_cpu_s,
+                s.cost.events
+            ),
+            per_1000(s.machine.relay_librdkafka_cpu_s, s.cost.events),
             per_1000(s.cost.walsender_cpu_s, s.cost.events)
         );
     }

@@ -512,6 +512,11 @@ pub struct MachineUse {
     pub writers_cpu_s: f64,
     /// Seconds the relay's threads spent waiting for a core.
     pub relay_wait_s: f64,
+    /// Of the relay's CPU seconds, those of librdkafka's threads (`rdk:*`:
+    /// its broker threads talk to Kafka); the rest is the relay's own
+    /// threads (the runtime's, rust-rdkafka's admin poller, any blocking
+    /// calls).
+    pub relay_librdkafka_cpu_s: f64,
     pub seconds: f64,
 }
 
@@ -537,6 +542,7 @@ pub async fn steady(
     let broker_cpu0 = env.broker_pid.map(probe::cpu_seconds);
     let writers_cpu0 = probe::cpu_seconds(std::process::id());
     let relay_wait0 = probe::run_queue_wait_seconds(relay.pid());
+    let relay_threads0 = probe::thread_cpu_seconds(relay.pid());
     let payload = json!({"pad": "x".repeat(env.payload_bytes.saturating_sub(40))});
     let aggregate_type = format!("bench_steady_{rate}_{rows_per_tx}");
     let period = Duration::from_secs_f64((WRITERS * rows_per_tx) as f64 / rate as f64);
@@ -611,6 +617,10 @@ pub async fn steady(
             .map(|(pid, before)| probe::cpu_seconds(pid) - before),
         writers_cpu_s: probe::cpu_seconds(std::process::id()) - writers_cpu0,
         relay_wait_s: probe::run_queue_wait_seconds(relay.pid()) - relay_wait0,
+        relay_librdkafka_cpu_s: probe::librdkafka_cpu_seconds(
+            &relay_threads0,
+            &probe::thread_cpu_seconds(relay.pid()),
+        ),
         seconds: elapsed,
     };
     // Kept up: everything written is delivered within 2 s of the end.
