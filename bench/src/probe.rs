@@ -4,6 +4,11 @@
 /// CPU seconds (user + system) used by a process so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_seconds(&stat)
+}
+
+/// The CPU seconds in a `/proc/.../stat` line (a process's or a thread's).
+fn stat_cpu_seconds(stat: &str) -> f64 {
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -14,25 +19,26 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
+/// The `/proc/<pid>/task/<tid>` folders of a process's threads alive now,
+/// with their thread ids.
+fn threads(pid: u32) -> impl Iterator<Item = (u32, std::path::PathBuf)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let t = t.ok()?;
+            Some((t.file_name().to_str()?.parse().ok()?, t.path()))
+        })
+}
+
 /// CPU seconds (user + system) per thread of a process so far, by thread
 /// id, with each thread's name (librdkafka names its threads `rdk:...`).
 pub fn thread_cpu_seconds(pid: u32) -> std::collections::HashMap<u32, (String, f64)> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Default::default();
-    };
-    tasks
-        .filter_map(|t| t.ok())
-        .filter_map(|t| {
-            let tid = t.file_name().to_str()?.parse::<u32>().ok()?;
-            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-            let (head, rest) = stat.rsplit_once(')')?;
-            let name = head.split_once('(')?.1.to_owned();
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            let ticks: f64 = [11, 12]
-                .iter()
-                .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
-                .sum();
-            Some((tid, (name, ticks / 100.0)))
+    threads(pid)
+        .filter_map(|(tid, dir)| {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let name = stat.split_once('(')?.1.rsplit_once(')')?.0.to_owned();
+            Some((tid, (name, stat_cpu_seconds(&stat))))
         })
         .collect()
 }
@@ -54,12 +60,8 @@ pub fn librdkafka_cpu_seconds(
 /// (the scheduler's run-queue delay, /proc/<pid>/task/*/schedstat), summed
 /// over the threads alive now.
 pub fn run_queue_wait_seconds(pid: u32) -> f64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0.0;
-    };
-    tasks
-        .filter_map(|t| t.ok())
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+    threads(pid)
+        .filter_map(|(_, dir)| std::fs::read_to_string(dir.join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
         .sum::<f64>()
         / 1e9
@@ -149,6 +151,13 @@ pub fn quantile_ms(hist: &[(f64, f64)], q: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stat_line_gives_user_plus_system_seconds() {
+        // A thread name with a space and a parenthesis, as /proc shows it.
+        let stat = "42 (rdk:broker (1)) S 1 42 42 0 -1 4194368 10 0 0 0 150 50 0 0 20 0 9 0";
+        assert_eq!(stat_cpu_seconds(stat), 2.0);
+    }
 
     #[test]
     fn quantiles_interpolate_within_buckets() {
