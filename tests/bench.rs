@@ -78,6 +78,24 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
     assert_eq!(drains.len(), 2, "{report:#}");
     for d in drains {
         assert!(d["events_per_s"].as_f64().unwrap() > 0.0, "{d:#}");
+        // The window from the walsender's side: born with the relay's
+        // connection, so it lived no longer than the window, and it ran.
+        let w = &d["walsender_time"];
+        let lived = w["lived_s"].as_f64().unwrap();
+        assert!(
+            lived > 0.0 && lived <= d["seconds"].as_f64().unwrap(),
+            "{d:#}"
+        );
+        assert!(w["on_cpu_s"].as_f64().is_some_and(|c| c > 0.0), "{d:#}");
+        for part in ["before_walsender_s", "waiting_for_a_core_s", "blocked_s"] {
+            assert!(w[part].as_f64().is_some_and(|x| x >= 0.0), "{part}: {d:#}");
+        }
+        assert!(
+            d["relay_own_threads_waiting_for_a_core_s"]
+                .as_f64()
+                .is_some_and(|x| x >= 0.0),
+            "{d:#}"
+        );
     }
     let steady = report["steady"].as_array().unwrap();
     assert_eq!(steady.len(), 2);
@@ -102,6 +120,21 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
                 .is_some_and(|c| c >= 0.0),
             "{s:#}"
         );
+        // The relay's thread blocks and wakes at least once per commit it
+        // reads (the events arrive over 2 s, not in one read).
+        assert!(
+            s["machine"]["relay_own_threads_wakeups_per_event"]
+                .as_f64()
+                .is_some_and(|w| w > 0.0),
+            "{s:#}"
+        );
+        assert!(
+            s["machine"]["walsender_wakeups_per_event"]
+                .as_f64()
+                .is_some_and(|w| w > 0.0),
+            "{s:#}"
+        );
+        assert!(s["partitions"].as_u64().is_some_and(|p| p >= 1), "{s:#}");
         assert!(
             s["machine"]["relay_run_queue_wait_s_per_1000"]
                 .as_f64()

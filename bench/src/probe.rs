@@ -1,6 +1,8 @@
 //! Probes: a process's CPU time and memory from /proc, the relay's metrics
 //! endpoint, and the slot's lag from PostgreSQL.
 
+use std::collections::HashMap;
+
 /// CPU seconds (user + system) used by a process so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -9,13 +11,8 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// The CPU seconds in a `/proc/.../stat` line (a process's or a thread's).
 fn stat_cpu_seconds(stat: &str) -> f64 {
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let ticks: f64 = [14, 15].iter().filter_map(|n| stat_field(stat, *n)).sum();
     ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
@@ -31,29 +28,135 @@ fn threads(pid: u32) -> impl Iterator<Item = (u32, std::path::PathBuf)> {
         })
 }
 
-/// CPU seconds (user + system) per thread of a process so far, by thread
-/// id, with each thread's name (librdkafka names its threads `rdk:...`).
-pub fn thread_cpu_seconds(pid: u32) -> std::collections::HashMap<u32, (String, f64)> {
+/// One thread's use so far: its name (librdkafka names its threads
+/// `rdk:...`), CPU seconds (user + system), how many times it blocked
+/// (voluntary context switches: each is a sleep and a wake-up), and the
+/// seconds it waited for a core.
+pub struct ThreadUse {
+    pub name: String,
+    pub cpu_s: f64,
+    pub wakeups: u64,
+    pub waiting_s: f64,
+}
+
+/// [`ThreadUse`] for each thread of a process alive now, by thread id.
+pub fn threads_use(pid: u32) -> HashMap<u32, ThreadUse> {
     threads(pid)
         .filter_map(|(tid, dir)| {
             let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+            let schedstat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
             let name = stat.split_once('(')?.1.rsplit_once(')')?.0.to_owned();
-            Some((tid, (name, stat_cpu_seconds(&stat))))
+            let sched = parse_sched(&schedstat, &status);
+            Some((
+                tid,
+                ThreadUse {
+                    name,
+                    cpu_s: stat_cpu_seconds(&stat),
+                    wakeups: sched.wakeups,
+                    waiting_s: sched.waiting_s,
+                },
+            ))
         })
         .collect()
 }
 
-/// CPU seconds librdkafka's threads (`rdk:*`) used between two
-/// [`thread_cpu_seconds`] readings; threads started in between count from 0.
-pub fn librdkafka_cpu_seconds(
-    before: &std::collections::HashMap<u32, (String, f64)>,
-    after: &std::collections::HashMap<u32, (String, f64)>,
-) -> f64 {
-    after
-        .iter()
-        .filter(|(_, (name, _))| name.starts_with("rdk:"))
-        .map(|(tid, (_, cpu))| cpu - before.get(tid).map_or(0.0, |(_, c)| *c))
-        .sum()
+/// CPU seconds and wake-ups between two [`threads_use`] readings, split into
+/// librdkafka's threads (`rdk:*`) and the rest; threads started in between
+/// count from 0.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct ThreadSplit {
+    pub own_cpu_s: f64,
+    pub own_wakeups: u64,
+    pub own_waiting_s: f64,
+    pub librdkafka_cpu_s: f64,
+    pub librdkafka_wakeups: u64,
+    pub librdkafka_waiting_s: f64,
+}
+
+pub fn thread_split(
+    before: &HashMap<u32, ThreadUse>,
+    after: &HashMap<u32, ThreadUse>,
+) -> ThreadSplit {
+    let mut split = ThreadSplit::default();
+    for (tid, t) in after {
+        let (cpu0, wakeups0, waiting0) = before
+            .get(tid)
+            .map_or((0.0, 0, 0.0), |b| (b.cpu_s, b.wakeups, b.waiting_s));
+        let (cpu, wakeups, waiting) = (
+            t.cpu_s - cpu0,
+            t.wakeups.saturating_sub(wakeups0),
+            t.waiting_s - waiting0,
+        );
+        if t.name.starts_with("rdk:") {
+            split.librdkafka_cpu_s += cpu;
+            split.librdkafka_wakeups += wakeups;
+            split.librdkafka_waiting_s += waiting;
+        } else {
+            split.own_cpu_s += cpu;
+            split.own_wakeups += wakeups;
+            split.own_waiting_s += waiting;
+        }
+    }
+    split
+}
+
+/// A single-threaded process's scheduler accounting (a walsender's), from
+/// `/proc/<pid>/schedstat` (nanoseconds, so finer than the 10 ms ticks of
+/// `stat`) and `/proc/<pid>/status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Sched {
+    /// Seconds on a core.
+    pub on_cpu_s: f64,
+    /// Seconds runnable but waiting for a core.
+    pub waiting_s: f64,
+    /// Times it blocked (voluntary context switches).
+    pub wakeups: u64,
+}
+
+pub fn sched(pid: u32) -> Sched {
+    let schedstat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    parse_sched(&schedstat, &status)
+}
+
+fn parse_sched(schedstat: &str, status: &str) -> Sched {
+    let ns: Vec<f64> = schedstat
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Sched {
+        on_cpu_s: ns.first().copied().unwrap_or(0.0) / 1e9,
+        waiting_s: ns.get(1).copied().unwrap_or(0.0) / 1e9,
+        wakeups: status_field(status, "voluntary_ctxt_switches:") as u64,
+    }
+}
+
+/// Seconds since a process started (`/proc/<pid>/stat` field 22, in clock
+/// ticks since boot, against `/proc/uptime`): 10 ms resolution.
+pub fn age_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let started = stat_field(&stat, 22)? / 100.0; // USER_HZ
+    let now: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    Some((now - started).max(0.0))
+}
+
+/// Field `n` (1-based, as in proc(5)) of a `stat` line, for fields after
+/// the parenthesised command name (n >= 3).
+fn stat_field(stat: &str, n: usize) -> Option<f64> {
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// A numeric field of a `/proc/.../status` file; 0 when absent.
+fn status_field(status: &str, name: &str) -> f64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// Seconds a process's threads have spent runnable but waiting for a core
@@ -62,9 +165,8 @@ pub fn librdkafka_cpu_seconds(
 pub fn run_queue_wait_seconds(pid: u32) -> f64 {
     threads(pid)
         .filter_map(|(_, dir)| std::fs::read_to_string(dir.join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .sum::<f64>()
-        / 1e9
+        .map(|s| parse_sched(&s, "").waiting_s)
+        .sum()
 }
 
 /// CPU seconds this machine's cores spent busy so far (user, nice, system,
@@ -90,16 +192,10 @@ pub fn machine_busy_seconds() -> f64 {
 /// Resident and peak resident memory of a process, in MiB.
 pub fn memory_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    (
+        status_field(&status, "VmRSS:") / 1024.0,
+        status_field(&status, "VmHWM:") / 1024.0,
+    )
 }
 
 /// `after - before`, bucket by bucket.
@@ -157,6 +253,61 @@ mod tests {
         // A thread name with a space and a parenthesis, as /proc shows it.
         let stat = "42 (rdk:broker (1)) S 1 42 42 0 -1 4194368 10 0 0 0 150 50 0 0 20 0 9 0";
         assert_eq!(stat_cpu_seconds(stat), 2.0);
+    }
+
+    #[test]
+    fn stat_fields_count_from_one_past_the_command_name() {
+        let stat = "42 (post gres) S 1 42 42 0 -1 4194368 10 0 0 0 150 50 0 0 20 0 1 0 12345 0";
+        assert_eq!(stat_field(stat, 3), None); // the state letter is not a number
+        assert_eq!(stat_field(stat, 4), Some(1.0));
+        assert_eq!(stat_field(stat, 22), Some(12345.0));
+        assert_eq!(stat_field(stat, 2), None);
+    }
+
+    #[test]
+    fn sched_reads_nanoseconds_and_voluntary_switches() {
+        let status =
+            "Name:\tpostgres\nvoluntary_ctxt_switches:\t1200\nnonvoluntary_ctxt_switches:\t7\n";
+        let s = parse_sched("1500000000 250000000 900\n", status);
+        assert_eq!(
+            s,
+            Sched {
+                on_cpu_s: 1.5,
+                waiting_s: 0.25,
+                wakeups: 1200
+            }
+        );
+        assert_eq!(parse_sched("", ""), Sched::default());
+    }
+
+    #[test]
+    fn thread_split_separates_librdkafka_and_counts_new_threads_from_zero() {
+        let t = |name: &str, cpu_s, wakeups, waiting_s| ThreadUse {
+            name: name.into(),
+            cpu_s,
+            wakeups,
+            waiting_s,
+        };
+        let before = HashMap::from([
+            (1, t("outbox-relay", 1.0, 100, 0.5)),
+            (2, t("rdk:broker1", 0.5, 50, 0.25)),
+        ]);
+        let after = HashMap::from([
+            (1, t("outbox-relay", 1.5, 160, 0.75)),
+            (2, t("rdk:broker1", 0.75, 90, 0.5)),
+            (3, t("rdk:broker2", 0.25, 10, 0.125)),
+        ]);
+        assert_eq!(
+            thread_split(&before, &after),
+            ThreadSplit {
+                own_cpu_s: 0.5,
+                own_wakeups: 60,
+                own_waiting_s: 0.25,
+                librdkafka_cpu_s: 0.5,
+                librdkafka_wakeups: 50,
+                librdkafka_waiting_s: 0.375,
+            }
+        );
     }
 
     #[test]

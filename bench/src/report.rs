@@ -7,8 +7,8 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::plot::{Series, line_chart};
-use crate::probe::quantile_ms;
-use crate::scenario::{Ceiling, Drain, Large, Shards, Steady};
+use crate::probe::{ThreadSplit, quantile_ms};
+use crate::scenario::{Ceiling, Drain, Large, Shards, Steady, WalsenderTime};
 
 /// Everything measured in one run.
 pub struct Results {
@@ -99,6 +99,44 @@ impl Summary {
     }
 }
 
+/// Per event, for counts (wake-ups); 0 without events.
+fn per_event(count: u64, events: f64) -> f64 {
+    if events > 0.0 {
+        count as f64 / events
+    } else {
+        0.0
+    }
+}
+
+/// A window's time from the walsender's side, for report.json.
+fn walsender_time_json(w: &WalsenderTime) -> serde_json::Value {
+    json!({"before_walsender_s": w.before_s, "lived_s": w.lived_s, "on_cpu_s": w.sched.on_cpu_s,
+           "waiting_for_a_core_s": w.sched.waiting_s, "blocked_s": w.blocked_s()})
+}
+
+/// A table row: a window's wall time split from the walsender's side, each
+/// part as a fraction of `seconds`; for a drain, also the relay's own
+/// threads' time on and waiting for a core, and the machine's busy cores.
+fn walsender_time_row(
+    label: &str,
+    seconds: f64,
+    w: &WalsenderTime,
+    relay: Option<(&ThreadSplit, f64)>,
+) -> String {
+    let f = |x: f64| format!("{:.2}", x / seconds);
+    let (relay_on, relay_waiting, busy) = match relay {
+        Some((t, busy)) => (f(t.own_cpu_s), f(t.own_waiting_s), format!("{busy:.2}")),
+        None => ("-".into(), "-".into(), "-".into()),
+    };
+    format!(
+        "| {label} | {seconds:.2} | {} | {} | {} | {} | {relay_on} | {relay_waiting} | {busy} |",
+        f(w.before_s),
+        f(w.sched.on_cpu_s),
+        f(w.sched.waiting_s),
+        f(w.blocked_s()),
+    )
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -154,7 +192,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
         .iter()
         .map(|s| {
             json!({
-                "rate": s.rate, "rows_per_tx": s.rows_per_tx, "achieved_rate": s.achieved_rate, "written": s.written,
+                "rate": s.rate, "rows_per_tx": s.rows_per_tx, "partitions": s.partitions, "achieved_rate": s.achieved_rate, "written": s.written,
                 "writers_reached_rate": s.writers_reached,
                 "latency_ms": {"p50": quantile_ms(&s.latency, 0.5), "p95": quantile_ms(&s.latency, 0.95),
                                 "p99": quantile_ms(&s.latency, 0.99), "p99_9": quantile_ms(&s.latency, 0.999)},
@@ -165,7 +203,11 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                     "broker_cpu_s_per_1000": s.machine.broker_cpu_s.map(|c| per_1000(c, s.cost.events)),
                     "writers_cpu_s_per_1000": per_1000(s.machine.writers_cpu_s, s.cost.events),
                     "relay_run_queue_wait_s_per_1000": per_1000(s.machine.relay_wait_s, s.cost.events),
-                    "relay_librdkafka_threads_cpu_s_per_1000": per_1000(s.machine.relay_librdkafka_cpu_s, s.cost.events),
+                    "relay_librdkafka_threads_cpu_s_per_1000": per_1000(s.machine.relay_threads.librdkafka_cpu_s, s.cost.events),
+                    "relay_own_threads_cpu_s_per_1000": per_1000(s.machine.relay_threads.own_cpu_s, s.cost.events),
+                    "relay_own_threads_wakeups_per_event": per_event(s.machine.relay_threads.own_wakeups, s.cost.events),
+                    "relay_librdkafka_threads_wakeups_per_event": per_event(s.machine.relay_threads.librdkafka_wakeups, s.cost.events),
+                    "walsender_wakeups_per_event": per_event(s.machine.walsender_wakeups, s.cost.events),
                 },
                 "max_lag_mib": s.max_lag_mib, "end_lag_mib": s.end_lag_mib, "caught_up_within_2s": s.kept_up,
                 "relay_cpu_s_per_1000": per_1000(s.cost.relay_cpu_s, s.cost.events),
@@ -189,7 +231,8 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                    "broker_events_per_s": m.broker_limit, "bare_producer_cpu_s_per_1000": m.producer_cpu_per_1000,
                    "walsender_runs": r.walsender_runs.iter().map(|c| json!({"events_per_s": c.events_per_s, "seconds": c.seconds,
                        "walsender_cpu_s_per_1000": per_1000(c.walsender_cpu_s, c.events),
-                       "reader_cpu_s_per_1000": per_1000(c.reader_cpu_s, c.events)})).collect::<Vec<_>>(),
+                       "reader_cpu_s_per_1000": per_1000(c.reader_cpu_s, c.events),
+                       "walsender_time": walsender_time_json(&c.walsender)})).collect::<Vec<_>>(),
                    "broker_runs": r.broker_runs.iter().map(|b| b.0).collect::<Vec<_>>()},
         "drain": {"events_per_s": m.drain_events_per_s, "ratio_to_walsender_ceiling": ratio,
                   "measurement_fault": ratio > 1.0,
@@ -201,14 +244,19 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                   "relay_rss_mib_max_sampled": drain_peak_rss(r),
                   "runs": r.drains.iter().map(|d| json!({"events_per_s": d.events_per_s, "seconds": d.seconds,
                       "relay_cpu_s_per_1000": per_1000(d.cost.relay_cpu_s, d.cost.events),
-                      "walsender_cpu_s_per_1000": per_1000(d.cost.walsender_cpu_s, d.cost.events)})).collect::<Vec<_>>()},
+                      "walsender_cpu_s_per_1000": per_1000(d.cost.walsender_cpu_s, d.cost.events),
+                      "busy_cores": d.busy_cores,
+                      "relay_own_threads_on_cpu_s": d.relay_threads.own_cpu_s,
+                      "relay_own_threads_waiting_for_a_core_s": d.relay_threads.own_waiting_s,
+                      "walsender_time": walsender_time_json(&d.walsender)})).collect::<Vec<_>>()},
         "steady": steady_json,
         "relay_rss_mib": {"steady_max_sampled": steady_peak_rss(r), "after_steady": r.steady_rss_mib.0,
                           "process_peak_drains_and_steady": r.steady_rss_mib.1},
         "large_transaction": r.large.as_ref().map(|l| json!({"rows": l.rows, "seconds": l.seconds, "peak_rss_mib": l.peak_rss_mib})),
         "shards": r.shards.iter().map(|s| json!({"shards": s.shards, "events": s.cost.events, "events_per_s": s.events_per_s, "seconds": s.seconds,
             "relay_cpu_s_per_1000": per_1000(s.cost.relay_cpu_s, s.cost.events),
-            "walsender_cpu_s_per_1000": per_1000(s.cost.walsender_cpu_s, s.cost.events)})).collect::<Vec<_>>(),
+            "walsender_cpu_s_per_1000": per_1000(s.cost.walsender_cpu_s, s.cost.events),
+            "walsenders_waiting_for_a_core_s": s.walsenders_waiting_s, "busy_cores": s.busy_cores})).collect::<Vec<_>>(),
     });
     std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&doc)?)?;
     // What the README's Performance table becomes with this report.
@@ -359,6 +407,33 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
             "The walsender's CPU during the drain was below the clock's 10 ms tick: no CPU ceiling.\n"
         );
     }
+    let _ = writeln!(
+        md,
+        "Where each window's wall time went, from its walsender's side, as fractions of the window (they add up to 1): the relay starting before its walsender existed (process, Kafka metadata, slot lock, connections; for (a), connecting); the walsender on a core (this fraction is the run's share of the CPU ceiling above: events/s over 1 / CPU per event); runnable but waiting for a core (/proc/<pid>/schedstat); and blocked, the rest (waiting for its reader to take more, or for WAL from disk). The walsender's CPU counts from its birth with the connection. For the drains, the relay's own threads (not librdkafka's) over the same window: on a core, and waiting for one; while the relay waits, it does not read, and the walsender blocks once the socket's buffer is full.\n\n| window | seconds | relay starting | walsender on a core | walsender waiting for a core | walsender blocked | relay's threads on a core | relay's threads waiting for a core | cores busy (of {}) |\n|---|---|---|---|---|---|---|---|---|",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    for (i, c) in r.walsender_runs.iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "{}",
+            walsender_time_row(&format!("(a) run {}", i + 1), c.seconds, &c.walsender, None)
+        );
+    }
+    for (i, d) in r.drains.iter().enumerate() {
+        let _ = writeln!(
+            md,
+            "{}",
+            walsender_time_row(
+                &format!("drain run {}", i + 1),
+                d.seconds,
+                &d.walsender,
+                Some((&d.relay_threads, d.busy_cores))
+            )
+        );
+    }
+    let _ = writeln!(md);
     if ratio > 1.0 {
         let _ = writeln!(
             md,
@@ -405,13 +480,32 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
             if s.kept_up { "yes" } else { "**no**" }
         );
     }
+    let partitions: Vec<String> = r
+        .steady
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/s x{}: {}",
+                s.rate,
+                s.rows_per_tx,
+                s.partitions.map_or("unknown".into(), |p| p.to_string())
+            )
+        })
+        .collect();
+    if !partitions.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nPartitions of each run's topic (created by the relay with the broker's default count): {}.",
+            partitions.join(", ")
+        );
+    }
     let _ = writeln!(
         md,
-        "\n## Cost\n\n| window | relay CPU s / 1000 events | walsender CPU s / 1000 events |\n|---|---|---|"
+        "\n## Cost\n\nWake-ups are the times a thread blocked and was woken again (voluntary context switches, /proc/<pid>/task/*/status), per event; each is a trip through the scheduler.\n\n| window | relay CPU s / 1000 events | walsender CPU s / 1000 events | wake-ups per event: relay's threads / librdkafka's / walsender |\n|---|---|---|---|"
     );
     let _ = writeln!(
         md,
-        "| drain, median of {} runs | {:.4} ({}) | {:.4} ({}) |",
+        "| drain, median of {} runs | {:.4} ({}) | {:.4} ({}) | - |",
         r.drains.len(),
         m.drain_relay_cpu_per_1000,
         runs_text(
@@ -433,16 +527,16 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     for s in &r.steady {
         let _ = writeln!(
             md,
-            "| steady {}/s x{} | {:.4} (its own threads {:.4}, librdkafka's {:.4}) | {:.4} |",
+            "| steady {}/s x{} | {:.4} (its own threads {:.4}, librdkafka's {:.4}) | {:.4} | {:.2} / {:.2} / {:.2} |",
             s.rate,
             s.rows_per_tx,
             per_1000(s.cost.relay_cpu_s, s.cost.events),
-            per_1000(
-                s.cost.relay_cpu_s - s.machine.relay_librdkafka_cpu_s,
-                s.cost.events
-            ),
-            per_1000(s.machine.relay_librdkafka_cpu_s, s.cost.events),
-            per_1000(s.cost.walsender_cpu_s, s.cost.events)
+            per_1000(s.machine.relay_threads.own_cpu_s, s.cost.events),
+            per_1000(s.machine.relay_threads.librdkafka_cpu_s, s.cost.events),
+            per_1000(s.cost.walsender_cpu_s, s.cost.events),
+            per_event(s.machine.relay_threads.own_wakeups, s.cost.events),
+            per_event(s.machine.relay_threads.librdkafka_wakeups, s.cost.events),
+            per_event(s.machine.walsender_wakeups, s.cost.events),
         );
     }
     let _ = writeln!(
@@ -496,7 +590,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     if !r.shards.is_empty() {
         let _ = writeln!(
             md,
-            "\n## Scale-out by shards\n\nThe drain of {} events split over N databases in this cluster, each with its own outbox, slot and relay, all started together; timed from their start to the last delivery. CPU is summed over the relays and over their walsenders. One run each.\n\n| shards | events/s in all | x one shard | relay CPU s / 1000 events | walsender CPU s / 1000 events |\n|---|---|---|---|---|",
+            "\n## Scale-out by shards\n\nThe drain of {} events split over N databases in this cluster, each with its own outbox, slot and relay, all started together; timed from their start to the last delivery. CPU is summed over the relays and over their walsenders (each walsender's from its birth); so is the walsenders' time runnable but waiting for a core. One run each.\n\n| shards | seconds | events/s in all | x one shard | relay CPU s / 1000 events | walsender CPU s / 1000 events | walsenders waiting for a core, s | cores busy |\n|---|---|---|---|---|---|---|---|",
             r.events
         );
         let one = r
@@ -507,13 +601,16 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
         for s in &r.shards {
             let _ = writeln!(
                 md,
-                "| {} | {:.0} | {} | {:.4} | {:.4} |",
+                "| {} | {:.2} | {:.0} | {} | {:.4} | {:.4} | {:.2} | {:.2} |",
                 s.shards,
+                s.seconds,
                 s.events_per_s,
                 one.map(|o| format!("{:.2}", s.events_per_s / o))
                     .unwrap_or_else(|| "-".into()),
                 per_1000(s.cost.relay_cpu_s, s.cost.events),
-                per_1000(s.cost.walsender_cpu_s, s.cost.events)
+                per_1000(s.cost.walsender_cpu_s, s.cost.events),
+                s.walsenders_waiting_s,
+                s.busy_cores
             );
         }
     }

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseProducer, FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -190,6 +190,39 @@ async fn wait_slot_free(env: &Env, slot: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The partitions of the topic the relay gives `aggregate_type` under its
+/// default template; `None` when the broker does not say (or a
+/// `--topic-template` in the relay's flags names another topic).
+pub async fn topic_partitions(env: &Env, aggregate_type: &str) -> Option<usize> {
+    if env
+        .relay_args
+        .iter()
+        .any(|a| a.starts_with("--topic-template"))
+    {
+        return None;
+    }
+    let topic = format!("outbox.event.{aggregate_type}");
+    let brokers = env.brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let client: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .ok()?;
+        let md = client
+            .client()
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .ok()?;
+        md.topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .filter(|n| *n > 0)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 async fn lag_bytes(env: &Env) -> f64 {
     sqlx::query_scalar::<_, Option<f64>>(
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
@@ -211,6 +244,8 @@ pub struct Ceiling {
     pub walsender_cpu_s: f64,
     pub reader_cpu_s: f64,
     pub events: f64,
+    /// Where the walsender's time went, as in the drain.
+    pub walsender: WalsenderTime,
 }
 
 /// (a) The walsender's ceiling: a backlog of `n` rows read from a pgoutput
@@ -238,14 +273,12 @@ pub async fn walsender_ceiling(env: &Env, n: u64) -> anyhow::Result<Ceiling> {
     ))
     .await?;
     let mut wal_pid = None;
-    let mut wal_cpu0 = 0.0;
     let mut inserts = 0u64;
     while inserts < n {
         match conn.recv().await? {
-            Backend::CopyBoth => {
-                wal_pid = walsender_pid(env, LIMIT_SLOT).await;
-                wal_cpu0 = wal_pid.map(probe::cpu_seconds).unwrap_or(0.0);
-            }
+            // The walsender was born with this connection: its whole life
+            // is this window, as in the drain.
+            Backend::CopyBoth => wal_pid = walsender_pid(env, LIMIT_SLOT).await,
             // XLogData: 'w', three u64, then the pgoutput message; its
             // first byte is the message type.
             Backend::CopyData(data) if data.first() == Some(&b'w') => {
@@ -270,7 +303,11 @@ pub async fn walsender_ceiling(env: &Env, n: u64) -> anyhow::Result<Ceiling> {
         }
     }
     let seconds = start.elapsed().as_secs_f64();
-    let walsender_cpu_s = wal_pid.map(probe::cpu_seconds).unwrap_or(0.0) - wal_cpu0;
+    let sched = wal_pid.map(probe::sched).unwrap_or_default();
+    let lived_s = wal_pid
+        .and_then(probe::age_seconds)
+        .unwrap_or(seconds)
+        .min(seconds);
     let reader_cpu_s = probe::cpu_seconds(std::process::id()) - reader_cpu0;
     conn.terminate().await;
     wait_slot_free(env, LIMIT_SLOT).await?;
@@ -287,9 +324,14 @@ pub async fn walsender_ceiling(env: &Env, n: u64) -> anyhow::Result<Ceiling> {
     Ok(Ceiling {
         events_per_s: n as f64 / seconds,
         seconds,
-        walsender_cpu_s,
+        walsender_cpu_s: sched.on_cpu_s,
         reader_cpu_s,
         events: n as f64,
+        walsender: WalsenderTime {
+            before_s: seconds - lived_s,
+            lived_s,
+            sched,
+        },
     })
 }
 
@@ -380,7 +422,34 @@ pub struct Drain {
     pub events_per_s: f64,
     pub seconds: f64,
     pub cost: Cost,
+    /// Where the walsender's time went.
+    pub walsender: WalsenderTime,
+    /// The relay's threads over its whole life (it started with the drain).
+    pub relay_threads: probe::ThreadSplit,
+    /// Cores busy on average over the drain.
+    pub busy_cores: f64,
     pub samples: Samples,
+}
+
+/// The drain's wall time from the walsender's side. The relay's connection
+/// starts a new walsender, so its whole life is this drain: what it spent on
+/// a core, waiting for one, and blocked (the rest: waiting for the relay to
+/// read, or for WAL from disk).
+#[derive(Clone, Copy)]
+pub struct WalsenderTime {
+    /// From the relay's start to its walsender's: the relay starting up
+    /// (process, Kafka metadata, slot lock, connections).
+    pub before_s: f64,
+    /// The walsender's life during the drain.
+    pub lived_s: f64,
+    pub sched: probe::Sched,
+}
+
+impl WalsenderTime {
+    /// Seconds neither on a core nor waiting for one.
+    pub fn blocked_s(&self) -> f64 {
+        (self.lived_s - self.sched.on_cpu_s - self.sched.waiting_s).max(0.0)
+    }
 }
 
 /// The relay publishing a backlog of `n` rows written while it was stopped.
@@ -401,11 +470,16 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
     backlog(env, "bench_drain", n, false).await?;
     quiesce(env, Outbox::Keep).await?;
 
+    let busy0 = probe::machine_busy_seconds();
     let relay = Relay::start(env)?;
     let start = Instant::now();
     relay.ready().await?;
-    let wal_pid = walsender_pid(env, SLOT).await;
-    let wal_cpu0 = wal_pid.map(probe::cpu_seconds).unwrap_or(0.0);
+    // The walsender was born with the relay's connection and may have
+    // streamed for a while before the relay reported ready: its whole life
+    // counts, not the part after this point.
+    let Some(wal_pid) = walsender_pid(env, SLOT).await else {
+        bail!("the relay's walsender was not found: its CPU cannot be measured");
+    };
     let mut samples = Samples::default();
     let mut last = (0.0, 0.0);
     loop {
@@ -427,9 +501,13 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let sched = probe::sched(wal_pid);
+    let relay_threads = probe::thread_split(&Default::default(), &probe::threads_use(relay.pid()));
+    let busy_cores = (probe::machine_busy_seconds() - busy0) / seconds;
+    let lived_s = probe::age_seconds(wal_pid).unwrap_or(seconds).min(seconds);
     let cost = Cost {
         relay_cpu_s: probe::cpu_seconds(relay.pid()),
-        walsender_cpu_s: wal_pid.map(probe::cpu_seconds).unwrap_or(0.0) - wal_cpu0,
+        walsender_cpu_s: sched.on_cpu_s,
         events: n as f64,
     };
     Ok((
@@ -437,6 +515,13 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
             events_per_s: n as f64 / seconds,
             seconds,
             cost,
+            walsender: WalsenderTime {
+                before_s: seconds - lived_s,
+                lived_s,
+                sched,
+            },
+            relay_threads,
+            busy_cores,
             samples,
         },
         relay,
@@ -480,6 +565,8 @@ pub enum Outbox {
 pub struct Steady {
     pub rate: u64,
     pub rows_per_tx: u64,
+    /// Partitions of the run's topic (each gets its own produce requests).
+    pub partitions: Option<usize>,
     pub achieved_rate: f64,
     pub written: u64,
     pub latency: Vec<(f64, f64)>,
@@ -512,11 +599,12 @@ pub struct MachineUse {
     pub writers_cpu_s: f64,
     /// Seconds the relay's threads spent waiting for a core.
     pub relay_wait_s: f64,
-    /// Of the relay's CPU seconds, those of librdkafka's threads (`rdk:*`:
-    /// its broker threads talk to Kafka); the rest is the relay's own
-    /// threads (the runtime's, rust-rdkafka's admin poller, any blocking
-    /// calls).
-    pub relay_librdkafka_cpu_s: f64,
+    /// The relay's CPU seconds and wake-ups split into librdkafka's threads
+    /// (`rdk:*`: its broker threads talk to Kafka) and its own (the
+    /// runtime's, rust-rdkafka's admin poller, any blocking calls).
+    pub relay_threads: probe::ThreadSplit,
+    /// Times the walsender blocked and was woken.
+    pub walsender_wakeups: u64,
     pub seconds: f64,
 }
 
@@ -542,7 +630,8 @@ pub async fn steady(
     let broker_cpu0 = env.broker_pid.map(probe::cpu_seconds);
     let writers_cpu0 = probe::cpu_seconds(std::process::id());
     let relay_wait0 = probe::run_queue_wait_seconds(relay.pid());
-    let relay_threads0 = probe::thread_cpu_seconds(relay.pid());
+    let relay_threads0 = probe::threads_use(relay.pid());
+    let wal_wakeups0 = wal_pid.map(|p| probe::sched(p).wakeups).unwrap_or(0);
     let payload = json!({"pad": "x".repeat(env.payload_bytes.saturating_sub(40))});
     let aggregate_type = format!("bench_steady_{rate}_{rows_per_tx}");
     let period = Duration::from_secs_f64((WRITERS * rows_per_tx) as f64 / rate as f64);
@@ -617,10 +706,10 @@ pub async fn steady(
             .map(|(pid, before)| probe::cpu_seconds(pid) - before),
         writers_cpu_s: probe::cpu_seconds(std::process::id()) - writers_cpu0,
         relay_wait_s: probe::run_queue_wait_seconds(relay.pid()) - relay_wait0,
-        relay_librdkafka_cpu_s: probe::librdkafka_cpu_seconds(
-            &relay_threads0,
-            &probe::thread_cpu_seconds(relay.pid()),
-        ),
+        relay_threads: probe::thread_split(&relay_threads0, &probe::threads_use(relay.pid())),
+        walsender_wakeups: wal_pid
+            .map(|p| probe::sched(p).wakeups.saturating_sub(wal_wakeups0))
+            .unwrap_or(0),
         seconds: elapsed,
     };
     // Kept up: everything written is delivered within 2 s of the end.
@@ -653,6 +742,7 @@ pub async fn steady(
     Ok(Steady {
         rate,
         rows_per_tx,
+        partitions: topic_partitions(env, &aggregate_type).await,
         achieved_rate: written as f64 / elapsed,
         written,
         latency,
@@ -706,6 +796,10 @@ pub struct Shards {
     pub events_per_s: f64,
     pub seconds: f64,
     pub cost: Cost,
+    /// Seconds the walsenders were runnable but waited for a core, summed.
+    pub walsenders_waiting_s: f64,
+    /// Cores busy on average.
+    pub busy_cores: f64,
 }
 
 /// The drain scaled out: `shards` databases in this cluster, each with its
@@ -769,16 +863,24 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
         pool.close().await;
     }
     checkpoint(env).await;
+    let busy0 = probe::machine_busy_seconds();
     let start = Instant::now();
     let mut relays = Vec::new();
     for (i, url) in urls.iter().enumerate() {
         relays.push(Relay::start_on(env, url, &slot(i), port(i))?);
     }
+    // Each walsender was born with its relay's connection: its whole life
+    // counts (it may stream before its relay reports ready).
     let mut walsenders = Vec::new();
     for (i, relay) in relays.iter().enumerate() {
         relay.ready().await?;
-        let pid = walsender_pid(env, &slot(i)).await;
-        walsenders.push((pid, pid.map(probe::cpu_seconds).unwrap_or(0.0)));
+        let Some(pid) = walsender_pid(env, &slot(i)).await else {
+            bail!(
+                "the walsender of {} was not found: its CPU cannot be measured",
+                slot(i)
+            );
+        };
+        walsenders.push(pid);
     }
     for relay in &relays {
         relay
@@ -786,14 +888,14 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
             .await?;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let sched: Vec<probe::Sched> = walsenders.iter().map(|p| probe::sched(*p)).collect();
+    let busy_cores = (probe::machine_busy_seconds() - busy0) / seconds;
     let cost = Cost {
         relay_cpu_s: relays.iter().map(|r| probe::cpu_seconds(r.pid())).sum(),
-        walsender_cpu_s: walsenders
-            .iter()
-            .map(|(pid, cpu0)| pid.map(probe::cpu_seconds).unwrap_or(0.0) - cpu0)
-            .sum(),
+        walsender_cpu_s: sched.iter().map(|s| s.on_cpu_s).sum(),
         events: (per * shards as u64) as f64,
     };
+    let walsenders_waiting_s = sched.iter().map(|s| s.waiting_s).sum();
     for relay in relays {
         relay.stop().await?;
     }
@@ -816,5 +918,7 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
         events_per_s: cost.events / seconds,
         seconds,
         cost,
+        walsenders_waiting_s,
+        busy_cores,
     })
 }
