@@ -12,7 +12,7 @@ use rdkafka::types::RDKafkaRespErr;
 use sqlx::PgPool;
 
 use crate::support::fixture::{Fixture, Written, assert_records_match};
-use crate::support::kafka::consume_settle;
+use crate::support::kafka::{consume_settle, create_topic};
 use crate::support::metrics::{metric, scrape};
 use crate::support::postgres::{confirmed_flush, lsn_after};
 use crate::support::proxy::Proxy;
@@ -181,6 +181,17 @@ fn assert_seqs(records: &[crate::support::Record], n: i64) {
     }
 }
 
+/// A Tansu broker reached only through a proxy (it advertises the proxy's
+/// address), so the test can take it down and bring it back at the same
+/// address (`proxy.down()`, `proxy.up()`) with its records kept. Returns
+/// the bootstrap address.
+async fn broker_behind_proxy() -> (Tansu, Proxy, String) {
+    let port = crate::support::free_port();
+    let tansu = Tansu::start_advertising(port);
+    let proxy = Proxy::start(Some(port), tansu.port).await;
+    (tansu, proxy, format!("127.0.0.1:{port}"))
+}
+
 /// Path 2 of issue 9: librdkafka never gives up on a record by itself
 /// (`message.timeout.ms=0`, proved by `publish::tests`), so an outage is
 /// waited out with every aggregate's events in order, the stall is reported
@@ -188,23 +199,22 @@ fn assert_seqs(records: &[crate::support::Record], n: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
     let (_pg, url, pool) = database().await;
-    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let (_tansu, broker, brokers) = broker_behind_proxy().await;
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
-    mock.create_topic(&topic, 3, 1).unwrap();
+    create_topic(&brokers, &topic, 3).await;
     let slot = unique("slot");
     let port = crate::support::free_port();
-    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
+    let mut relay = RelayBuilder::new(&url, &brokers, &slot)
         .arg("--stall-warning")
         .arg("3s")
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"))
+        .metrics_on(port)
         .spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
 
     insert(&pool, &agg, 1, 500).await;
     consume_settle(
-        &mock.bootstrap_servers(),
+        &brokers,
         &[&topic],
         500,
         Duration::from_secs(60),
@@ -216,7 +226,7 @@ async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
     crate::support::postgres::wait_recorded(&pool, &slot).await;
     let caught_up = current_lsn(&pool).await;
     wait_confirmed(&url, &slot, &caught_up, "the slot to catch up").await;
-    mock.broker_down(1).unwrap();
+    broker.down();
     let down_at = current_lsn(&pool).await;
     // Writes go on during 30 s of outage.
     for i in 0..6 {
@@ -243,9 +253,9 @@ async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
         stalled.is_some_and(|s| s >= 3.0),
         "outbox_relay_delivery_stalled_seconds = {stalled:?}"
     );
-    mock.broker_up(1).unwrap();
+    broker.up();
     let records = consume_settle(
-        &mock.bootstrap_servers(),
+        &brokers,
         &[&topic],
         1100,
         Duration::from_secs(120),
@@ -623,12 +633,12 @@ async fn an_unclassified_refusal_stops_the_relay_instead_of_looping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_with_unacknowledged_events_exits_non_zero() {
     let (_pg, url, pool) = database().await;
-    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let (_tansu, broker, brokers) = broker_behind_proxy().await;
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
-    mock.create_topic(&topic, 1, 1).unwrap();
+    create_topic(&brokers, &topic, 1).await;
     let slot = unique("slot");
-    let builder = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
+    let builder = RelayBuilder::new(&url, &brokers, &slot)
         .arg("--shutdown-timeout")
         .arg("3s");
     let mut relay = builder.spawn();
@@ -636,7 +646,7 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
     // Warm up (connection, topic metadata), then take the broker down.
     insert(&pool, &agg, 0, 0).await;
     consume_settle(
-        &mock.bootstrap_servers(),
+        &brokers,
         &[&topic],
         1,
         Duration::from_secs(60),
@@ -646,7 +656,7 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
     let caught_up = current_lsn(&pool).await;
     wait_confirmed(&url, &slot, &caught_up, "the slot to catch up").await;
     crate::support::postgres::wait_recorded(&pool, &slot).await;
-    mock.broker_down(1).unwrap();
+    broker.down();
     let mark = current_lsn(&pool).await;
     insert(&pool, &agg, 1, 50).await;
     // The warm-up event already logged one " published ": wait for the next
@@ -666,10 +676,10 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
     assert!(logs.contains("did not acknowledge"), "{logs}");
     let confirmed = confirmed_flush(&url, &slot).await.unwrap();
     assert!(!lsn_after(&url, &confirmed, &mark).await);
-    mock.broker_up(1).unwrap();
+    broker.up();
     let mut relay = builder.spawn();
     let records = consume_settle(
-        &mock.bootstrap_servers(),
+        &brokers,
         &[&topic],
         51,
         Duration::from_secs(60),
@@ -691,13 +701,13 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
     let (_pg, url, pool) = database().await;
-    let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
+    let (_tansu, broker, brokers) = broker_behind_proxy().await;
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
-    mock.create_topic(&topic, 2, 1).unwrap();
+    create_topic(&brokers, &topic, 2).await;
     insert(&pool, &agg, 1, 30_000).await;
     let slot = unique("slot");
-    let builder = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
+    let builder = RelayBuilder::new(&url, &brokers, &slot)
         .arg("--max-in-flight")
         .arg("10")
         .arg("--shutdown-timeout")
@@ -707,14 +717,14 @@ async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
     let mut relay = builder.spawn();
     // The backfill is publishing (window of 10): take the broker down.
     consume_settle(
-        &mock.bootstrap_servers(),
+        &brokers,
         &[&topic],
         10,
         Duration::from_secs(60),
         Duration::ZERO,
     )
     .await;
-    mock.broker_down(1).unwrap();
+    broker.down();
     // The backfill reports the stall like the stream does.
     relay
         .wait_log(
@@ -739,13 +749,13 @@ async fn sigterm_during_a_stalled_backfill_is_honoured_and_loses_nothing() {
         confirmed_flush(&url, &slot).await.is_some(),
         "the slot was dropped"
     );
-    mock.broker_up(1).unwrap();
-    let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot).spawn();
+    broker.up();
+    let mut relay = RelayBuilder::new(&url, &brokers, &slot).spawn();
     relay
         .wait_log("backfill complete", Duration::from_secs(120))
         .await;
     let records = consume_settle(
-        &mock.bootstrap_servers(),
+        &brokers,
         &[&topic],
         30_000,
         Duration::from_secs(300),

@@ -2,7 +2,11 @@
 //! directions at once, to simulate network failures between the relay and
 //! PostgreSQL or Kafka; or freeze them: nothing is forwarded any more and
 //! nothing is closed, as when a host vanishes (powered off, partitioned)
-//! and its peers only learn it from their own timeouts.
+//! and its peers only learn it from their own timeouts; or take the far
+//! side down: every connection is closed, new ones included, until it comes
+//! back up at the same address (a broker restart, without the re-bind of
+//! librdkafka's mock cluster, which aborts the process when the port is
+//! taken meanwhile).
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +23,7 @@ pub struct Proxy {
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
     frozen: watch::Sender<bool>,
+    down: watch::Sender<bool>,
     target: Arc<AtomicU16>,
 }
 
@@ -31,16 +36,23 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let (frozen, _) = watch::channel(false);
+        let (down, _) = watch::channel(false);
         let target = Arc::new(AtomicU16::new(target));
         let accept = tokio::spawn({
             let conns = conns.clone();
             let frozen = frozen.clone();
+            let down = down.clone();
             let target = target.clone();
             async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     let mut frozen = frozen.subscribe();
+                    let mut down = down.subscribe();
                     let target = target.load(Ordering::SeqCst);
                     let handle = tokio::spawn(async move {
+                        if *down.borrow() {
+                            // Closed at once: the client sees the broker gone.
+                            return;
+                        }
                         let frozen_now = *frozen.borrow();
                         if frozen_now {
                             // A vanished host does not refuse connections:
@@ -51,6 +63,11 @@ impl Proxy {
                             let froze = tokio::select! {
                                 _ = copy_bidirectional(&mut inbound, &mut outbound) => false,
                                 froze = frozen.wait_for(|f| *f) => froze.is_ok(),
+                                // Watched here too, not only cut by `down()`:
+                                // a connection accepted while it ran may not
+                                // be in the list yet. Returning drops (closes)
+                                // both sockets.
+                                _ = down.wait_for(|d| *d) => return,
                             };
                             if froze {
                                 // Both sockets stay open, unread and unwritten,
@@ -68,6 +85,7 @@ impl Proxy {
             conns,
             accept,
             frozen,
+            down,
             target,
         }
     }
@@ -82,6 +100,19 @@ impl Proxy {
     /// any: the peers see silence, not a reset.
     pub fn freeze(&self) {
         self.frozen.send_replace(true);
+    }
+
+    /// Takes the far side down: closes every open connection, and every new
+    /// one as soon as it is accepted, until [`up`](Self::up). The listener
+    /// stays bound, so the address is the same when it comes back.
+    pub fn down(&self) {
+        self.down.send_replace(true);
+        self.cut();
+    }
+
+    /// Forwards new connections again after [`down`](Self::down).
+    pub fn up(&self) {
+        self.down.send_replace(false);
     }
 
     /// How many connections through the proxy are open.
