@@ -258,11 +258,7 @@ pub async fn survive_restart(mode: &str) {
 async fn metrics_count_deliveries_and_latency() {
     let f = Fixture::new().await;
     let port = crate::support::free_port();
-    let mut relay = f
-        .relay()
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .spawn();
+    let mut relay = f.relay().metrics_on(port).spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
     let mut seq = 0;
     let written = f.write_many(50, 5, 3, &mut seq).await;
@@ -320,11 +316,7 @@ async fn metrics_count_deliveries_and_latency() {
 async fn concurrent_writers_back_to_back_arrive_once_in_order() {
     let f = Fixture::new().await;
     let port = crate::support::free_port();
-    let mut relay = f
-        .relay()
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .spawn();
+    let mut relay = f.relay().metrics_on(port).spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
     // Eight writers, each with its own aggregates; every tenth transaction
     // holds three events of one aggregate.

@@ -387,13 +387,8 @@ async fn readiness_follows_the_slot_lock_and_a_standby_takes_over() {
     use crate::support::metrics::{get, metric, scrape};
     let f = Fixture::new().await;
     let (port_a, port_b) = (crate::support::free_port(), crate::support::free_port());
-    let (mut first, mut second) = streaming_and_standby(
-        f.relay()
-            .args(["--metrics-addr", &format!("127.0.0.1:{port_a}")]),
-        f.relay()
-            .args(["--metrics-addr", &format!("127.0.0.1:{port_b}")]),
-    )
-    .await;
+    let (mut first, mut second) =
+        streaming_and_standby(f.relay().metrics_on(port_a), f.relay().metrics_on(port_b)).await;
     let ready = get(port_a, "/readyz").await.unwrap();
     assert_eq!((ready.status, ready.body.as_str()), (200, "streaming\n"));
     let standby = get(port_b, "/readyz").await.unwrap();
@@ -554,7 +549,7 @@ async fn the_backfill_reports_its_progress_in_metrics() {
     // enough to be seen.
     let mut relay = f
         .relay()
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .metrics_on(port)
         .args(["--max-in-flight", "1"])
         .spawn();
     let during = crate::support::wait_for(
@@ -670,10 +665,10 @@ async fn a_standby_takes_over_when_the_active_host_vanishes() {
     let (mut first, mut second) = streaming_and_standby(
         crate::support::RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot)
             .args(["--session-timeout", "4s"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port_a}")]),
+            .metrics_on(port_a),
         f.relay()
             .args(["--session-timeout", "4s"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port_b}")]),
+            .metrics_on(port_b),
     )
     .await;
     let mut written = f

@@ -554,11 +554,7 @@ async fn the_metrics_endpoint_survives_many_idle_connections() {
     use crate::support::metrics::scrape;
     let f = Fixture::new().await;
     let port = crate::support::free_port();
-    let mut relay = f
-        .relay()
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .spawn();
+    let mut relay = f.relay().metrics_on(port).spawn();
     relay.wait_log("streaming", Duration::from_secs(60)).await;
     // More connections than the endpoint keeps (256), none sending a byte.
     let mut idle = Vec::new();

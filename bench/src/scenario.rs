@@ -60,8 +60,7 @@ impl Relay {
             .to_vec();
         let process = builder
             .binary(&env.relay_bin)
-            .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{port}"))
+            .metrics_on(port)
             .args(&env.relay_args)
             // Logging costs CPU: only what goes wrong.
             .env("OUTBOX_LOG", "warn")

@@ -105,6 +105,11 @@ impl RelayBuilder {
         self
     }
 
+    /// Serves the metrics endpoint on 127.0.0.1:`port`.
+    pub fn metrics_on(self, port: u16) -> Self {
+        self.arg("--metrics-addr").arg(format!("127.0.0.1:{port}"))
+    }
+
     /// Runs this binary instead of the workspace's debug build (the
     /// benchmark runs a release build).
     pub fn binary(mut self, path: &Path) -> Self {
