@@ -160,15 +160,18 @@ struct Slot {
     arrival: Option<Arrival>,
 }
 
-/// When a streamed transaction was committed and when it reached the relay,
-/// both in microseconds since 2000-01-01 (PostgreSQL's epoch), the first on
-/// the server's clock, the second on the relay's (see `postgres::time`).
+/// When a streamed transaction was committed and when it reached the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Arrival {
-    /// The commit time from its Begin message (the server's clock).
+    /// The commit time from its Begin message: microseconds since
+    /// 2000-01-01 (PostgreSQL's epoch) on the server's clock, so commit to
+    /// acknowledgement is measured against the relay's wall clock (see
+    /// `postgres::time`).
     pub commit_ts: i64,
-    /// When its Begin message was read (the relay's clock).
-    pub received_us: i64,
+    /// When its Begin message was read, on the relay's monotonic clock: the
+    /// arrival-to-acknowledgement time stays right when the wall clock is
+    /// stepped (NTP, a VM resumed) while the event waits for Kafka.
+    pub received: Instant,
 }
 
 impl Ledger {
@@ -288,7 +291,7 @@ impl Ledger {
             self.metrics.delivered(arrival.map(|a| {
                 (
                     now.saturating_sub(a.commit_ts),
-                    now.saturating_sub(a.received_us),
+                    i64::try_from(a.received.elapsed().as_micros()).unwrap_or(i64::MAX),
                 )
             }));
         }
@@ -539,7 +542,7 @@ mod tests {
     fn at(ts: i64) -> Arrival {
         Arrival {
             commit_ts: ts,
-            received_us: ts,
+            received: Instant::now(),
         }
     }
 

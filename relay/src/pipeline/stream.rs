@@ -377,7 +377,7 @@ impl Session<'_> {
                 let received_us = pg_now_us();
                 self.arrival = Some(Arrival {
                     commit_ts,
-                    received_us,
+                    received: Instant::now(),
                 });
                 self.trace = self.cfg.traces.transaction();
                 // Saturating: the commit time is the server's value, not ours.
