@@ -135,6 +135,19 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
             "{s:#}"
         );
         assert!(s["partitions"].as_u64().is_some_and(|p| p >= 1), "{s:#}");
+        // The writers' backends commit every transaction: never idle.
+        assert!(
+            s["machine"]["postgres_backends_cpu_s_per_1000"]
+                .as_f64()
+                .is_some_and(|c| c > 0.0),
+            "{s:#}"
+        );
+        assert!(
+            s["machine"]["accounted_share_of_busy_cpu"]
+                .as_f64()
+                .is_some_and(|a| a > 0.0),
+            "{s:#}"
+        );
         assert!(
             s["machine"]["relay_run_queue_wait_s_per_1000"]
                 .as_f64()

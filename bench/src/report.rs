@@ -108,6 +108,20 @@ fn per_event(count: u64, events: f64) -> f64 {
     }
 }
 
+/// Of the machine's busy CPU during a steady run, the share the measured
+/// processes account for: the relay, its walsender, the broker (when
+/// known), the writers and PostgreSQL's other processes.
+fn accounted_share(s: &Steady) -> Option<f64> {
+    let busy = s.machine.busy_cores * s.machine.seconds;
+    let accounted = s.cost.relay_cpu_s
+        + s.cost.walsender_cpu_s
+        + s.machine.broker_cpu_s.unwrap_or(0.0)
+        + s.machine.writers_cpu_s
+        + s.machine.postgres.backends_s
+        + s.machine.postgres.others_s;
+    (busy > 0.0).then(|| accounted / busy)
+}
+
 /// A window's time from the walsender's side, for report.json.
 fn walsender_time_json(w: &WalsenderTime) -> serde_json::Value {
     json!({"before_walsender_s": w.before_s, "lived_s": w.lived_s, "on_cpu_s": w.sched.on_cpu_s,
@@ -202,6 +216,9 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                     "cores": s.machine.cores, "busy_cores": s.machine.busy_cores, "seconds": s.machine.seconds,
                     "broker_cpu_s_per_1000": s.machine.broker_cpu_s.map(|c| per_1000(c, s.cost.events)),
                     "writers_cpu_s_per_1000": per_1000(s.machine.writers_cpu_s, s.cost.events),
+                    "postgres_backends_cpu_s_per_1000": per_1000(s.machine.postgres.backends_s, s.cost.events),
+                    "postgres_other_processes_cpu_s_per_1000": per_1000(s.machine.postgres.others_s, s.cost.events),
+                    "accounted_share_of_busy_cpu": accounted_share(s),
                     "relay_run_queue_wait_s_per_1000": per_1000(s.machine.relay_wait_s, s.cost.events),
                     "relay_librdkafka_threads_cpu_s_per_1000": per_1000(s.machine.relay_threads.librdkafka_cpu_s, s.cost.events),
                     "relay_own_threads_cpu_s_per_1000": per_1000(s.machine.relay_threads.own_cpu_s, s.cost.events),
@@ -442,7 +459,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     }
     let _ = writeln!(
         md,
-        "## Steady load\n\nWriters: 32 connections, staggered evenly over each commit period (not in bursts), durable commits (`synchronous_commit = on`); before each run the outbox is truncated{}. Latency: commit timestamp from pgoutput to Kafka's delivery report, same clock, from the relay's histograms (interpolated within buckets), split in two (each share has its own percentiles; they do not add up to the total's): \"PostgreSQL\" is commit to the transaction's arrival at the relay (WAL flush, decoding, sending: the part the relay cannot shorten), \"relay + Kafka\" is arrival to Kafka's acknowledgement of each event (the relay's decoding and hand-over, the producer, the broker's round trip). Both include waiting for a core: \"cores busy\" is the whole machine's CPU use during the run, from /proc/stat; near all cores busy, every process queues for one, and the tail shows it. \"Writers reached\" is whether the writers committed at least 95 % of the target; \"caught up\" whether the relay had delivered everything written within 2 s of the end.\n",
+        "## Steady load\n\nWriters: 32 connections, staggered evenly over each commit period (not in bursts), durable commits (`synchronous_commit = on`); before each run the outbox is truncated{}. Latency: commit timestamp from pgoutput to Kafka's delivery report, same clock, from the relay's histograms (interpolated within buckets), split in two (each share has its own percentiles; they do not add up to the total's): \"PostgreSQL\" is commit to the transaction's arrival at the relay (WAL flush, decoding, sending: the part the relay cannot shorten), \"relay + Kafka\" is arrival to Kafka's acknowledgement of each event (the relay's decoding and hand-over, the producer, the broker's round trip). Both include waiting for a core: \"cores busy\" is the whole machine's CPU use during the run (its cores less their idle time, from /proc/stat); near all cores busy, every process queues for one, and the tail shows it. \"Writers reached\" is whether the writers committed at least 95 % of the target; \"caught up\" whether the relay had delivered everything written within 2 s of the end.\n",
         if r.checkpoint_failures == 0 {
             " and a checkpoint taken"
         } else {
@@ -541,7 +558,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     }
     let _ = writeln!(
         md,
-        "\nThe rest of the machine during the steady runs, CPU s per 1000 events: the broker{}, the benchmark's writers (their client side; the PostgreSQL backends serving them are not counted here); and the time the relay's threads were ready to run but waited for a core (the scheduler's run-queue delay, summed over its threads), s per 1000 events: how much of the relay's share of the latency can be queueing on this machine rather than the relay's work (threads wait at once, so the sum is an upper bound, not a part of any one event's latency).\n\n| steady run | broker CPU | writers CPU | relay waiting for a core |\n|---|---|---|---|",
+        "\nThe rest of the machine during the steady runs, CPU s per 1000 events: the broker{}, the benchmark's writers (their client side), PostgreSQL's client backends (the writers' connections, and the probes' and the relay's few queries), PostgreSQL's other processes but the walsender (WAL writer, checkpointer, ...); how much of the machine's busy CPU (cores busy x seconds) these and the relay and its walsender account for (the rest: the kernel's own threads, other processes); and the time the relay's threads were ready to run but waited for a core (the scheduler's run-queue delay, summed over its threads), s per 1000 events: how much of the relay's share of the latency can be queueing on this machine rather than the relay's work (threads wait at once, so the sum is an upper bound, not a part of any one event's latency).\n\n| steady run | broker CPU | writers CPU | PostgreSQL backends CPU | other PostgreSQL CPU | accounted for, of the busy CPU | relay waiting for a core |\n|---|---|---|---|---|---|---|",
         if r.steady.iter().any(|s| s.machine.broker_cpu_s.is_some()) {
             ""
         } else {
@@ -551,7 +568,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     for s in &r.steady {
         let _ = writeln!(
             md,
-            "| {}/s x{} | {} | {:.4} | {:.4} |",
+            "| {}/s x{} | {} | {:.4} | {:.4} | {:.4} | {} | {:.4} |",
             s.rate,
             s.rows_per_tx,
             s.machine
@@ -559,6 +576,9 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                 .map(|c| format!("{:.4}", per_1000(c, s.cost.events)))
                 .unwrap_or_else(|| "-".into()),
             per_1000(s.machine.writers_cpu_s, s.cost.events),
+            per_1000(s.machine.postgres.backends_s, s.cost.events),
+            per_1000(s.machine.postgres.others_s, s.cost.events),
+            accounted_share(s).map_or("-".into(), |a| format!("{a:.2}")),
             per_1000(s.machine.relay_wait_s, s.cost.events)
         );
     }

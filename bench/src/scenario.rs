@@ -2,6 +2,7 @@
 //! backlog, steady load at fixed rates, and one very large transaction. Each
 //! returns plain numbers and time series for the report.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -469,7 +470,7 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
     backlog(env, "bench_drain", n, false).await?;
     quiesce(env, Outbox::Keep).await?;
 
-    let busy0 = probe::machine_busy_seconds();
+    let busy0 = probe::Busy::now();
     let relay = Relay::start(env)?;
     let start = Instant::now();
     relay.ready().await?;
@@ -502,7 +503,7 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
     let seconds = start.elapsed().as_secs_f64();
     let sched = probe::sched(wal_pid);
     let relay_threads = probe::thread_split(&Default::default(), &probe::threads_use(relay.pid()));
-    let busy_cores = (probe::machine_busy_seconds() - busy0) / seconds;
+    let busy_cores = busy0.cores_since();
     let lived_s = probe::age_seconds(wal_pid).unwrap_or(seconds).min(seconds);
     let cost = Cost {
         relay_cpu_s: probe::cpu_seconds(relay.pid()),
@@ -596,6 +597,11 @@ pub struct MachineUse {
     pub broker_cpu_s: Option<f64>,
     /// This process's CPU seconds: the writers (and the probes).
     pub writers_cpu_s: f64,
+    /// PostgreSQL's CPU seconds apart from the relay's walsender: the
+    /// client backends (the writers' connections, the probes' and the
+    /// relay's bookkeeping one), and the rest (WAL writer, checkpointer,
+    /// background writer, autovacuum, ...).
+    pub postgres: PostgresCpu,
     /// Seconds the relay's threads spent waiting for a core.
     pub relay_wait_s: f64,
     /// The relay's CPU seconds and wake-ups split into librdkafka's threads
@@ -605,6 +611,53 @@ pub struct MachineUse {
     /// Times the walsender blocked and was woken.
     pub walsender_wakeups: u64,
     pub seconds: f64,
+}
+
+/// CPU seconds of PostgreSQL's processes other than walsenders, split into
+/// client backends and the rest.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct PostgresCpu {
+    pub backends_s: f64,
+    pub others_s: f64,
+}
+
+/// Each PostgreSQL process but the walsenders (pg_stat_activity lists the
+/// background processes too), with its CPU seconds so far and whether it
+/// is a client backend.
+async fn postgres_cpu(env: &Env) -> HashMap<u32, (bool, f64)> {
+    let rows: Vec<(i32, Option<String>)> =
+        sqlx::query_as("SELECT pid, backend_type FROM pg_stat_activity")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap_or_default();
+    rows.into_iter()
+        .filter(|(_, kind)| kind.as_deref() != Some("walsender"))
+        .map(|(pid, kind)| {
+            let pid = pid as u32;
+            let backend = kind.as_deref() == Some("client backend");
+            // schedstat's nanoseconds: a backend's share of a short run
+            // can stay under stat's 10 ms tick.
+            (pid, (backend, probe::sched(pid).on_cpu_s))
+        })
+        .collect()
+}
+
+/// What PostgreSQL's processes used between two [`postgres_cpu`] readings;
+/// processes started in between count from 0, those gone are left out.
+fn postgres_cpu_delta(
+    before: &HashMap<u32, (bool, f64)>,
+    after: &HashMap<u32, (bool, f64)>,
+) -> PostgresCpu {
+    let mut cpu = PostgresCpu::default();
+    for (pid, (backend, now)) in after {
+        let used = now - before.get(pid).map_or(0.0, |(_, c)| *c);
+        if *backend {
+            cpu.backends_s += used;
+        } else {
+            cpu.others_s += used;
+        }
+    }
+    cpu
 }
 
 /// Writers commit `rate` events/s in transactions of `rows_per_tx` for
@@ -625,12 +678,13 @@ pub async fn steady(
         probe::cpu_seconds(relay.pid()),
         wal_pid.map(probe::cpu_seconds).unwrap_or(0.0),
     );
-    let busy0 = probe::machine_busy_seconds();
+    let busy0 = probe::Busy::now();
     let broker_cpu0 = env.broker_pid.map(probe::cpu_seconds);
     let writers_cpu0 = probe::cpu_seconds(std::process::id());
     let relay_wait0 = probe::run_queue_wait_seconds(relay.pid());
     let relay_threads0 = probe::threads_use(relay.pid());
     let wal_wakeups0 = wal_pid.map(|p| probe::sched(p).wakeups).unwrap_or(0);
+    let postgres0 = postgres_cpu(env).await;
     let payload = json!({"pad": "x".repeat(env.payload_bytes.saturating_sub(40))});
     let aggregate_type = format!("bench_steady_{rate}_{rows_per_tx}");
     let period = Duration::from_secs_f64((WRITERS * rows_per_tx) as f64 / rate as f64);
@@ -694,23 +748,6 @@ pub async fn steady(
         written += w.await??;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let machine = MachineUse {
-        busy_cores: (probe::machine_busy_seconds() - busy0) / elapsed,
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        broker_cpu_s: env
-            .broker_pid
-            .zip(broker_cpu0)
-            .map(|(pid, before)| probe::cpu_seconds(pid) - before),
-        writers_cpu_s: probe::cpu_seconds(std::process::id()) - writers_cpu0,
-        relay_wait_s: probe::run_queue_wait_seconds(relay.pid()) - relay_wait0,
-        relay_threads: probe::thread_split(&relay_threads0, &probe::threads_use(relay.pid())),
-        walsender_wakeups: wal_pid
-            .map(|p| probe::sched(p).wakeups.saturating_sub(wal_wakeups0))
-            .unwrap_or(0),
-        seconds: elapsed,
-    };
     // Kept up: everything written is delivered within 2 s of the end.
     let caught_up = relay
         .wait_delivered(delivered0 + written as f64, Duration::from_secs(2))
@@ -721,6 +758,32 @@ pub async fn steady(
             .wait_delivered(delivered0 + written as f64, Duration::from_secs(300))
             .await?;
     }
+    // Everything below over one window, to the relay's catching up: the
+    // accounted share of the busy CPU compares them.
+    let window = start.elapsed().as_secs_f64();
+    let machine = MachineUse {
+        busy_cores: busy0.cores_since(),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        broker_cpu_s: env
+            .broker_pid
+            .zip(broker_cpu0)
+            .map(|(pid, before)| probe::cpu_seconds(pid) - before),
+        writers_cpu_s: probe::cpu_seconds(std::process::id()) - writers_cpu0,
+        postgres: postgres_cpu_delta(&postgres0, &postgres_cpu(env).await),
+        relay_wait_s: probe::run_queue_wait_seconds(relay.pid()) - relay_wait0,
+        relay_threads: probe::thread_split(&relay_threads0, &probe::threads_use(relay.pid())),
+        walsender_wakeups: wal_pid
+            .map(|p| probe::sched(p).wakeups.saturating_sub(wal_wakeups0))
+            .unwrap_or(0),
+        seconds: window,
+    };
+    let cost = Cost {
+        relay_cpu_s: probe::cpu_seconds(relay.pid()) - relay_cpu0,
+        walsender_cpu_s: wal_pid.map(probe::cpu_seconds).unwrap_or(0.0) - wal_cpu0,
+        events: written as f64,
+    };
     let after = relay.metrics().await?;
     let latency = probe::histogram_delta(
         &metrics::histogram(&before, ACK),
@@ -752,11 +815,7 @@ pub async fn steady(
         end_lag_mib,
         writers_reached: written as f64 / elapsed >= 0.95 * rate as f64,
         kept_up: caught_up,
-        cost: Cost {
-            relay_cpu_s: probe::cpu_seconds(relay.pid()) - relay_cpu0,
-            walsender_cpu_s: wal_pid.map(probe::cpu_seconds).unwrap_or(0.0) - wal_cpu0,
-            events: written as f64,
-        },
+        cost,
         samples,
     })
 }
@@ -862,7 +921,7 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
         pool.close().await;
     }
     checkpoint(env).await;
-    let busy0 = probe::machine_busy_seconds();
+    let busy0 = probe::Busy::now();
     let start = Instant::now();
     let mut relays = Vec::new();
     for (i, url) in urls.iter().enumerate() {
@@ -888,7 +947,7 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
     }
     let seconds = start.elapsed().as_secs_f64();
     let sched: Vec<probe::Sched> = walsenders.iter().map(|p| probe::sched(*p)).collect();
-    let busy_cores = (probe::machine_busy_seconds() - busy0) / seconds;
+    let busy_cores = busy0.cores_since();
     let cost = Cost {
         relay_cpu_s: relays.iter().map(|r| probe::cpu_seconds(r.pid())).sum(),
         walsender_cpu_s: sched.iter().map(|s| s.on_cpu_s).sum(),
@@ -920,4 +979,23 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
         walsenders_waiting_s,
         busy_cores,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_cpu_splits_backends_from_the_rest_and_counts_new_processes_from_zero() {
+        let before = HashMap::from([(10, (true, 1.0)), (11, (false, 2.0)), (12, (true, 5.0))]);
+        // 12 exited; 13 started during the window.
+        let after = HashMap::from([(10, (true, 1.5)), (11, (false, 2.25)), (13, (true, 0.5))]);
+        assert_eq!(
+            postgres_cpu_delta(&before, &after),
+            PostgresCpu {
+                backends_s: 1.0,
+                others_s: 0.25
+            }
+        );
+    }
 }
