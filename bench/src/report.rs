@@ -452,9 +452,14 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     }
     let _ = writeln!(md);
     if ratio > 1.0 {
+        let on_cpu_a = median(
+            r.walsender_runs
+                .iter()
+                .map(|c| c.walsender.sched.on_cpu_s / c.seconds),
+        );
         let _ = writeln!(
             md,
-            "(a) is below the drain, so it is not the walsender's ceiling: serving this idle, discarding reader the walsender spends more CPU per event than serving the relay (figures above). Why is not settled; in a one-off perf profile of the walsender serving (a), 18 % of its samples were in the kernel's socket wake-up path (`_raw_spin_unlock_irqrestore` under `sock_def_readable`), which the relay's walsender did not show, but a reader that never parks (busy polling) did no better. The CPU ceiling above is the bound that holds.\n"
+            "(a) is below the drain, so it is not the walsender's ceiling: serving (a) the walsender was on a core {on_cpu_a:.2} of the time (median, table above), so (a) is bound by the walsender's CPU, but it spends more CPU per event serving this idle, discarding reader than serving the relay (figures above). Why is not settled; in a one-off perf profile of the walsender serving (a), 18 % of its samples were in the kernel's socket wake-up path (`_raw_spin_unlock_irqrestore` under `sock_def_readable`), which the relay's walsender did not show, but a reader that never parks (busy polling) did no better. The CPU ceiling above is the bound that holds.\n"
         );
     }
     let _ = writeln!(
