@@ -78,10 +78,9 @@ async fn the_benchmark_runs_end_to_end_at_a_tiny_size() {
     assert_eq!(drains.len(), 2, "{report:#}");
     for d in drains {
         number(d, "/events_per_s", |x| x > 0.0);
-        // The window from the walsender's side: born with the relay's
-        // connection, so it lived no longer than the window, and it ran.
-        let seconds = d["seconds"].as_f64().unwrap();
-        number(d, "/walsender_time/lived_s", |x| x > 0.0 && x <= seconds);
+        // The window from the walsender's side (the benchmark fails a run
+        // whose walsender is older than its window: not the relay's).
+        number(d, "/walsender_time/lived_s", |x| x > 0.0);
         number(d, "/walsender_time/on_cpu_s", |x| x > 0.0);
         for part in [
             "/walsender_time/before_walsender_s",

@@ -186,10 +186,13 @@ fn assert_seqs(records: &[crate::support::Record], n: i64) {
 /// address (`proxy.down()`, `proxy.up()`) with its records kept. Returns
 /// the bootstrap address.
 async fn broker_behind_proxy() -> (Tansu, Proxy, String) {
-    let port = crate::support::free_port();
-    let tansu = Tansu::start_advertising(port);
-    let proxy = Proxy::start(Some(port), tansu.port).await;
-    (tansu, proxy, format!("127.0.0.1:{port}"))
+    // The proxy's port is bound before Tansu is told to advertise it, so
+    // nothing can take it meanwhile; it forwards once Tansu's port is known.
+    let proxy = Proxy::start(None, 0).await;
+    let tansu = Tansu::start_advertising(proxy.port);
+    proxy.retarget(tansu.port);
+    let brokers = format!("127.0.0.1:{}", proxy.port);
+    (tansu, proxy, brokers)
 }
 
 /// Path 2 of issue 9: librdkafka never gives up on a record by itself

@@ -43,9 +43,11 @@ pub struct ThreadUse {
 pub fn threads_use(pid: u32) -> HashMap<u32, ThreadUse> {
     threads(pid)
         .filter_map(|(tid, dir)| {
+            // A thread that exits while it is read is left out (it would
+            // count as zeros, a negative delta).
             let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-            let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-            let schedstat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            let schedstat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
             let name = stat.split_once('(')?.1.rsplit_once(')')?.0.to_owned();
             let sched = parse_sched(&schedstat, &status);
             Some((
@@ -61,9 +63,11 @@ pub fn threads_use(pid: u32) -> HashMap<u32, ThreadUse> {
         .collect()
 }
 
-/// CPU seconds and wake-ups between two [`threads_use`] readings, split into
-/// librdkafka's threads (`rdk:*`) and the rest; threads started in between
-/// count from 0.
+/// CPU seconds, wake-ups and waits for a core between two [`threads_use`]
+/// readings, split into librdkafka's threads (`rdk:*`) and the rest;
+/// threads started in between count from 0. The rest's CPU is the process's
+/// (`process_cpu_s`, which keeps the time of threads that exited) less
+/// librdkafka's, so the two add up to the process's.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct ThreadSplit {
     pub own_cpu_s: f64,
@@ -77,6 +81,7 @@ pub struct ThreadSplit {
 pub fn thread_split(
     before: &HashMap<u32, ThreadUse>,
     after: &HashMap<u32, ThreadUse>,
+    process_cpu_s: f64,
 ) -> ThreadSplit {
     let mut split = ThreadSplit::default();
     for (tid, t) in after {
@@ -93,11 +98,11 @@ pub fn thread_split(
             split.librdkafka_wakeups += wakeups;
             split.librdkafka_waiting_s += waiting;
         } else {
-            split.own_cpu_s += cpu;
             split.own_wakeups += wakeups;
             split.own_waiting_s += waiting;
         }
     }
+    split.own_cpu_s = (process_cpu_s - split.librdkafka_cpu_s).max(0.0);
     split
 }
 
@@ -114,10 +119,11 @@ pub struct Sched {
     pub wakeups: u64,
 }
 
-pub fn sched(pid: u32) -> Sched {
-    let schedstat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap_or_default();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    parse_sched(&schedstat, &status)
+/// `None` when the process is gone (or its files cannot be read).
+pub fn sched(pid: u32) -> Option<Sched> {
+    let schedstat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(parse_sched(&schedstat, &status))
 }
 
 fn parse_sched(schedstat: &str, status: &str) -> Sched {
@@ -193,14 +199,23 @@ impl Busy {
         }
     }
 
-    /// Cores busy on average since this reading.
-    pub fn cores_since(&self) -> f64 {
+    /// The machine's cores, as /proc/stat counts them.
+    pub fn cores(&self) -> usize {
+        self.cores
+    }
+
+    /// Busy CPU seconds since this reading, and the seconds elapsed.
+    pub fn since(&self) -> (f64, f64) {
         let now = Self::now();
         let seconds = now.at.duration_since(self.at).as_secs_f64();
-        if seconds <= 0.0 {
-            return 0.0;
-        }
-        (self.cores as f64 - (now.idle_s - self.idle_s) / seconds).max(0.0)
+        let busy = (self.cores as f64 * seconds - (now.idle_s - self.idle_s)).max(0.0);
+        (busy, seconds)
+    }
+
+    /// Cores busy on average since this reading.
+    pub fn cores_since(&self) -> f64 {
+        let (busy, seconds) = self.since();
+        if seconds > 0.0 { busy / seconds } else { 0.0 }
     }
 }
 
@@ -334,10 +349,12 @@ mod tests {
             (2, t("rdk:broker1", 0.75, 90, 0.5)),
             (3, t("rdk:broker2", 0.25, 10, 0.125)),
         ]);
+        // The process used 1.1 s: 0.5 by librdkafka's threads, so 0.6 by
+        // its own (a thread that exited meanwhile is in the process's time).
         assert_eq!(
-            thread_split(&before, &after),
+            thread_split(&before, &after, 1.1),
             ThreadSplit {
-                own_cpu_s: 0.5,
+                own_cpu_s: 0.6000000000000001,
                 own_wakeups: 60,
                 own_waiting_s: 0.25,
                 librdkafka_cpu_s: 0.5,

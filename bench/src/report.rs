@@ -160,10 +160,7 @@ fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    format!("{cores} cores, {cpu}")
+    format!("{} cores, {cpu}", crate::probe::Busy::now().cores())
 }
 
 /// The steady runs' peak RSS as sampled every 0.5 s during them, MiB (the
@@ -253,7 +250,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                    "broker_runs": r.broker_runs.iter().map(|b| b.0).collect::<Vec<_>>()},
         "drain": {"events_per_s": m.drain_events_per_s, "ratio_to_walsender_ceiling": ratio,
                   "measurement_fault": ratio > 1.0,
-                  // null when the walsender's CPU was below the clock's 10 ms tick
+                  // null when the walsender's CPU could not be read (0)
                   "walsender_cpu_ceiling_events_per_s": (cpu_ceiling > 0.0).then_some(cpu_ceiling),
                   "ratio_to_walsender_cpu_ceiling": (cpu_ceiling > 0.0).then_some(cpu_ratio),
                   "relay_cpu_s_per_1000": m.drain_relay_cpu_per_1000,
@@ -421,15 +418,13 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     } else {
         let _ = writeln!(
             md,
-            "The walsender's CPU during the drain was below the clock's 10 ms tick: no CPU ceiling.\n"
+            "The walsender's CPU during the drain was not measured (0): no CPU ceiling.\n"
         );
     }
     let _ = writeln!(
         md,
-        "Where each window's wall time went, from its walsender's side, as fractions of the window (they add up to 1): the relay starting before its walsender existed (process, Kafka metadata, slot lock, connections; for (a), connecting); the walsender on a core (this fraction is the run's share of the CPU ceiling above: events/s over 1 / CPU per event); runnable but waiting for a core (/proc/<pid>/schedstat); and blocked, the rest (waiting for its reader to take more, or for WAL from disk). The walsender's CPU counts from its birth with the connection. For the drains, the relay's own threads (not librdkafka's) over the same window: on a core, and waiting for one; while the relay waits, it does not read, and the walsender blocks once the socket's buffer is full.\n\n| window | seconds | relay starting | walsender on a core | walsender waiting for a core | walsender blocked | relay's threads on a core | relay's threads waiting for a core | cores busy (of {}) |\n|---|---|---|---|---|---|---|---|---|",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+        "Where each window's wall time went, from its walsender's side, as fractions of the window (they add up to 1): the relay starting before its walsender existed (its process, connections and slot lock; for (a), connecting; 10 ms resolution); the walsender on a core (this fraction is the run's share of the CPU ceiling above: events/s over 1 / CPU per event); runnable but waiting for a core (/proc/<pid>/schedstat); and blocked, the rest (waiting for its reader to take more, which includes the relay's first Kafka round trips, or for WAL from disk). The walsender's CPU counts from its birth with the connection. For the drains, the relay's own threads (not librdkafka's) over the same window: on a core, and waiting for one; while the relay waits, it does not read, and the walsender blocks once the socket's buffer is full.\n\n| window | seconds | relay starting | walsender on a core | walsender waiting for a core | walsender blocked | relay's threads on a core | relay's threads waiting for a core | cores busy (of {}) |\n|---|---|---|---|---|---|---|---|---|",
+        crate::probe::Busy::now().cores()
     );
     for (i, c) in r.walsender_runs.iter().enumerate() {
         let _ = writeln!(
@@ -563,7 +558,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     }
     let _ = writeln!(
         md,
-        "\nThe rest of the machine during the steady runs, CPU s per 1000 events: the broker{}, the benchmark's writers (their client side), PostgreSQL's client backends (the writers' connections, and the probes' and the relay's few queries), PostgreSQL's other processes but the walsender (WAL writer, checkpointer, ...); how much of the machine's busy CPU (cores busy x seconds) these and the relay and its walsender account for (the rest: the kernel's own threads, other processes); and the time the relay's threads were ready to run but waited for a core (the scheduler's run-queue delay, summed over its threads), s per 1000 events: how much of the relay's share of the latency can be queueing on this machine rather than the relay's work (threads wait at once, so the sum is an upper bound, not a part of any one event's latency).\n\n| steady run | broker CPU | writers CPU | PostgreSQL backends CPU | other PostgreSQL CPU | accounted for, of the busy CPU | relay waiting for a core |\n|---|---|---|---|---|---|---|",
+        "\nThe rest of the machine during the steady runs, CPU s per 1000 events: the broker{}, the benchmark's writers (their client side), PostgreSQL's client backends (the writers' connections, and the probes' and the relay's few queries), PostgreSQL's other processes but the walsender (WAL writer, checkpointer, ...; these from pg_stat_activity at both ends of the run, so the postmaster and processes that start and end within it, such as autovacuum workers, are missing); how much of the machine's busy CPU (cores busy x seconds) these and the relay and its walsender account for (the rest: the kernel's own threads, other processes); and the time the relay's threads were ready to run but waited for a core (the scheduler's run-queue delay, summed over its threads), s per 1000 events: how much of the relay's share of the latency can be queueing on this machine rather than the relay's work (threads wait at once, so the sum is an upper bound, not a part of any one event's latency).\n\n| steady run | broker CPU | writers CPU | PostgreSQL backends CPU | other PostgreSQL CPU | accounted for, of the busy CPU | relay waiting for a core |\n|---|---|---|---|---|---|---|",
         if r.steady.iter().any(|s| s.machine.broker_cpu_s.is_some()) {
             ""
         } else {

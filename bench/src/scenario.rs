@@ -303,11 +303,12 @@ pub async fn walsender_ceiling(env: &Env, n: u64) -> anyhow::Result<Ceiling> {
         }
     }
     let seconds = start.elapsed().as_secs_f64();
-    let sched = wal_pid.map(probe::sched).unwrap_or_default();
-    let lived_s = wal_pid
-        .and_then(probe::age_seconds)
-        .unwrap_or(seconds)
-        .min(seconds);
+    // Read before the connection ends (the walsender exits with it), and
+    // judged after the slot is cleaned up, so a failed run leaves nothing.
+    let measured = wal_pid.map(|pid| -> anyhow::Result<_> {
+        let sched = probe::sched(pid).context("the walsender exited before its CPU was read")?;
+        Ok((sched, lived_in_window(pid, seconds)?))
+    });
     let reader_cpu_s = probe::cpu_seconds(std::process::id()) - reader_cpu0;
     conn.terminate().await;
     wait_slot_free(env, LIMIT_SLOT).await?;
@@ -318,9 +319,10 @@ pub async fn walsender_ceiling(env: &Env, n: u64) -> anyhow::Result<Ceiling> {
     // Without this the relay's first start would backfill these rows before
     // the drain.
     sqlx::query("TRUNCATE outbox").execute(&env.pool).await?;
-    if wal_pid.is_none() {
+    let Some(measured) = measured else {
         bail!("the walsender of {LIMIT_SLOT} was not found: its CPU cannot be measured");
-    }
+    };
+    let (sched, lived_s) = measured?;
     Ok(Ceiling {
         events_per_s: n as f64 / seconds,
         seconds,
@@ -333,6 +335,22 @@ pub async fn walsender_ceiling(env: &Env, n: u64) -> anyhow::Result<Ceiling> {
             sched,
         },
     })
+}
+
+/// How long the walsender `pid` lived in a window of `seconds` that its
+/// connection opened; an error when it is older than the window (it was
+/// not started by that connection, so its whole-life CPU is not the
+/// window's).
+fn lived_in_window(pid: u32, seconds: f64) -> anyhow::Result<f64> {
+    let age = probe::age_seconds(pid).context("the walsender's age cannot be read")?;
+    // Ages have the 10 ms resolution of the clock ticks they come from.
+    if age > seconds + 0.05 {
+        bail!(
+            "the walsender (pid {pid}) is {age:.2} s old, older than the {seconds:.2} s window: \
+             it was not started by this window's connection, so its CPU is not the window's"
+        );
+    }
+    Ok(age.min(seconds))
 }
 
 /// (b) How fast the broker alone accepts `n` records of the same size from
@@ -501,12 +519,18 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let sched = probe::sched(wal_pid);
-    let relay_threads = probe::thread_split(&Default::default(), &probe::threads_use(relay.pid()));
+    let sched = probe::sched(wal_pid).context("the relay's walsender exited during the drain")?;
+    // The relay started with the drain: its whole life is the window.
+    let relay_cpu_s = probe::cpu_seconds(relay.pid());
+    let relay_threads = probe::thread_split(
+        &Default::default(),
+        &probe::threads_use(relay.pid()),
+        relay_cpu_s,
+    );
     let busy_cores = busy0.cores_since();
-    let lived_s = probe::age_seconds(wal_pid).unwrap_or(seconds).min(seconds);
+    let lived_s = lived_in_window(wal_pid, seconds)?;
     let cost = Cost {
-        relay_cpu_s: probe::cpu_seconds(relay.pid()),
+        relay_cpu_s,
         walsender_cpu_s: sched.on_cpu_s,
         events: n as f64,
     };
@@ -632,12 +656,13 @@ async fn postgres_cpu(env: &Env) -> HashMap<u32, (bool, f64)> {
             .unwrap_or_default();
     rows.into_iter()
         .filter(|(_, kind)| kind.as_deref() != Some("walsender"))
-        .map(|(pid, kind)| {
+        .filter_map(|(pid, kind)| {
             let pid = pid as u32;
             let backend = kind.as_deref() == Some("client backend");
             // schedstat's nanoseconds: a backend's share of a short run
-            // can stay under stat's 10 ms tick.
-            (pid, (backend, probe::sched(pid).on_cpu_s))
+            // can stay under stat's 10 ms tick. One that exited since the
+            // query is left out.
+            Some((pid, (backend, probe::sched(pid)?.on_cpu_s)))
         })
         .collect()
 }
@@ -674,17 +699,19 @@ pub async fn steady(
     let before = relay.metrics().await?;
     let delivered0 = metrics::metric(&before, "outbox_relay_events_delivered_total").unwrap_or(0.0);
     let wal_pid = walsender_pid(env, SLOT).await;
+    // Every baseline back to back (the one query first), so the busy CPU
+    // and the processes' CPU cover the same window.
+    let postgres0 = postgres_cpu(env).await;
+    let busy0 = probe::Busy::now();
     let (relay_cpu0, wal_cpu0) = (
         probe::cpu_seconds(relay.pid()),
         wal_pid.map(probe::cpu_seconds).unwrap_or(0.0),
     );
-    let busy0 = probe::Busy::now();
     let broker_cpu0 = env.broker_pid.map(probe::cpu_seconds);
     let writers_cpu0 = probe::cpu_seconds(std::process::id());
     let relay_wait0 = probe::run_queue_wait_seconds(relay.pid());
     let relay_threads0 = probe::threads_use(relay.pid());
-    let wal_wakeups0 = wal_pid.map(|p| probe::sched(p).wakeups).unwrap_or(0);
-    let postgres0 = postgres_cpu(env).await;
+    let wal_wakeups0 = wal_pid.and_then(probe::sched).map_or(0, |s| s.wakeups);
     let payload = json!({"pad": "x".repeat(env.payload_bytes.saturating_sub(40))});
     let aggregate_type = format!("bench_steady_{rate}_{rows_per_tx}");
     let period = Duration::from_secs_f64((WRITERS * rows_per_tx) as f64 / rate as f64);
@@ -758,14 +785,18 @@ pub async fn steady(
             .wait_delivered(delivered0 + written as f64, Duration::from_secs(300))
             .await?;
     }
-    // Everything below over one window, to the relay's catching up: the
-    // accounted share of the busy CPU compares them.
-    let window = start.elapsed().as_secs_f64();
+    // Everything below over one window, from the baselines to the relay's
+    // catching up, read back to back: the accounted share of the busy CPU
+    // compares them.
+    let (busy_s, window) = busy0.since();
+    let cost = Cost {
+        relay_cpu_s: probe::cpu_seconds(relay.pid()) - relay_cpu0,
+        walsender_cpu_s: wal_pid.map(probe::cpu_seconds).unwrap_or(0.0) - wal_cpu0,
+        events: written as f64,
+    };
     let machine = MachineUse {
-        busy_cores: busy0.cores_since(),
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        busy_cores: if window > 0.0 { busy_s / window } else { 0.0 },
+        cores: busy0.cores(),
         broker_cpu_s: env
             .broker_pid
             .zip(broker_cpu0)
@@ -773,16 +804,15 @@ pub async fn steady(
         writers_cpu_s: probe::cpu_seconds(std::process::id()) - writers_cpu0,
         postgres: postgres_cpu_delta(&postgres0, &postgres_cpu(env).await),
         relay_wait_s: probe::run_queue_wait_seconds(relay.pid()) - relay_wait0,
-        relay_threads: probe::thread_split(&relay_threads0, &probe::threads_use(relay.pid())),
+        relay_threads: probe::thread_split(
+            &relay_threads0,
+            &probe::threads_use(relay.pid()),
+            cost.relay_cpu_s,
+        ),
         walsender_wakeups: wal_pid
-            .map(|p| probe::sched(p).wakeups.saturating_sub(wal_wakeups0))
-            .unwrap_or(0),
+            .and_then(probe::sched)
+            .map_or(0, |s| s.wakeups.saturating_sub(wal_wakeups0)),
         seconds: window,
-    };
-    let cost = Cost {
-        relay_cpu_s: probe::cpu_seconds(relay.pid()) - relay_cpu0,
-        walsender_cpu_s: wal_pid.map(probe::cpu_seconds).unwrap_or(0.0) - wal_cpu0,
-        events: written as f64,
     };
     let after = relay.metrics().await?;
     let latency = probe::histogram_delta(
@@ -946,7 +976,10 @@ pub async fn shards(env: &Env, n: u64, shards: usize) -> anyhow::Result<Shards> 
             .await?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let sched: Vec<probe::Sched> = walsenders.iter().map(|p| probe::sched(*p)).collect();
+    let sched = walsenders
+        .iter()
+        .map(|p| probe::sched(*p).context("a walsender exited during the drain"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let busy_cores = busy0.cores_since();
     let cost = Cost {
         relay_cpu_s: relays.iter().map(|r| probe::cpu_seconds(r.pid())).sum(),
