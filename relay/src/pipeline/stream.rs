@@ -374,14 +374,13 @@ impl Session<'_> {
                 commit_ts,
             } => {
                 self.in_transaction = true;
-                let received_us = pg_now_us();
                 self.arrival = Some(Arrival {
                     commit_ts,
                     received: Instant::now(),
                 });
                 self.trace = self.cfg.traces.transaction();
                 // Saturating: the commit time is the server's value, not ours.
-                self.metrics.received(received_us.saturating_sub(commit_ts));
+                self.metrics.received(pg_now_us().saturating_sub(commit_ts));
                 tracing::trace!(xid, final_lsn = %final_lsn, "begin");
             }
             LogicalMessage::Relation(rel) => {
