@@ -165,16 +165,6 @@ fn status_field(status: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Seconds a process's threads have spent runnable but waiting for a core
-/// (the scheduler's run-queue delay, /proc/<pid>/task/*/schedstat), summed
-/// over the threads alive now.
-pub fn run_queue_wait_seconds(pid: u32) -> f64 {
-    threads(pid)
-        .filter_map(|(_, dir)| std::fs::read_to_string(dir.join("schedstat")).ok())
-        .map(|s| parse_sched(&s, "").waiting_s)
-        .sum()
-}
-
 /// A reading of the machine's idle time, for the cores busy over a window.
 ///
 /// Busy is the cores minus their idle and I/O-wait time, not /proc/stat's

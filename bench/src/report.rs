@@ -122,6 +122,12 @@ fn accounted_share(s: &Steady) -> Option<f64> {
     (busy > 0.0).then(|| accounted / busy)
 }
 
+/// Seconds a steady run's relay threads spent runnable but waiting for a
+/// core (the scheduler's run-queue delay), summed over its threads.
+fn relay_wait_s(s: &Steady) -> f64 {
+    s.machine.relay_threads.own_waiting_s + s.machine.relay_threads.librdkafka_waiting_s
+}
+
 /// A window's time from the walsender's side, for report.json.
 fn walsender_time_json(w: &WalsenderTime) -> serde_json::Value {
     json!({"before_walsender_s": w.before_s, "lived_s": w.lived_s, "on_cpu_s": w.sched.on_cpu_s,
@@ -216,7 +222,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                     "postgres_backends_cpu_s_per_1000": per_1000(s.machine.postgres.backends_s, s.cost.events),
                     "postgres_other_processes_cpu_s_per_1000": per_1000(s.machine.postgres.others_s, s.cost.events),
                     "accounted_share_of_busy_cpu": accounted_share(s),
-                    "relay_run_queue_wait_s_per_1000": per_1000(s.machine.relay_wait_s, s.cost.events),
+                    "relay_run_queue_wait_s_per_1000": per_1000(relay_wait_s(s), s.cost.events),
                     "relay_librdkafka_threads_cpu_s_per_1000": per_1000(s.machine.relay_threads.librdkafka_cpu_s, s.cost.events),
                     "relay_own_threads_cpu_s_per_1000": per_1000(s.machine.relay_threads.own_cpu_s, s.cost.events),
                     "relay_own_threads_wakeups_per_event": per_event(s.machine.relay_threads.own_wakeups, s.cost.events),
@@ -579,7 +585,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
             per_1000(s.machine.postgres.backends_s, s.cost.events),
             per_1000(s.machine.postgres.others_s, s.cost.events),
             accounted_share(s).map_or("-".into(), |a| format!("{a:.2}")),
-            per_1000(s.machine.relay_wait_s, s.cost.events)
+            per_1000(relay_wait_s(s), s.cost.events)
         );
     }
     let _ = writeln!(

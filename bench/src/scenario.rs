@@ -305,10 +305,7 @@ pub async fn walsender_ceiling(env: &Env, n: u64) -> anyhow::Result<Ceiling> {
     let seconds = start.elapsed().as_secs_f64();
     // Read before the connection ends (the walsender exits with it), and
     // judged after the slot is cleaned up, so a failed run leaves nothing.
-    let measured = wal_pid.map(|pid| -> anyhow::Result<_> {
-        let sched = probe::sched(pid).context("the walsender exited before its CPU was read")?;
-        Ok((sched, lived_in_window(pid, seconds)?))
-    });
+    let measured = wal_pid.map(|pid| WalsenderTime::read(pid, seconds));
     let reader_cpu_s = probe::cpu_seconds(std::process::id()) - reader_cpu0;
     conn.terminate().await;
     wait_slot_free(env, LIMIT_SLOT).await?;
@@ -322,35 +319,15 @@ pub async fn walsender_ceiling(env: &Env, n: u64) -> anyhow::Result<Ceiling> {
     let Some(measured) = measured else {
         bail!("the walsender of {LIMIT_SLOT} was not found: its CPU cannot be measured");
     };
-    let (sched, lived_s) = measured?;
+    let walsender = measured?;
     Ok(Ceiling {
         events_per_s: n as f64 / seconds,
         seconds,
-        walsender_cpu_s: sched.on_cpu_s,
+        walsender_cpu_s: walsender.sched.on_cpu_s,
         reader_cpu_s,
         events: n as f64,
-        walsender: WalsenderTime {
-            before_s: seconds - lived_s,
-            lived_s,
-            sched,
-        },
+        walsender,
     })
-}
-
-/// How long the walsender `pid` lived in a window of `seconds` that its
-/// connection opened; an error when it is older than the window (it was
-/// not started by that connection, so its whole-life CPU is not the
-/// window's).
-fn lived_in_window(pid: u32, seconds: f64) -> anyhow::Result<f64> {
-    let age = probe::age_seconds(pid).context("the walsender's age cannot be read")?;
-    // Ages have the 10 ms resolution of the clock ticks they come from.
-    if age > seconds + 0.05 {
-        bail!(
-            "the walsender (pid {pid}) is {age:.2} s old, older than the {seconds:.2} s window: \
-             it was not started by this window's connection, so its CPU is not the window's"
-        );
-    }
-    Ok(age.min(seconds))
 }
 
 /// (b) How fast the broker alone accepts `n` records of the same size from
@@ -464,6 +441,28 @@ pub struct WalsenderTime {
 }
 
 impl WalsenderTime {
+    /// Reads walsender `pid` at the end of a window of `seconds` that its
+    /// connection opened; an error when it is gone, or older than the
+    /// window (it was not started by that connection, so its whole-life
+    /// CPU is not the window's).
+    fn read(pid: u32, seconds: f64) -> anyhow::Result<Self> {
+        let sched = probe::sched(pid).context("the walsender exited before its CPU was read")?;
+        let age = probe::age_seconds(pid).context("the walsender's age cannot be read")?;
+        // Ages have the 10 ms resolution of the clock ticks they come from.
+        if age > seconds + 0.05 {
+            bail!(
+                "the walsender (pid {pid}) is {age:.2} s old, older than the {seconds:.2} s window: \
+                 it was not started by this window's connection, so its CPU is not the window's"
+            );
+        }
+        let lived_s = age.min(seconds);
+        Ok(Self {
+            before_s: seconds - lived_s,
+            lived_s,
+            sched,
+        })
+    }
+
     /// Seconds neither on a core nor waiting for one.
     pub fn blocked_s(&self) -> f64 {
         (self.lived_s - self.sched.on_cpu_s - self.sched.waiting_s).max(0.0)
@@ -519,7 +518,7 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let sched = probe::sched(wal_pid).context("the relay's walsender exited during the drain")?;
+    let walsender = WalsenderTime::read(wal_pid, seconds)?;
     // The relay started with the drain: its whole life is the window.
     let relay_cpu_s = probe::cpu_seconds(relay.pid());
     let relay_threads = probe::thread_split(
@@ -528,10 +527,9 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
         relay_cpu_s,
     );
     let busy_cores = busy0.cores_since();
-    let lived_s = lived_in_window(wal_pid, seconds)?;
     let cost = Cost {
         relay_cpu_s,
-        walsender_cpu_s: sched.on_cpu_s,
+        walsender_cpu_s: walsender.sched.on_cpu_s,
         events: n as f64,
     };
     Ok((
@@ -539,11 +537,7 @@ pub async fn drain(env: &Env, n: u64, previous: Option<Relay>) -> anyhow::Result
             events_per_s: n as f64 / seconds,
             seconds,
             cost,
-            walsender: WalsenderTime {
-                before_s: seconds - lived_s,
-                lived_s,
-                sched,
-            },
+            walsender,
             relay_threads,
             busy_cores,
             samples,
@@ -626,9 +620,8 @@ pub struct MachineUse {
     /// relay's bookkeeping one), and the rest (WAL writer, checkpointer,
     /// background writer, autovacuum, ...).
     pub postgres: PostgresCpu,
-    /// Seconds the relay's threads spent waiting for a core.
-    pub relay_wait_s: f64,
-    /// The relay's CPU seconds and wake-ups split into librdkafka's threads
+    /// The relay's CPU seconds, wake-ups and waits for a core (their sum
+    /// is its run-queue delay) split into librdkafka's threads
     /// (`rdk:*`: its broker threads talk to Kafka) and its own (the
     /// runtime's, rust-rdkafka's admin poller, any blocking calls).
     pub relay_threads: probe::ThreadSplit,
@@ -709,7 +702,6 @@ pub async fn steady(
     );
     let broker_cpu0 = env.broker_pid.map(probe::cpu_seconds);
     let writers_cpu0 = probe::cpu_seconds(std::process::id());
-    let relay_wait0 = probe::run_queue_wait_seconds(relay.pid());
     let relay_threads0 = probe::threads_use(relay.pid());
     let wal_wakeups0 = wal_pid.and_then(probe::sched).map_or(0, |s| s.wakeups);
     let payload = json!({"pad": "x".repeat(env.payload_bytes.saturating_sub(40))});
@@ -803,7 +795,6 @@ pub async fn steady(
             .map(|(pid, before)| probe::cpu_seconds(pid) - before),
         writers_cpu_s: probe::cpu_seconds(std::process::id()) - writers_cpu0,
         postgres: postgres_cpu_delta(&postgres0, &postgres_cpu(env).await),
-        relay_wait_s: probe::run_queue_wait_seconds(relay.pid()) - relay_wait0,
         relay_threads: probe::thread_split(
             &relay_threads0,
             &probe::threads_use(relay.pid()),
