@@ -131,8 +131,7 @@ async fn mixed_tx(f: &Fixture, items: &[(&str, u64, How)], commit: bool) -> Vec<
 async fn messages_and_rows_mixed_in_transactions_keep_commit_order() {
     use How::*;
     let f = Fixture::new().await;
-    let mut relay = f.relay().args(["--message-prefix", "outbox"]).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().args(["--message-prefix", "outbox"]).start().await;
 
     let mut written = Vec::new();
     let mut logs = String::new();
@@ -166,8 +165,7 @@ async fn messages_and_rows_mixed_in_transactions_keep_commit_order() {
             f.read_through(&written.last().unwrap().id).await;
             relay.kill9().await;
             logs.push_str(&relay.logs());
-            relay = f.relay().args(["--message-prefix", "outbox"]).spawn();
-            relay.wait_log("streaming", Duration::from_secs(60)).await;
+            relay = f.relay().args(["--message-prefix", "outbox"]).start().await;
         }
     }
     // The tokio-postgres helper too.
@@ -208,8 +206,7 @@ async fn messages_and_rows_mixed_in_transactions_keep_commit_order() {
 async fn emitted_events_arrive_exactly_once_like_rows() {
     use How::*;
     let f = Fixture::new().await;
-    let mut relay = f.relay().args(["--message-prefix", "outbox"]).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().args(["--message-prefix", "outbox"]).start().await;
     let mut written = Vec::new();
     written.extend(
         mixed_tx(
@@ -269,16 +266,18 @@ async fn the_tableless_outbox_needs_no_table() {
     let aggregate_type = unique("agg");
     let builder = RelayBuilder::new(&url, &tansu.brokers(), &slot);
     // Off by default: the session does not ask for messages.
-    let mut relay = builder.spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = builder.start().await;
     assert!(relay.stop().await.success(), "{}", relay.logs());
     assert!(
         relay.logs().contains("message_prefix=None"),
         "{}",
         relay.logs()
     );
-    let mut relay = builder.clone().args(["--message-prefix", "outbox"]).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = builder
+        .clone()
+        .args(["--message-prefix", "outbox"])
+        .start()
+        .await;
     let mut ids = Vec::new();
     for n in 0..3 {
         let e = Event::new(&aggregate_type, "t1", "Happened", &json!({"n": n})).unwrap();
@@ -309,8 +308,7 @@ async fn the_tableless_outbox_needs_no_table() {
 async fn an_unreadable_or_non_transactional_outbox_message_is_refused_by_name() {
     let f = Fixture::new().await;
     drop_row_checks(&f.pool).await;
-    let mut relay = f.relay().args(["--message-prefix", "outbox"]).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().args(["--message-prefix", "outbox"]).start().await;
     let first = f.write_tx(&[("n1".into(), 1)]).await;
     f.read(1).await;
     assert!(relay.stop().await.success());
@@ -444,8 +442,8 @@ async fn a_debezium_outbox_table_is_relayed_as_debeziums_router_does() {
     let mut relay = relay
         .args(["--traces-exporter", "console", "--traces-file"])
         .arg(spans_file.to_str().unwrap())
-        .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+        .start()
+        .await;
 
     // (id, aggregateid, type, payload text as jsonb prints it, tenant, traceparent)
     type Row = (
@@ -575,8 +573,7 @@ async fn verify_finds_missing_duplicated_and_reordered_events() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
     let mut seq = 0;
     let delivered = f.write_many(30, 5, 4, &mut seq).await;
     f.read(30).await;

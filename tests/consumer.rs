@@ -204,7 +204,7 @@ async fn two_consumers_in_a_group_apply_each_event_once_across_a_relay_crash() {
     let mut b = s.consumer("stock", None);
     // Cook once the relay streams, so the crash below lands mid-stream (events
     // written during its first start are published by the backfill instead).
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    relay.wait_streaming().await;
     let mut n = s.cook(150).await;
     relay.wait_log(" published ", Duration::from_secs(60)).await;
     // Crash the relay mid-stream: it replays its unconfirmed tail, so the

@@ -13,8 +13,7 @@ use crate::support::wait_for;
 #[tokio::test]
 async fn delivers_a_thousand_events_in_commit_order() {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
 
     let mut seq = 0;
     let written = f.write_many(1000, 19, 10, &mut seq).await;
@@ -27,8 +26,7 @@ async fn delivers_a_thousand_events_in_commit_order() {
 #[tokio::test]
 async fn a_rolled_back_transaction_publishes_nothing() {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
 
     let mut tx = f.pool.begin().await.unwrap();
     let lost = outbox::Event::new(
@@ -74,8 +72,7 @@ async fn events_before_the_first_start_and_while_stopped_all_arrive() {
 #[tokio::test]
 async fn a_graceful_restart_mid_stream_loses_and_duplicates_nothing() {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
 
     let mut seq = 0;
     let mut written = f.write_many(300, 10, 8, &mut seq).await;
@@ -109,8 +106,7 @@ async fn a_graceful_restart_mid_stream_loses_and_duplicates_nothing() {
 #[tokio::test]
 async fn a_kill_without_grace_loses_nothing_and_replays_only_the_tail() {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
 
     // Kill while the writes are still going on, so the relay dies with an
     // unconfirmed tail (the old test killed after every write committed).
@@ -181,8 +177,7 @@ async fn a_kill_without_grace_loses_nothing_and_replays_only_the_tail() {
 #[tokio::test]
 async fn an_idle_outbox_does_not_pin_wal() {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
     let before = wait_for("the slot to exist", Duration::from_secs(30), || async {
         confirmed_flush(&f.url, &f.slot).await
     })
@@ -225,8 +220,7 @@ async fn a_postgres_restart_mid_stream_is_survived() {
 /// writing, and checks that every event arrives in order per aggregate.
 pub async fn survive_restart(mode: &str) {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
 
     let mut seq = 0;
     let mut written = f.write_many(300, 10, 6, &mut seq).await;
@@ -258,8 +252,7 @@ pub async fn survive_restart(mode: &str) {
 async fn metrics_count_deliveries_and_latency() {
     let f = Fixture::new().await;
     let port = crate::support::free_port();
-    let mut relay = f.relay().metrics_on(port).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().metrics_on(port).start().await;
     let mut seq = 0;
     let written = f.write_many(50, 5, 3, &mut seq).await;
     f.read(50).await;
@@ -316,8 +309,7 @@ async fn metrics_count_deliveries_and_latency() {
 async fn concurrent_writers_back_to_back_arrive_once_in_order() {
     let f = Fixture::new().await;
     let port = crate::support::free_port();
-    let mut relay = f.relay().metrics_on(port).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().metrics_on(port).start().await;
     // Eight writers, each with its own aggregates; every tenth transaction
     // holds three events of one aggregate.
     async fn writer(f: &Fixture, w: u64) -> Vec<crate::support::fixture::Written> {
@@ -377,8 +369,7 @@ async fn concurrent_writers_back_to_back_arrive_once_in_order() {
 #[tokio::test]
 async fn sigterm_inside_a_large_open_transaction_loses_nothing() {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
     let rows = 60_000i64;
     let agg = f.aggregate_type.clone();
     let pool = f.pool.clone();

@@ -182,8 +182,7 @@ async fn a_second_instance_waits_and_takes_over() {
     let f = Fixture::new().await;
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
-    let mut first = f.relay().spawn();
-    first.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut first = f.relay().start().await;
     let mut second = f.relay().spawn();
     second
         .wait_log(
@@ -257,7 +256,7 @@ async fn the_backfill_keeps_insertion_order_and_the_stream_commit_order() {
             write(&mut next, key, 1 + (round % 3)).await;
         }
     }
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    relay.wait_streaming().await;
 
     // Two transactions on aggregate "z": the one that started later commits first.
     let mut earlier = f.pool.begin().await.unwrap();

@@ -144,8 +144,7 @@ async fn a_missing_dead_letter_topic_is_named_at_start() {
 #[tokio::test]
 async fn a_missing_topic_stops_the_relay_without_skipping_the_event() {
     let f = Fixture::new().await;
-    let relay = f.relay().without_create_topics().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let relay = f.relay().without_create_topics().start().await;
     let written = f.write_tx(&[("t1".into(), 1)]).await;
     let mut relay = relay;
     let status = relay.wait_exit(Duration::from_secs(60)).await;
@@ -338,8 +337,8 @@ async fn an_event_kafka_refuses_stops_the_relay_naming_it() {
         .relay()
         .arg("--kafka-option")
         .arg("message.max.bytes=1500")
-        .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+        .start()
+        .await;
     let small = f.write_tx(&[("s1".into(), 1)]).await;
     crate::support::consume(
         &f.tansu.brokers(),

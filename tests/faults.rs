@@ -75,7 +75,7 @@ async fn twenty_kills_during_concurrent_writes_lose_nothing() {
             .spawn()
     };
     let mut current = relay(&f);
-    current.wait_log("streaming", Duration::from_secs(60)).await;
+    current.wait_streaming().await;
 
     let writers = async {
         let (a, b, c, d) = tokio::join!(
@@ -212,8 +212,8 @@ async fn a_broker_outage_is_waited_out_without_confirming_ahead() {
         .arg("--stall-warning")
         .arg("3s")
         .metrics_on(port)
-        .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+        .start()
+        .await;
 
     insert(&pool, &agg, 1, 500).await;
     consume_settle(
@@ -276,8 +276,9 @@ async fn a_broker_restart_with_durable_storage_loses_nothing() {
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
     let slot = unique("slot");
-    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &slot).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &slot)
+        .start()
+        .await;
     insert(&pool, &agg, 1, 300).await;
     consume_settle(
         &tansu.brokers(),
@@ -330,8 +331,9 @@ async fn connections_cut_to_postgres_and_kafka_lose_nothing() {
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
     let proxied_url = url.replace(&format!(":{}/", pg.port), &format!(":{}/", pg_proxy.port));
-    let mut relay = RelayBuilder::new(&proxied_url, &brokers, &unique("slot")).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = RelayBuilder::new(&proxied_url, &brokers, &unique("slot"))
+        .start()
+        .await;
 
     let mut next = 1;
     for round in 0..6 {
@@ -438,8 +440,7 @@ impl BrokerRefusal {
                 .arg("--on-undeliverable=dead-letter")
                 .arg(format!("--dead-letter-topic={dlt}"));
         }
-        let relay = builder.spawn();
-        relay.wait_log("streaming", Duration::from_secs(60)).await;
+        let relay = builder.start().await;
 
         // Warm up (connection, metadata), so the next Produce request is seq 2's.
         insert(&pool, &agg, 1, 1).await;
@@ -644,8 +645,7 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
     let builder = RelayBuilder::new(&url, &brokers, &slot)
         .arg("--shutdown-timeout")
         .arg("3s");
-    let mut relay = builder.spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = builder.start().await;
     // Warm up (connection, topic metadata), then take the broker down.
     insert(&pool, &agg, 0, 0).await;
     consume_settle(
@@ -799,7 +799,7 @@ async fn a_topic_that_disappears_stops_the_relay_and_parks_nothing() {
         // reappear before failing its records (30 s by default).
         .arg("--kafka-option=topic.metadata.propagation.max.ms=2000")
         .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    relay.wait_streaming().await;
     insert(&pool, &agg, 1, 1).await;
     consume_settle(
         &mock.bootstrap_servers(),
@@ -851,8 +851,8 @@ async fn waiting_on_kafka_keeps_the_walsender_from_timing_out() {
     let mut relay = RelayBuilder::new(&url, &mock.bootstrap_servers(), &slot)
         .arg("--max-in-flight")
         .arg("20")
-        .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+        .start()
+        .await;
     insert(&pool, &agg, 1, 1).await;
     consume_settle(
         &mock.bootstrap_servers(),

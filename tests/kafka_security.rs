@@ -40,7 +40,7 @@ fn tls_options(protocol: &str, ca: &std::path::Path) -> Vec<String> {
 /// event applied exactly once (the projection equals the source table).
 async fn events_flow(stand: &Stand) {
     let mut relay = stand.relay();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    relay.wait_streaming().await;
     let mut consumer = stand.consumer("stock", None);
     let n = stand.cook(10).await;
     stand.wait_applied(n).await;

@@ -13,8 +13,7 @@ use crate::support::{Postgres, unique};
 #[tokio::test]
 async fn events_written_without_keeping_rows_arrive_and_the_table_stays_empty() {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
     let writer = outbox::Outbox::new().keep_rows(false);
     let mut written = Vec::new();
     for tx in 0..20u64 {
@@ -245,8 +244,7 @@ async fn status_tells_healthy_from_degraded_and_broken() {
     assert_eq!(report["slot_exists"], false, "{report}");
     assert!(notes(&report).contains("does not exist"), "{report}");
 
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
     let mut written = Vec::new();
     for n in 1..=3u64 {
         written.extend(
@@ -363,8 +361,7 @@ async fn streaming_and_standby(
     first: crate::support::RelayBuilder,
     second: crate::support::RelayBuilder,
 ) -> (crate::support::relay::Relay, crate::support::relay::Relay) {
-    let first = first.spawn();
-    first.wait_log("streaming", Duration::from_secs(60)).await;
+    let first = first.start().await;
     let second = second.spawn();
     second
         .wait_log(
@@ -470,7 +467,7 @@ async fn the_built_in_pruner_deletes_old_rows_while_the_relay_streams() {
         ])
         .args(["--prune-every", "1s"])
         .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    relay.wait_streaming().await;
     let mut next = 1;
     let written = f.write_many(40, 5, 3, &mut next).await;
     // Rows written with raw SQL and an old created_at (as an import or a
@@ -798,8 +795,8 @@ async fn a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17() {
         // is switched when a relay with the default starts on it.
         let mut plain = RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot)
             .args(["--slot-failover", "false"])
-            .spawn();
-        plain.wait_log("streaming", Duration::from_secs(60)).await;
+            .start()
+            .await;
         assert!(plain.stop().await.success(), "{}", plain.logs());
         let failover: bool =
             sqlx::query_scalar("SELECT failover FROM pg_replication_slots WHERE slot_name = $1")
@@ -812,8 +809,9 @@ async fn a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17() {
             "--slot-failover false still created a failover slot"
         );
     }
-    let mut relay = RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = RelayBuilder::new(&proxied, &f.tansu.brokers(), &f.slot)
+        .start()
+        .await;
     if synced {
         assert!(
             relay
@@ -967,8 +965,7 @@ async fn a_failover_to_a_promoted_standby_keeps_the_slot_from_postgres_17() {
 async fn replay_republishes_rows_and_the_inbox_applies_each_once() {
     use crate::support::postgres::confirmed_flush;
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
     let mut written = Vec::new();
     for n in 1..=3u64 {
         written.extend(

@@ -44,8 +44,8 @@ async fn refused_events_go_to_the_dead_letter_topic_when_asked() {
         .arg("dead-letter")
         .arg("--dead-letter-topic")
         .arg(&dlt)
-        .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+        .start()
+        .await;
     // The table refuses an illegal topic override at INSERT; rows from
     // before that constraint reach the relay, which refuses them itself.
     f.drop_row_checks().await;
@@ -112,8 +112,7 @@ async fn refused_events_go_to_the_dead_letter_topic_when_asked() {
 async fn an_illegal_topic_override_stops_the_relay_by_default() {
     let f = Fixture::new().await;
     f.drop_row_checks().await; // as for rows from before the constraint
-    let relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let relay = f.relay().start().await;
     f.write_tx(&[("a".into(), 1)]).await;
     f.read(1).await;
     crate::support::postgres::wait_recorded(&f.pool, &f.slot).await;
@@ -144,8 +143,7 @@ async fn an_illegal_topic_override_stops_the_relay_by_default() {
 #[tokio::test]
 async fn truncate_and_added_columns_do_not_disturb_the_stream() {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
     let mut written = f.write_tx(&[("a".into(), 1), ("b".into(), 2)]).await;
     // The publication publishes inserts only: a TRUNCATE is not an event.
     sqlx::query("TRUNCATE outbox")
@@ -167,8 +165,7 @@ async fn truncate_and_added_columns_do_not_disturb_the_stream() {
 #[tokio::test]
 async fn dropping_a_required_column_stops_the_relay_clearly() {
     let f = Fixture::new().await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
     f.write_tx(&[("a".into(), 1)]).await;
     f.read(1).await;
     sqlx::query("ALTER TABLE outbox DROP COLUMN event_type")
@@ -209,7 +206,7 @@ async fn secrets_never_reach_the_output_even_at_trace_level() {
         .arg("--kafka-option")
         .arg("debug=all")
         .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    relay.wait_streaming().await;
     let written = f.write_tx(&[("s".into(), 1)]).await;
     assert_exactly_once(&written, &f.read(1).await);
     let status = relay.stop().await;
@@ -284,8 +281,7 @@ async fn a_least_privilege_role_is_enough() {
 async fn a_huge_transaction_is_streamed_with_bounded_memory() {
     let f = Fixture::new().await;
     let rows = 200_000;
-    let mut relay = f.relay().arg("--max-in-flight").arg("5000").spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().arg("--max-in-flight").arg("5000").start().await;
     sqlx::query(
         "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
          SELECT $1, 'agg-' || (g % 50), 'Happened', jsonb_build_object('seq', g, 'pad', repeat('p', 200)) \

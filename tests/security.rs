@@ -52,8 +52,7 @@ async fn functions_planted_on_the_search_path_are_never_called() {
     // Rows before the first start go through the backfill (which uses
     // format and jsonb_build_object), rows after through the stream.
     let mut written = f.write_tx(&[("a".into(), 1), ("b".into(), 1)]).await;
-    let mut relay = f.relay().spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().start().await;
     written.extend(f.write_tx(&[("a".into(), 2)]).await);
     let records = f.read(written.len()).await;
     assert_exactly_once(&written, &records);
@@ -132,8 +131,8 @@ async fn the_bookkeeping_table_is_found_by_schema_not_by_search_path() {
     let first = write("x").await;
     let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &slot)
         .args(["--schema", "app"])
-        .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+        .start()
+        .await;
     let second = write("x").await;
     let topic = format!("outbox.event.{aggregate}");
     let records =
@@ -244,7 +243,7 @@ async fn rows_cannot_spoof_the_relays_headers_or_pick_an_illegal_topic() {
             &dlt,
         ])
         .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    relay.wait_streaming().await;
     let mut written = f.write_tx(&[("a".into(), 1)]).await;
     let spoofed = insert_raw(
         &f.pool,
@@ -301,7 +300,7 @@ async fn rows_cannot_publish_outside_the_allowed_topics() {
             &dlt,
         ])
         .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    relay.wait_streaming().await;
     let mut written = f.write_tx(&[("a".into(), 1)]).await;
     let mut refused = Vec::new();
     for topic in [elsewhere.as_str(), dlt.as_str(), "__consumer_offsets"] {
@@ -359,8 +358,7 @@ async fn rows_cannot_publish_outside_the_allowed_topics() {
     let listed = unique("orders.v1");
     let allowed = format!("outbox.event.*,{listed}");
     let builder = f.relay().args(["--allowed-topics", &allowed]);
-    let mut relay = builder.spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = builder.start().await;
     let to_listed = insert_raw(&f.pool, agg, "{}", Some(&listed)).await.unwrap();
     let got = crate::support::consume(&brokers, &[&listed], 1, Duration::from_secs(60)).await;
     assert_eq!(got[0].id(), to_listed);
@@ -438,8 +436,7 @@ async fn secrets_come_from_files_and_stay_out_of_argv_environment_and_errors() {
         builder.database_url = String::new();
         builder
     };
-    let mut relay = with_files(&password_file, &kafka_file).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = with_files(&password_file, &kafka_file).start().await;
     for what in ["cmdline", "environ"] {
         let seen = std::fs::read(format!("/proc/{}/{what}", relay.pid())).unwrap();
         assert!(
@@ -554,8 +551,7 @@ async fn the_metrics_endpoint_survives_many_idle_connections() {
     use crate::support::metrics::scrape;
     let f = Fixture::new().await;
     let port = crate::support::free_port();
-    let mut relay = f.relay().metrics_on(port).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = f.relay().metrics_on(port).start().await;
     // More connections than the endpoint keeps (256), none sending a byte.
     let mut idle = Vec::new();
     for _ in 0..300 {
@@ -636,8 +632,7 @@ async fn the_documented_role_and_hba_line_are_enough_and_allow_no_physical_copy(
     // The relay streams through the database line.
     let mut builder = f.relay();
     builder.database_url = relay_url.clone();
-    let mut relay = builder.spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = builder.start().await;
     let written = f.write_tx(&[("a".into(), 1), ("a".into(), 2)]).await;
     assert_exactly_once(&written, &f.read(2).await);
     assert!(relay.stop().await.success(), "{}", relay.logs());

@@ -63,8 +63,9 @@ async fn verify_full_needs_the_ca_and_require_does_not() {
     // verify-full with the CA: the relay streams, and says how it is
     // connected.
     let url = format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display());
-    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot")).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot"))
+        .start()
+        .await;
     assert!(
         relay.logs().contains("tls=verify-full") && relay.logs().contains("server authenticated"),
         "{}",
@@ -76,8 +77,8 @@ async fn verify_full_needs_the_ca_and_require_does_not() {
     let mut relay = RelayBuilder::new(&base, &tansu.brokers(), &unique("slot"))
         .env("PGSSLMODE", "verify-full")
         .env("PGSSLROOTCERT", ca.to_str().unwrap())
-        .spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+        .start()
+        .await;
     assert!(relay.logs().contains("tls=verify-full"), "{}", relay.logs());
     assert!(relay.stop().await.success());
 
@@ -110,8 +111,9 @@ async fn verify_full_needs_the_ca_and_require_does_not() {
     // connection is encrypted (pg_stat_ssl), not just that it streams.
     let url = format!("{base}?sslmode=require");
     let slot = unique("slot");
-    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &slot).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &slot)
+        .start()
+        .await;
     let pool = sqlx::PgPool::connect(&plain).await.unwrap();
     let encrypted: Option<bool> = sqlx::query_scalar(
         "SELECT l.ssl FROM pg_replication_slots s JOIN pg_stat_ssl l ON l.pid = s.active_pid \
@@ -172,8 +174,9 @@ async fn channel_binding_binds_scram_to_the_servers_certificate() {
                 .replace("?sslmode=disable", ""),
             dir.join("ca.pem").display()
         );
-        let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot")).spawn();
-        relay.wait_log("streaming", Duration::from_secs(60)).await;
+        let mut relay = RelayBuilder::new(&url, &tansu.brokers(), &unique("slot"))
+            .start()
+            .await;
         assert!(relay.stop().await.success(), "{cert}: {}", relay.logs());
 
         if cert == "server.pem" {
@@ -225,8 +228,9 @@ async fn require_against_a_server_without_tls_is_refused() {
     assert!(logs.contains("does not accept TLS"), "{logs}");
 
     // The default, prefer, falls back to plaintext, and says so.
-    let mut relay = RelayBuilder::new(&silent, &tansu.brokers(), &unique("slot")).spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = RelayBuilder::new(&silent, &tansu.brokers(), &unique("slot"))
+        .start()
+        .await;
     let logs = relay.logs();
     assert!(
         logs.contains("tls=none (sslmode=prefer)") && logs.contains("not encrypted"),
@@ -244,8 +248,7 @@ async fn a_unix_socket_url_streams_events() {
         .unwrap();
     let mut relay = f.relay();
     relay.database_url = f.pg.socket_url(&db);
-    let mut relay = relay.spawn();
-    relay.wait_log("streaming", Duration::from_secs(60)).await;
+    let mut relay = relay.start().await;
     let written = f.write_tx(&[("u1".into(), 1), ("u2".into(), 1)]).await;
     let records = f.read(2).await;
     assert_exactly_once(&written, &records);

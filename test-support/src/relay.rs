@@ -132,6 +132,14 @@ impl RelayBuilder {
         Relay::spawn(self.command())
     }
 
+    /// Spawns the relay and waits until it streams (see
+    /// [`Relay::wait_streaming`]).
+    pub async fn start(&self) -> Relay {
+        let relay = self.spawn();
+        relay.wait_streaming().await;
+        relay
+    }
+
     /// Like [`spawn`](Self::spawn), with the relay's output on this
     /// process's stderr instead of a file (the benchmark shows warnings as
     /// they happen; `logs()` is then empty).
@@ -233,6 +241,12 @@ impl Relay {
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
             .unwrap_or_default()
+    }
+
+    /// Waits (up to a minute) until the relay logs that it streams from its
+    /// slot: the backfill, if any, is done and WAL is being read.
+    pub async fn wait_streaming(&self) {
+        self.wait_log("streaming", Duration::from_secs(60)).await;
     }
 
     /// Waits until the output contains `needle`.
