@@ -355,6 +355,51 @@ async fn status_tells_healthy_from_degraded_and_broken() {
     assert_eq!(code, 2, "{report}");
 }
 
+/// `status` still reports the slot when the outbox cannot be counted: while
+/// a migration holds the table's lock (or when counting would take longer
+/// than 3 s) the row count is left out, with the planner's estimate and a
+/// note saying why, instead of the whole probe failing (exit 3).
+#[tokio::test]
+async fn status_reports_the_slot_while_a_migration_locks_the_outbox() {
+    let f = Fixture::new().await;
+    let mut relay = f.relay().start().await;
+    let written = f
+        .write_tx(&[("a".into(), 1), ("b".into(), 2), ("a".into(), 3)])
+        .await;
+    f.read(written.len()).await;
+    sqlx::query("ANALYZE outbox")
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let (code, report) = status(&f.url, &f.slot, &[]).await;
+    assert!(code < 3, "{report}");
+    assert_eq!(report["outbox_rows"], 3, "{report}");
+    assert!(report.get("outbox_rows_estimate").is_none(), "{report}");
+
+    let mut ddl = f.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *ddl)
+        .await
+        .unwrap();
+    let (code, report) = status(&f.url, &f.slot, &[]).await;
+    assert!(code < 3, "the probe failed: {report}");
+    assert_eq!(report["slot_exists"], true, "{report}");
+    assert_eq!(report["active"], true, "{report}");
+    assert!(report["outbox_rows"].is_null(), "{report}");
+    assert!(report["outbox_oldest"].is_null(), "{report}");
+    assert_eq!(report["outbox_rows_estimate"], 3, "{report}");
+    let said = notes(&report);
+    assert!(
+        said.contains("the outbox was not counted") && said.contains("holds a lock on it"),
+        "{report}"
+    );
+    ddl.rollback().await.unwrap();
+
+    let (_, report) = status(&f.url, &f.slot, &[]).await;
+    assert_eq!(report["outbox_rows"], 3, "{report}");
+    assert!(relay.stop().await.success(), "{}", relay.logs());
+}
+
 /// Starts `first` and waits until it streams, then `second` and waits
 /// until it says it is a standby.
 async fn streaming_and_standby(

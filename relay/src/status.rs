@@ -128,9 +128,86 @@ fn number(row: &Row, col: &str) -> Value {
         })
 }
 
+/// How long any one query of the report may take.
+const STATEMENT_TIMEOUT: &str = "10s";
+
+/// How long counting one table may take.
+const TABLE_BUDGET: &str = "3s";
+
+/// A table's row count and oldest row, if they could be had.
+enum Counted {
+    Rows(Row),
+    /// No such table (the inbox may live in another database).
+    Missing,
+    /// Too big to scan within [`TABLE_BUDGET`], or locked by DDL: the
+    /// planner's estimate of its rows (when the table was ever analyzed).
+    Skipped {
+        reason: String,
+        estimate: Option<i64>,
+    },
+}
+
+/// Counts `name`'s rows and finds its oldest `time`, within
+/// [`TABLE_BUDGET`]. Why not fail the report: a probe is run for the slot's
+/// health, which must not depend on how big the table has grown or on a
+/// migration holding its lock (count(*) queues behind an ACCESS EXCLUSIVE
+/// lock until `lock_timeout`).
+async fn count_table(
+    conn: &mut Connection,
+    schema: &str,
+    name: &str,
+    time: &str,
+) -> Result<Counted> {
+    let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    conn.query(&format!("SET statement_timeout = '{TABLE_BUDGET}'"))
+        .await?;
+    let counted = conn
+        .query(&format!(
+            "SELECT pg_catalog.count(*)::text AS n, pg_catalog.min({time})::text AS oldest \
+             FROM {table}"
+        ))
+        .await;
+    conn.query(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
+        .await?;
+    let reason = match counted {
+        Ok(rows) => return Ok(Counted::Rows(one(rows, name)?)),
+        Err(Error::Server { source, .. }) if source.code == "42P01" => {
+            return Ok(Counted::Missing);
+        }
+        // query_canceled: the statement timeout.
+        Err(Error::Server { source, .. }) if source.code == "57014" => {
+            format!("counting its rows took longer than {TABLE_BUDGET}")
+        }
+        // lock_not_available: lock_timeout, behind DDL.
+        Err(Error::Server { source, .. }) if source.code == "55P03" => {
+            "another session holds a lock on it (DDL such as ALTER TABLE, or LOCK TABLE)".to_owned()
+        }
+        Err(err) => return Err(err),
+    };
+    // The catalog row is readable whatever lock the table is under;
+    // reltuples is -1 for a table never analyzed or vacuumed.
+    let estimate = conn
+        .query(&format!(
+            "SELECT c.reltuples::bigint::text AS n FROM pg_catalog.pg_class c \
+             WHERE c.oid = pg_catalog.to_regclass({})",
+            quote_literal(&table)
+        ))
+        .await?
+        .first()
+        .and_then(|r| r.get("n"))
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n >= 0);
+    let reason = match estimate {
+        Some(n) => format!("{reason} (about {n} rows by the planner's statistics)"),
+        None => reason,
+    };
+    Ok(Counted::Skipped { reason, estimate })
+}
+
 async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
     // A probe must not hang behind a lock or a slow scan: it fails (exit 3).
-    conn.query("SET statement_timeout = '10s'").await?;
+    conn.query(&format!("SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
+        .await?;
     conn.query("SET lock_timeout = '2s'").await?;
     let schema = quote_ident(&cfg.schema);
     let slot = quote_literal(&cfg.slot);
@@ -206,20 +283,19 @@ async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
         })?
         .into_iter()
         .next();
-    let table = |name: &str, time: &str| {
-        format!(
-            "SELECT pg_catalog.count(*)::text AS n, pg_catalog.min({time})::text AS oldest \
-             FROM {schema}.{}",
-            quote_ident(name)
-        )
-    };
-    let outbox = one(conn.query(&table("outbox", "created_at")).await?, "outbox")?;
+    let outbox = count_table(conn, &cfg.schema, "outbox", "created_at").await?;
+    if let Counted::Skipped { reason, .. } = &outbox {
+        notes.push(format!(
+            "the outbox was not counted: {reason}; the slot's figures above do not depend on it"
+        ));
+    }
     // The inbox is the consumers' table and may live elsewhere.
-    let inbox = conn
-        .query(&table("inbox", "received_at"))
+    let inbox = count_table(conn, &cfg.schema, "inbox", "received_at")
         .await
-        .ok()
-        .and_then(|r| r.into_iter().next());
+        .unwrap_or(Counted::Missing);
+    if let Counted::Skipped { reason, .. } = &inbox {
+        notes.push(format!("the inbox was not counted: {reason}"));
+    }
 
     let mut facts = serde_json::Map::new();
     facts.insert("slot".into(), json!(cfg.slot));
@@ -362,16 +438,16 @@ async fn gather(conn: &mut Connection, cfg: &StatusConfig) -> Result<Status> {
             );
         }
     }
-    facts.insert("outbox_rows".into(), number(&outbox, "n"));
-    facts.insert("outbox_oldest".into(), text(&outbox, "oldest"));
-    match &inbox {
-        Some(i) => {
-            facts.insert("inbox_rows".into(), number(i, "n"));
-            facts.insert("inbox_oldest".into(), text(i, "oldest"));
-        }
-        None => {
-            facts.insert("inbox_rows".into(), Value::Null);
-            facts.insert("inbox_oldest".into(), Value::Null);
+    for (name, counted) in [("outbox", &outbox), ("inbox", &inbox)] {
+        let (rows, oldest, estimate) = match counted {
+            Counted::Rows(row) => (number(row, "n"), text(row, "oldest"), Value::Null),
+            Counted::Missing => (Value::Null, Value::Null, Value::Null),
+            Counted::Skipped { estimate, .. } => (Value::Null, Value::Null, json!(estimate)),
+        };
+        facts.insert(format!("{name}_rows"), rows);
+        facts.insert(format!("{name}_oldest"), oldest);
+        if !estimate.is_null() {
+            facts.insert(format!("{name}_rows_estimate"), estimate);
         }
     }
     Ok(Status {
