@@ -129,6 +129,18 @@ fn weakens_delivery(key: &str, value: &str) -> Option<&'static str> {
              retries without limit",
         ),
         "transactional.id" => Some("the relay's producer is idempotent, not transactional"),
+        "delivery.report.only.error" if value != "false" => Some(
+            "the relay confirms a WAL position only on the delivery report of every record before \
+             it; without reports for delivered records it would confirm nothing and stop reading \
+             once its window is full",
+        ),
+        // librdkafka's test settings: `test.mock.num.brokers` replaces the
+        // brokers with an in-process mock cluster that acknowledges records
+        // nobody will ever read.
+        _ if key.starts_with("test.") => Some(
+            "librdkafka's test settings (an in-process mock cluster, injected faults) are not for \
+             a relay that delivers events",
+        ),
         _ => None,
     }
 }
@@ -218,6 +230,8 @@ mod tests {
             ("retries=3", "retries"),
             ("transactional.id=x", "not transactional"),
             ("partitioner=random", "random partitioner"),
+            ("delivery.report.only.error=true", "delivery report"),
+            ("test.mock.num.brokers=3", "mock cluster"),
         ] {
             let err = parse_kafka_option(option).unwrap_err().to_string();
             assert!(err.contains(why), "{option}: {err}");
@@ -232,6 +246,7 @@ mod tests {
             "message.timeout.ms=0",
             "linger.ms=5",
             "compression.type=zstd",
+            "delivery.report.only.error=false",
         ] {
             assert!(parse_kafka_option(fine).is_ok(), "{fine}");
         }
