@@ -831,6 +831,90 @@ async fn a_topic_that_disappears_stops_the_relay_and_parks_nothing() {
     assert_no_records(&mock.bootstrap_servers(), &dlt).await;
 }
 
+/// Events large enough that their bytes, not their count, fill the window
+/// (5,000 of 8 KiB with the default `--max-in-flight` of 10,000 and 32 MiB
+/// of `--max-in-flight-bytes`): while the broker is down, the stream stops
+/// reading in its loop, where status updates and stall warnings go on.
+/// Before, librdkafka's own 32 MiB queue filled first and refused the next
+/// record in the middle of handling a message; the wait for room stopped the
+/// loop, so the walsender timed out and no stall warning was logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_full_of_large_events_keeps_the_walsender_from_timing_out() {
+    crate::support::init_logging();
+    let pg = Postgres::start_with(crate::support::postgres::Settings {
+        extra: vec![("wal_sender_timeout".into(), "3s".into())],
+        ..Default::default()
+    });
+    let url = pg.create_migrated_database(&unique("db")).await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    let (_tansu, broker, brokers) = broker_behind_proxy().await;
+    let agg = unique("agg");
+    let topic = format!("outbox.event.{agg}");
+    create_topic(&brokers, &topic, 3).await;
+    let slot = unique("slot");
+    let mut relay = RelayBuilder::new(&url, &brokers, &slot)
+        .args(["--stall-warning", "2s"])
+        .start()
+        .await;
+    // Warm up (connection, topic metadata), then take the broker down.
+    insert(&pool, &agg, 1, 1).await;
+    consume_settle(
+        &brokers,
+        &[&topic],
+        1,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+    broker.down();
+    // 5,000 events of 8 KiB: 40 MiB, more than the window's bytes, in
+    // transactions of 500 with several rows per key.
+    for batch in 0..10i64 {
+        sqlx::query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             SELECT $1, 'k' || (g % 7), 'Happened', \
+                    jsonb_build_object('seq', g, 'pad', repeat('x', 8192)) \
+             FROM generate_series($2::bigint, $3::bigint) g",
+        )
+        .bind(&agg)
+        .bind(2 + batch * 500)
+        .bind(1 + (batch + 1) * 500)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    // The window fills, then the outage lasts longer than wal_sender_timeout.
+    relay
+        .wait_log(
+            "kafka has not acknowledged the oldest event",
+            Duration::from_secs(60),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    broker.up();
+    let records = consume_settle(
+        &brokers,
+        &[&topic],
+        5001,
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_seqs(&records, 5001);
+    let logs = relay.logs();
+    assert!(
+        !logs.contains("resuming from the slot"),
+        "the stream was dropped while waiting:\n{logs}"
+    );
+    assert!(
+        !pg.log()
+            .contains("terminating walsender process due to replication timeout"),
+        "{}",
+        pg.log()
+    );
+    assert!(relay.stop().await.success(), "{logs}");
+}
+
 /// Path 8 of issue 9: while the relay waits on Kafka (no answers, window
 /// full), standby status updates keep flowing, so a short
 /// `wal_sender_timeout` never drops a healthy relay's stream.

@@ -112,6 +112,13 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
 
+    /// Most bytes (keys, values and headers) of events published but not yet
+    /// acknowledged; like --max-in-flight, reaching it stops reading WAL. One
+    /// event larger than the rest of the room still goes, so memory held for
+    /// events stays under this plus the largest event.
+    #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_in_flight_bytes: u64,
+
     /// Interval of standby status updates to PostgreSQL (e.g. 10s, 500ms).
     #[arg(long, env = "OUTBOX_STATUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub status_interval: Duration,
@@ -324,6 +331,11 @@ impl RunArgs {
         if args.max_in_flight == 0 {
             return Err(Error::Config("--max-in-flight must be at least 1".into()));
         }
+        if args.max_in_flight_bytes == 0 {
+            return Err(Error::Config(
+                "--max-in-flight-bytes must be at least 1".into(),
+            ));
+        }
         let dead_letter_topic = match args.on_undeliverable {
             Undeliverable::Stop => None,
             Undeliverable::DeadLetter => {
@@ -396,6 +408,7 @@ impl RunArgs {
                 topic_replication_factor: args.topic_replication_factor,
             },
             max_in_flight: args.max_in_flight,
+            max_in_flight_bytes: args.max_in_flight_bytes,
             status_interval: args.status_interval,
             connect_timeout: args.connect_timeout,
             max_backoff: args.max_backoff.max(Duration::from_millis(100)),

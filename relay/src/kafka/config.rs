@@ -129,6 +129,11 @@ fn weakens_delivery(key: &str, value: &str) -> Option<&'static str> {
              retries without limit",
         ),
         "transactional.id" => Some("the relay's producer is idempotent, not transactional"),
+        "queue.buffering.max.kbytes" | "queue.buffering.max.messages" => Some(
+            "the relay sizes librdkafka's buffer beyond its own window, which stops reading WAL \
+             where status updates go on; a smaller buffer would refuse records mid-message and \
+             stall the stream: set --max-in-flight-bytes or --max-in-flight instead",
+        ),
         "delivery.report.only.error" if value != "false" => Some(
             "the relay confirms a WAL position only on the delivery report of every record before \
              it; without reports for delivered records it would confirm nothing and stop reading \
@@ -232,6 +237,8 @@ mod tests {
             ("partitioner=random", "random partitioner"),
             ("delivery.report.only.error=true", "delivery report"),
             ("test.mock.num.brokers=3", "mock cluster"),
+            ("queue.buffering.max.kbytes=1024", "--max-in-flight-bytes"),
+            ("queue.buffering.max.messages=10", "--max-in-flight"),
         ] {
             let err = parse_kafka_option(option).unwrap_err().to_string();
             assert!(err.contains(why), "{option}: {err}");

@@ -41,8 +41,13 @@ pub fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig 
         // most 1 ms for a batch to fill; under a backlog batches fill
         // regardless. bench/results/2026-11-23-linger/ compares 1 and 5.
         .set("linger.ms", "1")
-        // Bound librdkafka's own buffer; the relay's window bounds the rest.
-        .set("queue.buffering.max.kbytes", "32768")
+        // librdkafka's own buffer never fills first: the relay's window
+        // (--max-in-flight, --max-in-flight-bytes) bounds what is handed to
+        // the producer, and stops reading WAL where the stream can go on
+        // sending status updates (see `pipeline::progress`). A full
+        // librdkafka buffer would refuse a record in the middle of handling
+        // a message. The largest value librdkafka takes.
+        .set("queue.buffering.max.kbytes", "2147483647")
         .set(
             "queue.buffering.max.messages",
             (max_in_flight + 1024).max(10_000).to_string(),
@@ -173,7 +178,9 @@ pub async fn flush<C: ProducerContext + 'static>(
 }
 
 /// Hands `record` to the producer, waiting while librdkafka's buffer is full
-/// (until `stop`). `event_id` names the record in errors.
+/// (until `stop`). `event_id` names the record in errors. The buffer is
+/// sized beyond the relay's window (`producer_config`), so the wait is a
+/// safety net: while it lasts the caller's loop does not turn.
 pub async fn send<'a, C: ProducerContext<DeliveryOpaque = usize>>(
     producer: &BaseProducer<C>,
     mut record: BaseRecord<'a, [u8], [u8], usize>,

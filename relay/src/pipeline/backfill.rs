@@ -327,6 +327,7 @@ impl Backfill<'_> {
             self.publisher.ledger(),
             Lsn(after.unwrap_or(0).max(0) as u64),
             self.cfg.max_in_flight,
+            self.cfg.max_in_flight_bytes,
         );
         let outcome = self.rows(table, &mut progress).await;
         // Whatever happened, record how far Kafka acknowledged.

@@ -31,6 +31,8 @@ pub struct RelayConfig {
     pub kafka: KafkaConfig,
     /// In-flight window.
     pub max_in_flight: usize,
+    /// In-flight window in bytes (keys, values and headers).
+    pub max_in_flight_bytes: u64,
     /// Status update interval.
     pub status_interval: Duration,
     /// Connect timeout.

@@ -148,6 +148,12 @@ struct State {
     ring: Vec<Slot>,
     /// Wake the stream when `settled_below` reaches this.
     wake_at: u64,
+    /// Bytes of the unsettled records (key, value and headers, as handed
+    /// to the producer), and the most the window holds before it is full.
+    bytes: u64,
+    max_bytes: u64,
+    /// Wake the stream when `bytes` falls to this.
+    wake_bytes: Option<u64>,
     refused: VecDeque<Refused>,
     totals: Totals,
 }
@@ -155,6 +161,8 @@ struct State {
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
     settled: bool,
+    /// What its record (and a dead letter sent in its place) weighs.
+    bytes: u64,
     /// When its transaction was committed and reached the relay, for the
     /// latency metrics; none for backfilled rows.
     arrival: Option<Arrival>,
@@ -184,6 +192,9 @@ impl Ledger {
                 settled_below: 0,
                 ring: Vec::new(),
                 wake_at: u64::MAX,
+                bytes: 0,
+                max_bytes: u64::MAX,
+                wake_bytes: None,
                 refused: VecDeque::new(),
                 totals: Totals::default(),
             }),
@@ -205,6 +216,25 @@ impl Ledger {
     /// A record or dead letter was handed to the producer.
     pub fn handed(&self) {
         self.handed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The record (or dead letter) about to be handed to the producer with
+    /// `ticket` weighs `bytes`: counted against the window until its ticket
+    /// is settled. Ignored for a ticket not in the window (settled, or of an
+    /// earlier session).
+    pub fn charge(&self, ticket: Ticket, bytes: u64) {
+        let mut s = self.lock();
+        let seq = ticket.seq();
+        if seq < s.base.max(s.settled_below) || seq >= s.next {
+            return;
+        }
+        let len = s.ring.len() as u64;
+        let slot = &mut s.ring[(seq % len) as usize];
+        if slot.settled {
+            return;
+        }
+        slot.bytes += bytes;
+        s.bytes += bytes;
     }
 
     /// A delivery report was served (acknowledgement or failure, of any
@@ -281,6 +311,8 @@ impl Ledger {
         }
         slot.settled = true;
         let arrival = slot.arrival;
+        let weight = std::mem::take(&mut slot.bytes);
+        s.bytes = s.bytes.saturating_sub(weight);
         if ticket.is_dead_letter() {
             s.totals.dead_lettered += 1;
             self.metrics.dead_lettered();
@@ -303,8 +335,9 @@ impl Ledger {
             s.ring[i].settled = false;
             s.settled_below += 1;
         }
-        if s.settled_below >= s.wake_at {
+        if s.settled_below >= s.wake_at || s.wake_bytes.is_some_and(|w| s.bytes <= w) {
             s.wake_at = u64::MAX;
+            s.wake_bytes = None;
             drop(s);
             self.changed.notify_one();
         }
@@ -340,16 +373,20 @@ pub struct Progress {
 
 impl Progress {
     /// Opens a session on `ledger` from `start`, with room for `window`
-    /// unsettled records. Reports for tickets of earlier sessions are
-    /// ignored from now on: call it only once the producer holds none of
+    /// unsettled records weighing less than `window_bytes` in all (plus the
+    /// one record that crosses it). Reports for tickets of earlier sessions
+    /// are ignored from now on: call it only once the producer holds none of
     /// their records (see `Publisher::drain`).
-    pub fn start(ledger: Arc<Ledger>, start: Lsn, window: usize) -> Self {
+    pub fn start(ledger: Arc<Ledger>, start: Lsn, window: usize, window_bytes: u64) -> Self {
         {
             let mut s = ledger.lock();
             s.base = s.next;
             s.settled_below = s.next;
             s.ring = vec![Slot::default(); window.max(1)];
             s.wake_at = u64::MAX;
+            s.bytes = 0;
+            s.max_bytes = window_bytes.max(1);
+            s.wake_bytes = None;
             s.refused.clear();
             ledger.any_refused.store(false, Ordering::Release);
             s.totals = Totals::default();
@@ -361,16 +398,32 @@ impl Progress {
         }
     }
 
-    /// Whether the window has room for another record. When it has not, the
-    /// next [`changed`](Self::changed) fires once an eighth of it is free
+    /// Whether the window has room for another record: fewer records than
+    /// it holds, weighing less than its bytes. When it has not, the next
+    /// [`changed`](Self::changed) fires once an eighth of it is free
     /// (waking per acknowledgement would cost a wake-up per record).
+    ///
+    /// Why bytes too, here and not in librdkafka's own buffer limit
+    /// (`queue.buffering.max.kbytes`, set out of reach in `kafka::producer`):
+    /// a full librdkafka buffer refuses the record in the middle of handling
+    /// a message, where waiting for room would stop the stream's loop, and
+    /// with it the status updates that keep `wal_sender_timeout` from
+    /// ending the stream and the stall warnings, for as long as Kafka is
+    /// away. A full window stops only the reading.
     pub fn has_room(&self) -> bool {
         let mut s = self.ledger.lock();
         let len = s.ring.len() as u64;
-        if s.next - s.settled_below < len {
+        let count_full = s.next - s.settled_below >= len;
+        let bytes_full = s.bytes >= s.max_bytes;
+        if !count_full && !bytes_full {
             return true;
         }
-        s.wake_at = s.next - len + (len / 8).max(1);
+        if count_full {
+            s.wake_at = s.next - len + (len / 8).max(1);
+        }
+        if bytes_full {
+            s.wake_bytes = Some(s.max_bytes - s.max_bytes / 8);
+        }
         false
     }
 
@@ -388,6 +441,7 @@ impl Progress {
         let seq = s.next;
         s.ring[(seq % len) as usize] = Slot {
             settled: false,
+            bytes: 0,
             arrival,
         };
         s.next += 1;
@@ -548,7 +602,7 @@ mod tests {
 
     fn progress(window: usize) -> (Arc<Ledger>, Progress) {
         let ledger = Ledger::new(Metrics::new());
-        let progress = Progress::start(ledger.clone(), Lsn(10), window);
+        let progress = Progress::start(ledger.clone(), Lsn(10), window, u64::MAX);
         (ledger, progress)
     }
 
@@ -602,6 +656,43 @@ mod tests {
         assert!(p.has_room());
     }
 
+    /// The window is full at its bytes as at its records: reading stops in
+    /// the stream's loop, never inside a send (see `has_room`).
+    #[tokio::test]
+    async fn the_window_bounds_unsettled_bytes_and_wakes_when_they_drain() {
+        let ledger = Ledger::new(Metrics::new());
+        let p = Progress::start(ledger.clone(), Lsn(0), 100, 1000);
+        let a = p.ticket(None).unwrap();
+        ledger.charge(a, 600);
+        assert!(p.has_room(), "600 of 1000 bytes");
+        // The record that crosses the limit is let through: one larger
+        // than the whole window must still go.
+        let b = p.ticket(None).unwrap();
+        ledger.charge(b, 5000);
+        assert!(!p.has_room(), "5600 of 1000 bytes");
+        // A dead letter in a record's place weighs on the same ticket.
+        ledger.charge(b.for_dead_letter(), 100);
+        let acker = std::thread::spawn(move || {
+            ledger.acknowledged(a);
+            ledger
+        });
+        let ledger = acker.join().unwrap();
+        assert!(!p.has_room(), "5100 of 1000 bytes");
+        let acker = std::thread::spawn(move || ledger.acknowledged(b.for_dead_letter()));
+        tokio::time::timeout(std::time::Duration::from_secs(5), p.changed())
+            .await
+            .expect("woken once the bytes fell below seven eighths");
+        acker.join().unwrap();
+        assert!(p.has_room());
+        // Charges for settled tickets, or of an earlier session, are ignored.
+        let ledger = Ledger::new(Metrics::new());
+        let old = Progress::start(ledger.clone(), Lsn(0), 4, 1000);
+        let stale = old.ticket(None).unwrap();
+        let p = Progress::start(ledger.clone(), Lsn(0), 4, 1000);
+        ledger.charge(stale, 5000);
+        assert!(p.has_room());
+    }
+
     #[tokio::test]
     async fn a_full_window_wakes_the_stream_when_room_frees_up() {
         let (ledger, p) = progress(8);
@@ -618,7 +709,7 @@ mod tests {
     #[test]
     fn a_dead_letter_settles_the_refused_records_place() {
         let ledger = Ledger::new(Metrics::new());
-        let mut p = Progress::start(ledger.clone(), Lsn(0), 4);
+        let mut p = Progress::start(ledger.clone(), Lsn(0), 4, u64::MAX);
         let a = p.ticket(None).unwrap();
         p.position(Lsn(50));
         ledger.refused(
@@ -649,9 +740,9 @@ mod tests {
     #[test]
     fn reports_from_an_earlier_session_are_ignored() {
         let ledger = Ledger::new(Metrics::new());
-        let old = Progress::start(ledger.clone(), Lsn(0), 4);
+        let old = Progress::start(ledger.clone(), Lsn(0), 4, u64::MAX);
         let stale = old.ticket(None).unwrap();
-        let mut p = Progress::start(ledger.clone(), Lsn(0), 4);
+        let mut p = Progress::start(ledger.clone(), Lsn(0), 4, u64::MAX);
         let fresh = p.ticket(None).unwrap();
         p.position(Lsn(9));
         ledger.refused(stale, Refused::Fatal(Error::Protocol("x".into())));

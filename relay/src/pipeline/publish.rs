@@ -310,6 +310,8 @@ impl Publisher {
         }
         let topic = &self.last_topic.as_ref().expect("resolved above").topic;
         let headers = event.kafka_headers(0);
+        self.ledger
+            .charge(ticket, weight(event.key(), &event.payload, &headers));
         let record = BaseRecord::with_opaque_to(topic, ticket.into_opaque())
             .key(event.key())
             .payload(&event.payload[..])
@@ -351,6 +353,14 @@ impl Publisher {
                 value: Some(t.as_bytes()),
             });
         }
+        self.ledger.charge(
+            ticket,
+            weight(
+                letter.key.as_deref().unwrap_or_default(),
+                letter.value.as_deref().unwrap_or_default(),
+                &headers,
+            ),
+        );
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(topic, ticket.for_dead_letter().into_opaque())
                 .headers(headers);
@@ -392,4 +402,15 @@ fn is_suspect(error: &Error) -> bool {
         ),
         _ => false,
     }
+}
+
+/// What a record weighs against the in-flight window: its key, value and
+/// headers.
+fn weight(key: &[u8], value: &[u8], headers: &OwnedHeaders) -> u64 {
+    use rdkafka::message::Headers as _;
+    let headers: usize = headers
+        .iter()
+        .map(|x| x.key.len() + x.value.map_or(0, <[u8]>::len))
+        .sum();
+    (key.len() + value.len() + headers) as u64
 }

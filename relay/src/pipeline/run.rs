@@ -50,6 +50,7 @@ pub async fn run_with_metrics(
         publication = %cfg.publication,
         brokers = %cfg.kafka.brokers,
         max_in_flight = cfg.max_in_flight,
+        max_in_flight_bytes = cfg.max_in_flight_bytes,
         allowed_topics = %cfg.allowed_topics.describe(),
         dead_letter_topic = cfg.dead_letter_topic.as_deref().unwrap_or("none: stop on undeliverable events"),
         "starting outbox relay"

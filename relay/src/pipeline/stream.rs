@@ -73,7 +73,12 @@ pub async fn run(
     }
     tracing::info!(slot = %cfg.slot, start_lsn = %start_lsn, message_prefix = ?cfg.message_prefix, "streaming");
 
-    let progress = Progress::start(publisher.ledger(), start_lsn, cfg.max_in_flight);
+    let progress = Progress::start(
+        publisher.ledger(),
+        start_lsn,
+        cfg.max_in_flight,
+        cfg.max_in_flight_bytes,
+    );
     metrics.session_started();
     metrics.set_state(crate::metrics::RelayState::Streaming);
     let mut session = Session {
