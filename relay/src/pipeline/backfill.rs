@@ -340,7 +340,7 @@ impl Backfill<'_> {
             // Stopping on an error: give what was handed over a bounded
             // chance to be acknowledged, so the retry need not resend it.
             Err(err) => {
-                let timeout = self.cfg.shutdown_timeout;
+                let timeout = self.publisher.grace().left();
                 let _ = tokio::time::timeout(timeout, self.settle(&progress)).await;
                 Err(err)
             }
@@ -487,10 +487,13 @@ impl Backfill<'_> {
     }
 
     /// Waits until every row handed over is settled: without a bound while
-    /// running (a broker outage is waited out), within the shutdown timeout
-    /// once stopping.
+    /// running (a broker outage is waited out), within what is left of the
+    /// stop's budget once stopping.
     async fn settle(&mut self, progress: &Progress) -> Result<()> {
-        let timeout = self.cfg.shutdown_timeout;
+        let (timeout, budget) = (
+            self.publisher.grace().left(),
+            self.publisher.grace().timeout(),
+        );
         let publisher = &mut *self.publisher;
         let stall = &mut self.stall;
         let dead_letter_topic = self.cfg.dead_letter_topic.as_deref();
@@ -511,7 +514,7 @@ impl Backfill<'_> {
                 Ok(result) => result,
                 Err(_) => Err(Error::Unacknowledged {
                     outstanding: progress.outstanding().0 as usize,
-                    timeout,
+                    timeout: budget,
                 }),
             }
         } else {

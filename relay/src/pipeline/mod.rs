@@ -16,6 +16,7 @@ pub mod progress;
 pub mod publish;
 pub mod route;
 pub mod run;
+pub mod shutdown;
 pub mod slot;
 pub mod stream;
 pub mod topic;

@@ -22,6 +22,7 @@ use crate::pipeline::dead_letter::DeadLetter;
 use crate::pipeline::deliveries::{Deliveries, Producer};
 use crate::pipeline::event::{OutboxEvent, printable};
 use crate::pipeline::progress::{Ledger, Refused, Ticket};
+use crate::pipeline::shutdown::Grace;
 use crate::pipeline::topic::{AllowedTopics, TopicTemplate};
 use crate::{Error, Result};
 
@@ -50,6 +51,8 @@ pub struct Publisher {
     timeout: Duration,
     /// Ends waits for room in librdkafka's buffer (see [`Publisher::stop_on`]).
     stop: CancellationToken,
+    /// The stop's time budget.
+    grace: Grace,
 }
 
 /// A resolved topic, with the fields it was resolved from.
@@ -97,6 +100,7 @@ impl Publisher {
             last_topic: None,
             timeout,
             stop: CancellationToken::new(),
+            grace: Grace::unwatched(Duration::from_secs(30)),
         })
     }
 
@@ -175,9 +179,17 @@ impl Publisher {
         Ok(true)
     }
 
-    /// Waits for room in librdkafka's buffer end when `token` is cancelled.
-    pub fn stop_on(&mut self, token: CancellationToken) {
-        self.stop = token;
+    /// Stops count against `grace`: waits for room in librdkafka's buffer
+    /// end at its hand-over, and waits for acknowledgements while stopping
+    /// take what is left of it ([`grace`](Self::grace)).
+    pub fn stop_on(&mut self, grace: Grace) {
+        self.stop = grace.hand_over().clone();
+        self.grace = grace;
+    }
+
+    /// The stop's time budget.
+    pub fn grace(&self) -> &Grace {
+        &self.grace
     }
 
     /// Notes a refusal of a record that was not sent on its own: unless it

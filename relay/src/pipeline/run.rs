@@ -12,6 +12,7 @@ use crate::metrics::{Metrics, RelayState};
 use crate::pipeline::config::RelayConfig;
 use crate::pipeline::lock::SlotLock;
 use crate::pipeline::publish::Publisher;
+use crate::pipeline::shutdown::Grace;
 use crate::pipeline::{bookkeeping, slot, stream};
 use crate::postgres::connection::{Connection, Mode};
 use crate::{Error, Result};
@@ -71,20 +72,10 @@ pub async fn run_with_metrics(
         cfg.connect_timeout,
         metrics.clone(),
     )?;
-    // Waits for room in librdkafka's buffer end half a shutdown timeout
-    // after the stop request: a stop inside a transaction reads on to its
-    // commit for that long (see `stream`), which may need the buffer.
-    let hand_over = CancellationToken::new();
-    {
-        let (token, hand_over, grace) =
-            (token.clone(), hand_over.clone(), cfg.shutdown_timeout / 2);
-        tokio::spawn(async move {
-            token.cancelled().await;
-            tokio::time::sleep(grace).await;
-            hand_over.cancel();
-        });
-    }
-    publisher.stop_on(hand_over);
+    // One --shutdown-timeout from the stop request for every step of the
+    // stop (see `shutdown`).
+    let grace = Grace::watch(&token, cfg.shutdown_timeout);
+    publisher.stop_on(grace.clone());
     // The last delivered event, for `outbox-relay status`.
     let bookkeeping_stop = CancellationToken::new();
     let bookkeeping = tokio::spawn(bookkeeping::run(
@@ -167,12 +158,12 @@ pub async fn run_with_metrics(
     // Dropping a producer purges what it still holds: flush first. After a
     // refusal the producer holds nothing behind the refused record (the
     // gapless guarantee stops it), so this sends only records before it.
-    let flushed = publisher.flush(cfg.shutdown_timeout).await;
+    let flushed = publisher.flush(grace.left()).await;
     // Its last write, with what the flush acknowledged, before the lock
     // goes to another instance.
     bookkeeping_stop.cancel();
     let abort = bookkeeping.abort_handle();
-    if tokio::time::timeout(cfg.connect_timeout, bookkeeping)
+    if tokio::time::timeout(cfg.connect_timeout.min(grace.left()), bookkeeping)
         .await
         .is_err()
     {

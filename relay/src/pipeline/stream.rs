@@ -539,14 +539,14 @@ impl Session<'_> {
     /// Waits (bounded by the shutdown timeout) until every record handed to
     /// the producer is settled, sending dead letters still due.
     async fn settle_all(&mut self, publisher: &mut Publisher) -> Result<()> {
-        let timeout = self.cfg.shutdown_timeout;
+        let timeout = publisher.grace().left();
         // Cancelled already: the wait is bounded by the timeout alone.
         let never = CancellationToken::new();
         match tokio::time::timeout(timeout, self.wait_settled(publisher, &never)).await {
             Ok(result) => result.map(|_| ()),
             Err(_) => Err(Error::Unacknowledged {
                 outstanding: self.progress.outstanding().0 as usize,
-                timeout,
+                timeout: publisher.grace().timeout(),
             }),
         }
     }
@@ -565,7 +565,12 @@ impl Session<'_> {
         if self.send_status(lsn, false).await.is_ok() {
             tracing::info!(lsn = %lsn, "final position confirmed");
             let _ = self.conn.send_copy_done().await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            // The server's answer to CopyDone says it read the final
+            // position; waited for within the stop's budget (a second at
+            // least, so a stop that spent it on Kafka still confirms).
+            let answer =
+                Duration::from_secs(5).min(publisher.grace().left().max(Duration::from_secs(1)));
+            let _ = tokio::time::timeout(answer, async {
                 while let Ok(msg) = self.conn.recv().await {
                     if matches!(msg, Backend::ReadyForQuery | Backend::Error(_)) {
                         break;
