@@ -222,7 +222,8 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_PRUNE_EVERY", default_value = "1h", value_parser = parse_duration)]
     pub prune_every: Duration,
 
-    /// Time allowed on SIGTERM/SIGINT for Kafka to acknowledge what was sent.
+    /// Time allowed on SIGTERM/SIGINT for the whole stop, counted from the
+    /// signal: Kafka acknowledging what was sent, the flush, the last writes.
     #[arg(long, env = "OUTBOX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
