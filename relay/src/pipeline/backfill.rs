@@ -24,7 +24,7 @@ use crate::pipeline::event::{Layout, OutboxEvent};
 use crate::pipeline::progress::{Progress, StallWatch, Ticket};
 use crate::pipeline::publish::Publisher;
 use crate::pipeline::route;
-use crate::postgres::connection::{Connection, Mode, Row, quote_ident, quote_literal};
+use crate::postgres::connection::{Connection, Row, quote_ident, quote_literal};
 use crate::postgres::lsn::Lsn;
 use crate::{Error, Result};
 
@@ -41,6 +41,7 @@ pub type Done = HashMap<String, i64>;
 /// published.
 pub async fn run(
     sql: &mut Connection,
+    mut book: Connection,
     cfg: &RelayConfig,
     snapshot: Snapshot<'_>,
     done: Done,
@@ -55,10 +56,10 @@ pub async fn run(
         sql.query(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(name)))
             .await?;
     }
-    // Progress is recorded on a connection of its own: this one is in a
-    // read-only transaction, and with an exported snapshot no other command
-    // may run on the replication connection before the snapshot is imported.
-    let mut book = Connection::connect(&cfg.pg, Mode::Sql).await?;
+    // Progress is recorded on `book`, a connection of its own (opened by
+    // the caller before the slot was created): this one is in a read-only
+    // transaction, and with an exported snapshot no other command may run
+    // on the replication connection before the snapshot is imported.
     let column = |name: &str| {
         format!(
             "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = \
@@ -119,9 +120,11 @@ pub async fn run(
             tracing::warn!(
                 slot = %cfg.slot,
                 "what the first backfill attempt saw was not recorded (a relay before this version \
-                 started it): rows committed since the slot was created are published by the backfill \
-                 and again by the stream, and an aggregate written while the slot was created may \
-                 see such a row before older ones"
+                 started it, or the attempt stopped in the moment between creating the slot and \
+                 recording its snapshot): rows committed since the slot was created are published by \
+                 the backfill and again by the stream, and an aggregate written meanwhile with rows \
+                 that were not kept (keep_rows(false), tableless messages) may see a newer kept row \
+                 before them"
             );
             None
         }

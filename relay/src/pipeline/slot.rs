@@ -143,8 +143,9 @@ pub async fn prepare(
                  (events already in Kafka may be sent again)"
             );
             let sql = Connection::connect(&cfg.pg, Mode::Sql).await?;
+            let book = Connection::connect(&cfg.pg, Mode::Sql).await?;
             let snapshot = backfill::Snapshot::Retry(first_seen);
-            backfill_and_mark(sql, cfg, snapshot, done, publisher, token).await?;
+            backfill_and_mark(sql, book, cfg, snapshot, done, publisher, token).await?;
         } else {
             tracing::info!(slot = %slot, confirmed_flush_lsn = %lsn.unwrap_or_default(), "resuming from existing slot");
         }
@@ -277,6 +278,12 @@ async fn create_with_backfill(
         return Err(backfill::interrupted());
     }
     let mut sql = Connection::connect(&cfg.pg, Mode::Sql).await?;
+    // The backfill's second connection (it records progress) is opened
+    // before the slot exists too: from the slot's creation until the
+    // backfill records what the slot's snapshot saw, a failure leaves a
+    // retry without that record (see `backfill::Snapshot::Retry`), so that
+    // stretch runs only queries on connections already open.
+    let book = Connection::connect(&cfg.pg, Mode::Sql).await?;
     // Recorded before the slot exists, so a slot of ours always has its
     // bookkeeping row: if we stop anywhere from here until the backfill is
     // marked done, the next start continues the backfill (or creates the
@@ -336,7 +343,16 @@ async fn create_with_backfill(
     tracing::info!(slot = %slot, consistent_point = %consistent_point, "created replication slot");
 
     let snapshot = backfill::Snapshot::Exported(&snapshot);
-    backfill_and_mark(sql, cfg, snapshot, backfill::Done::new(), publisher, token).await?;
+    backfill_and_mark(
+        sql,
+        book,
+        cfg,
+        snapshot,
+        backfill::Done::new(),
+        publisher,
+        token,
+    )
+    .await?;
     Ok(consistent_point)
 }
 
@@ -344,13 +360,14 @@ async fn create_with_backfill(
 /// it complete so the slot may stream.
 async fn backfill_and_mark(
     mut sql: Connection,
+    book: Connection,
     cfg: &RelayConfig,
     snapshot: backfill::Snapshot<'_>,
     done: backfill::Done,
     publisher: &mut Publisher,
     token: &CancellationToken,
 ) -> Result<()> {
-    let published = backfill::run(&mut sql, cfg, snapshot, done, publisher, token).await?;
+    let published = backfill::run(&mut sql, book, cfg, snapshot, done, publisher, token).await?;
     sql.query(&format!(
         "UPDATE {} SET backfilled_at = pg_catalog.now() WHERE slot_name = {}",
         cfg.slot_table(),
