@@ -114,7 +114,11 @@ impl Topics {
         // are not held back by librdkafka's unknown-topic handling.
         let deadline = tokio::time::Instant::now() + self.timeout;
         let partitions = loop {
-            let n = partitions(producer, topic, self.timeout).await?;
+            // A passing error (no leader yet) is the topic still being set up.
+            let n = match partitions(producer, topic, self.timeout).await {
+                Err(err) if err.is_retryable() => 0,
+                other => other?,
+            };
             if n > 0 {
                 break n;
             }
@@ -154,9 +158,61 @@ async fn partitions<C: ProducerContext + 'static>(
             context: format!("looking up kafka topic `{topic}`"),
             source: Box::new(source),
         })?;
-    Ok(metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map_or(0, |t| t.partitions().len()))
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(0);
+    };
+    partition_count(
+        found.error().map(RDKafkaErrorCode::from),
+        found.partitions().len(),
+    )
+    .map_err(|code| Error::Kafka {
+        context: format!("looking up kafka topic `{topic}`"),
+        source: Box::new(KafkaError::MetadataFetch(code)),
+    })
+}
+
+/// A topic's partitions from its metadata entry. Why not "any error means
+/// missing": a broker answers LEADER_NOT_AVAILABLE for a topic it is still
+/// creating or electing a leader for, and a missing topic stops the relay
+/// (without `--create-topics`), while a passing error is retried.
+fn partition_count(
+    error: Option<RDKafkaErrorCode>,
+    partitions: usize,
+) -> std::result::Result<usize, RDKafkaErrorCode> {
+    match error {
+        None => Ok(partitions),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => Ok(0),
+        Some(code) => Err(code),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unknown_topic_counts_as_missing() {
+        assert_eq!(partition_count(None, 3), Ok(3));
+        assert_eq!(
+            partition_count(Some(RDKafkaErrorCode::UnknownTopicOrPartition), 0),
+            Ok(0)
+        );
+        let passing = partition_count(Some(RDKafkaErrorCode::LeaderNotAvailable), 0).unwrap_err();
+        assert!(
+            Error::Kafka {
+                context: "x".into(),
+                source: Box::new(KafkaError::MetadataFetch(passing)),
+            }
+            .is_retryable()
+        );
+        let denied =
+            partition_count(Some(RDKafkaErrorCode::TopicAuthorizationFailed), 0).unwrap_err();
+        assert!(
+            !Error::Kafka {
+                context: "x".into(),
+                source: Box::new(KafkaError::MetadataFetch(denied)),
+            }
+            .is_retryable()
+        );
+    }
 }
