@@ -835,9 +835,10 @@ async fn a_topic_that_disappears_stops_the_relay_and_parks_nothing() {
 }
 
 /// Events large enough that their bytes, not their count, fill the window
-/// (5,000 of 8 KiB with the default `--max-in-flight` of 10,000 and 32 MiB
-/// of `--max-in-flight-bytes`): while the broker is down, the stream stops
-/// reading in its loop, where status updates and stall warnings go on.
+/// (5,000 of 8 KiB, 40 MiB, with `--max-in-flight` 100,000 and the default
+/// 32 MiB of `--max-in-flight-bytes`): while the broker is down, the stream
+/// stops reading at about 32 MiB, in its loop, where status updates and
+/// stall warnings go on.
 /// Before, librdkafka's own 32 MiB queue filled first and refused the next
 /// record in the middle of handling a message; the wait for room stopped the
 /// loop, so the walsender timed out and no stall warning was logged.
@@ -856,7 +857,7 @@ async fn a_window_full_of_large_events_keeps_the_walsender_from_timing_out() {
     create_topic(&brokers, &topic, 3).await;
     let slot = unique("slot");
     let mut relay = RelayBuilder::new(&url, &brokers, &slot)
-        .args(["--stall-warning", "2s"])
+        .args(["--stall-warning", "2s", "--max-in-flight", "100000"])
         .start()
         .await;
     // Warm up (connection, topic metadata), then take the broker down.
@@ -894,6 +895,14 @@ async fn a_window_full_of_large_events_keeps_the_walsender_from_timing_out() {
         )
         .await;
     tokio::time::sleep(Duration::from_secs(8)).await;
+    // Reading stopped at the window's bytes: each event weighs about 8.4 KiB
+    // (payload, key, headers), so about 3,900 fit in 32 MiB; the count
+    // window (100,000) would have let all 5,000 through.
+    let published = relay.logs().matches(" published ").count();
+    assert!(
+        (3_000..4_500).contains(&published),
+        "{published} events handed to Kafka while it was down (the warm-up one included)"
+    );
     broker.up();
     let records = consume_settle(
         &brokers,

@@ -134,6 +134,10 @@ fn weakens_delivery(key: &str, value: &str) -> Option<&'static str> {
              where status updates go on; a smaller buffer would refuse records mid-message and \
              stall the stream: set --max-in-flight-bytes or --max-in-flight instead",
         ),
+        "allow.auto.create.topics" if value != "false" => Some(
+            "the relay creates missing topics itself with --create-topics (and stops on one \
+             without it); the broker's auto-creation would make them with its own defaults",
+        ),
         "delivery.report.only.error" if value != "false" => Some(
             "the relay confirms a WAL position only on the delivery report of every record before \
              it; without reports for delivered records it would confirm nothing and stop reading \
@@ -237,6 +241,7 @@ mod tests {
             ("partitioner=random", "random partitioner"),
             ("delivery.report.only.error=true", "delivery report"),
             ("test.mock.num.brokers=3", "mock cluster"),
+            ("allow.auto.create.topics=true", "--create-topics"),
             ("queue.buffering.max.kbytes=1024", "--max-in-flight-bytes"),
             ("queue.buffering.max.messages=10", "--max-in-flight"),
         ] {

@@ -48,6 +48,11 @@ pub fn producer_config(cfg: &KafkaConfig, max_in_flight: usize) -> ClientConfig 
         // librdkafka buffer would refuse a record in the middle of handling
         // a message. The largest value librdkafka takes.
         .set("queue.buffering.max.kbytes", "2147483647")
+        // A producer's metadata requests otherwise ask the broker to create
+        // a missing topic (where `auto.create.topics.enable` is on, Kafka's
+        // default), with the broker's defaults: the relay creates topics
+        // only with --create-topics, and stops on a missing one without it.
+        .set("allow.auto.create.topics", "false")
         .set(
             "queue.buffering.max.messages",
             (max_in_flight + 1024).max(10_000).to_string(),

@@ -684,6 +684,33 @@ mod tests {
             .expect("woken once the bytes fell below seven eighths");
         acker.join().unwrap();
         assert!(p.has_room());
+        // The wake-up comes once the bytes fall to seven eighths, not at
+        // the first acknowledgement under the limit.
+        let ledger = Ledger::new(Metrics::new());
+        let p = Progress::start(ledger.clone(), Lsn(0), 100, 1000);
+        let [a, b, c] = [600, 300, 200].map(|bytes| {
+            let t = p.ticket(None).unwrap();
+            ledger.charge(t, bytes);
+            t
+        });
+        assert!(!p.has_room(), "1100 of 1000 bytes");
+        ledger.acknowledged(c);
+        assert_eq!(
+            ledger.lock().wake_bytes,
+            Some(875),
+            "900 bytes: still armed"
+        );
+        // Room again (the stream finds it at its next tick), but no wake-up
+        // for every acknowledgement.
+        assert!(p.has_room(), "900 of 1000 bytes");
+        ledger.acknowledged(b);
+        assert_eq!(ledger.lock().wake_bytes, None, "600 bytes: woken");
+        tokio::time::timeout(std::time::Duration::from_secs(5), p.changed())
+            .await
+            .expect("the wake-up was stored");
+        assert!(p.has_room());
+        ledger.acknowledged(a);
+        assert_eq!(ledger.lock().bytes, 0);
         // Charges for settled tickets, or of an earlier session, are ignored.
         let ledger = Ledger::new(Metrics::new());
         let old = Progress::start(ledger.clone(), Lsn(0), 4, 1000);

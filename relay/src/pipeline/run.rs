@@ -163,7 +163,10 @@ pub async fn run_with_metrics(
     // goes to another instance.
     bookkeeping_stop.cancel();
     let abort = bookkeeping.abort_handle();
-    if tokio::time::timeout(cfg.connect_timeout.min(grace.left()), bookkeeping)
+    // A second at least: after a stop that spent its budget waiting on
+    // Kafka, `status` should still show what the flush acknowledged.
+    let last_write = grace.left().max(Duration::from_secs(1));
+    if tokio::time::timeout(cfg.connect_timeout.min(last_write), bookkeeping)
         .await
         .is_err()
     {

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 /// The budget of the stop `token` requests.
 #[derive(Debug, Clone)]
 pub struct Grace {
+    /// The stop request; `None` for an unwatched budget.
+    token: Option<CancellationToken>,
     timeout: Duration,
     deadline: Arc<OnceLock<Instant>>,
     /// Cancelled half the budget after the stop request: ends waits for
@@ -26,6 +28,7 @@ impl Grace {
     /// Starts watching `token`. Call from within the runtime.
     pub fn watch(token: &CancellationToken, timeout: Duration) -> Self {
         let grace = Self {
+            token: Some(token.clone()),
             timeout,
             deadline: Arc::new(OnceLock::new()),
             hand_over: CancellationToken::new(),
@@ -44,6 +47,7 @@ impl Grace {
     /// called (tests, and callers without a token).
     pub fn unwatched(timeout: Duration) -> Self {
         Self {
+            token: None,
             timeout,
             deadline: Arc::new(OnceLock::new()),
             hand_over: CancellationToken::new(),
@@ -59,6 +63,15 @@ impl Grace {
     /// requested (a step that waits only while stopping), nothing once it is
     /// spent.
     pub fn left(&self) -> Duration {
+        // The watching task may not have run yet (another thread of a
+        // multi-thread runtime got here first): the request counts from now.
+        if self
+            .token
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
+            self.requested();
+        }
         match self.deadline.get() {
             Some(deadline) => deadline.saturating_duration_since(Instant::now()),
             None => self.timeout,
@@ -73,6 +86,13 @@ impl Grace {
     /// Cancelled half the budget after the stop request.
     pub fn hand_over(&self) -> &CancellationToken {
         &self.hand_over
+    }
+
+    /// What is left of the first half of the budget, for reading on to an
+    /// open transaction's commit: half the timeout from the stop request,
+    /// however late the reader notices it.
+    pub fn first_half_left(&self) -> Duration {
+        self.left().saturating_sub(self.timeout / 2)
     }
 }
 
@@ -95,6 +115,11 @@ mod tests {
         .expect("the stop request starts the clock");
         let left = grace.left();
         assert!(left > Duration::from_secs(25), "{left:?}");
+        let half = grace.first_half_left();
+        assert!(
+            half <= Duration::from_secs(15) && half > Duration::from_secs(10),
+            "{half:?}"
+        );
         assert!(
             !grace.hand_over().is_cancelled(),
             "half the budget is not spent"
@@ -114,5 +139,23 @@ mod tests {
             Duration::ZERO,
             "a later request keeps the first deadline"
         );
+        assert_eq!(grace.first_half_left(), Duration::ZERO);
+    }
+
+    /// On a multi-thread runtime a stop path can ask before the watching
+    /// task ran: the budget counts from that moment, not from never.
+    #[test]
+    fn a_cancelled_token_starts_the_clock_without_its_watcher() {
+        let token = CancellationToken::new();
+        let grace = Grace {
+            token: Some(token.clone()),
+            timeout: Duration::from_secs(30),
+            deadline: Arc::new(OnceLock::new()),
+            hand_over: CancellationToken::new(),
+        };
+        token.cancel();
+        let first = grace.left();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(grace.left() < first, "the clock runs");
     }
 }

@@ -168,7 +168,7 @@ impl Session<'_> {
                     draining = true;
                     drain_deadline
                         .as_mut()
-                        .reset(tokio::time::Instant::now() + self.cfg.shutdown_timeout / 2);
+                        .reset(tokio::time::Instant::now() + publisher.grace().first_half_left());
                 }
                 _ = &mut drain_deadline, if draining => return Ok(()),
                 // Another instance may hold the lock by now: stop streaming
