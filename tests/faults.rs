@@ -131,11 +131,39 @@ async fn twenty_kills_during_concurrent_writes_lose_nothing() {
 
 /// PostgreSQL with a migrated database, for tests that bring their own broker.
 async fn database() -> (Postgres, String, PgPool) {
+    database_with(Default::default()).await
+}
+
+/// A database whose walsender gives up on a silent relay after 3 s.
+async fn database_with_short_wal_sender_timeout() -> (Postgres, String, PgPool) {
+    database_with(crate::support::postgres::Settings {
+        extra: vec![("wal_sender_timeout".into(), "3s".into())],
+        ..Default::default()
+    })
+    .await
+}
+
+async fn database_with(settings: crate::support::postgres::Settings) -> (Postgres, String, PgPool) {
     crate::support::init_logging();
-    let pg = Postgres::start();
+    let pg = Postgres::start_with(settings);
     let url = pg.create_migrated_database(&unique("db")).await;
     let pool = PgPool::connect(&url).await.unwrap();
     (pg, url, pool)
+}
+
+/// One event (`seq`) written and read back: the relay's connection and
+/// the topic's metadata are warm before a fault is injected.
+async fn warm_up(pool: &PgPool, brokers: &str, aggregate_type: &str, seq: i64) {
+    insert(pool, aggregate_type, seq, seq).await;
+    let topic = format!("outbox.event.{aggregate_type}");
+    consume_settle(
+        brokers,
+        &[&topic],
+        1,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
 }
 
 async fn insert(pool: &PgPool, aggregate_type: &str, from: i64, to: i64) {
@@ -647,15 +675,7 @@ async fn a_stop_with_unacknowledged_events_exits_non_zero() {
         .arg("3s");
     let mut relay = builder.start().await;
     // Warm up (connection, topic metadata), then take the broker down.
-    insert(&pool, &agg, 0, 0).await;
-    consume_settle(
-        &brokers,
-        &[&topic],
-        1,
-        Duration::from_secs(60),
-        Duration::ZERO,
-    )
-    .await;
+    warm_up(&pool, &brokers, &agg, 0).await;
     let caught_up = current_lsn(&pool).await;
     wait_confirmed(&url, &slot, &caught_up, "the slot to catch up").await;
     crate::support::postgres::wait_recorded(&pool, &slot).await;
@@ -844,13 +864,7 @@ async fn a_topic_that_disappears_stops_the_relay_and_parks_nothing() {
 /// loop, so the walsender timed out and no stall warning was logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_full_of_large_events_keeps_the_walsender_from_timing_out() {
-    crate::support::init_logging();
-    let pg = Postgres::start_with(crate::support::postgres::Settings {
-        extra: vec![("wal_sender_timeout".into(), "3s".into())],
-        ..Default::default()
-    });
-    let url = pg.create_migrated_database(&unique("db")).await;
-    let pool = PgPool::connect(&url).await.unwrap();
+    let (pg, url, pool) = database_with_short_wal_sender_timeout().await;
     let (_tansu, broker, brokers) = broker_behind_proxy().await;
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
@@ -861,15 +875,7 @@ async fn a_window_full_of_large_events_keeps_the_walsender_from_timing_out() {
         .start()
         .await;
     // Warm up (connection, topic metadata), then take the broker down.
-    insert(&pool, &agg, 1, 1).await;
-    consume_settle(
-        &brokers,
-        &[&topic],
-        1,
-        Duration::from_secs(60),
-        Duration::ZERO,
-    )
-    .await;
+    warm_up(&pool, &brokers, &agg, 1).await;
     broker.down();
     // 5,000 events of 8 KiB: 40 MiB, more than the window's bytes, in
     // transactions of 500 with several rows per key.
@@ -945,13 +951,7 @@ async fn assert_outage_waited_out(
 /// `wal_sender_timeout` never drops a healthy relay's stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_on_kafka_keeps_the_walsender_from_timing_out() {
-    crate::support::init_logging();
-    let pg = Postgres::start_with(crate::support::postgres::Settings {
-        extra: vec![("wal_sender_timeout".into(), "3s".into())],
-        ..Default::default()
-    });
-    let url = pg.create_migrated_database(&unique("db")).await;
-    let pool = PgPool::connect(&url).await.unwrap();
+    let (pg, url, pool) = database_with_short_wal_sender_timeout().await;
     let mock = MockCluster::<DefaultProducerContext>::new(1).unwrap();
     let agg = unique("agg");
     let topic = format!("outbox.event.{agg}");
