@@ -112,10 +112,10 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
 
-    /// Most bytes (keys, values and headers) of events published but not yet
-    /// acknowledged; like --max-in-flight, reaching it stops reading WAL. One
-    /// event larger than the rest of the room still goes, so memory held for
-    /// events stays under this plus the largest event.
+    /// Most bytes (keys, values and headers) of events handed to Kafka but not
+    /// yet acknowledged; like --max-in-flight, reaching it stops reading WAL.
+    /// One event larger than the rest of the room still goes, so what is in
+    /// flight stays under this plus the largest event.
     #[arg(long, env = "OUTBOX_MAX_IN_FLIGHT_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_in_flight_bytes: u64,
 
