@@ -870,8 +870,10 @@ async fn a_window_full_of_large_events_keeps_the_walsender_from_timing_out() {
     let topic = format!("outbox.event.{agg}");
     create_topic(&brokers, &topic, 3).await;
     let slot = unique("slot");
+    let port = crate::support::free_port();
     let relay = RelayBuilder::new(&url, &brokers, &slot)
         .args(["--stall-warning", "2s", "--max-in-flight", "100000"])
+        .metrics_on(port)
         .start()
         .await;
     // Warm up (connection, topic metadata), then take the broker down.
@@ -908,6 +910,19 @@ async fn a_window_full_of_large_events_keeps_the_walsender_from_timing_out() {
     assert!(
         (3_000..4_500).contains(&published),
         "{published} events handed to Kafka while it was down (the warm-up one included)"
+    );
+    // The metrics show the full window: every event handed over but the
+    // acknowledged warm-up one, at least 32 MiB of them.
+    let text = scrape(port).await.unwrap();
+    assert_eq!(
+        metric(&text, "outbox_relay_in_flight_events"),
+        Some((published - 1) as f64),
+        "{text}"
+    );
+    let bytes = metric(&text, "outbox_relay_in_flight_bytes").unwrap_or_default();
+    assert!(
+        bytes >= (32 << 20) as f64,
+        "{bytes} bytes in flight:\n{text}"
     );
     broker.up();
     assert_outage_waited_out(relay, &pg, &brokers, &topic, 5001).await;

@@ -73,6 +73,8 @@ pub struct Metrics {
     server_lsn: Gauge,
     lag_bytes: Gauge,
     stalled_seconds: Gauge<f64, AtomicU64>,
+    in_flight_events: Gauge,
+    in_flight_bytes: Gauge,
     commit_to_ack: Histogram,
     commit_to_receive: Histogram,
     receive_to_ack: Histogram,
@@ -97,6 +99,8 @@ impl Default for Metrics {
             server_lsn: Gauge::default(),
             lag_bytes: Gauge::default(),
             stalled_seconds: Gauge::default(),
+            in_flight_events: Gauge::default(),
+            in_flight_bytes: Gauge::default(),
             commit_to_ack: latency(),
             commit_to_receive: latency(),
             receive_to_ack: latency(),
@@ -145,6 +149,17 @@ impl Default for Metrics {
             "How long the oldest event handed to Kafka has waited for its acknowledgement, \
              once longer than --stall-warning (0: deliveries move)",
             m.stalled_seconds.clone(),
+        );
+        r.register(
+            "outbox_relay_in_flight_events",
+            "Events handed to Kafka and not yet acknowledged, against --max-in-flight \
+             (sampled every 100 ms while streaming, every second while a backfill waits)",
+            m.in_flight_events.clone(),
+        );
+        r.register(
+            "outbox_relay_in_flight_bytes",
+            "Bytes (keys, values, headers) of the events in flight, against --max-in-flight-bytes",
+            m.in_flight_bytes.clone(),
         );
         r.register(
             "outbox_relay_commit_to_ack_seconds",
@@ -267,6 +282,12 @@ impl Metrics {
         self.stalled_seconds.set(seconds);
     }
 
+    /// Events handed to Kafka and not acknowledged, and their bytes.
+    pub fn in_flight(&self, events: u64, bytes: u64) {
+        self.in_flight_events.set(as_gauge(events));
+        self.in_flight_bytes.set(as_gauge(bytes));
+    }
+
     /// What the relay is doing now.
     pub fn set_state(&self, state: RelayState) {
         self.state.store(state as u8, Ordering::Relaxed);
@@ -341,6 +362,7 @@ mod tests {
     fn renders_counters_and_a_cumulative_histogram() {
         let m = Metrics::default();
         m.stalled(1.5);
+        m.in_flight(7, 4096);
         m.delivered(Some((800, 300))); // 0.8 ms after commit, 0.3 ms after arrival
         m.delivered(Some((4_000, 2_500))); // 4 ms, 2.5 ms
         m.delivered(None);
@@ -353,6 +375,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("outbox_relay_lag_bytes 60"), "{text}");
+        assert!(text.contains("outbox_relay_in_flight_events 7"), "{text}");
+        assert!(text.contains("outbox_relay_in_flight_bytes 4096"), "{text}");
         assert!(
             text.contains("outbox_relay_delivery_stalled_seconds 1.5"),
             "{text}"

@@ -547,6 +547,8 @@ impl StallWatch {
     /// Call periodically (about once a second or more often).
     pub fn check(&mut self, progress: &Progress) {
         let (outstanding, watermark) = progress.outstanding();
+        self.metrics
+            .in_flight(outstanding, progress.ledger.lock().bytes);
         if outstanding == 0 || watermark != self.watermark || self.since.is_none() {
             if self.warned_at.is_some() {
                 tracing::info!("kafka acknowledges again; the stalled delivery resumed");
