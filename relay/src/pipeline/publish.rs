@@ -49,9 +49,9 @@ pub struct Publisher {
     /// for each one showed up in the relay's profile.
     last_topic: Option<TopicChoice>,
     timeout: Duration,
-    /// Ends waits for room in librdkafka's buffer (see [`Publisher::stop_on`]).
-    stop: CancellationToken,
-    /// The stop's time budget.
+    /// The stop's time budget: waits for room in librdkafka's buffer end at
+    /// its hand-over, and waits for acknowledgements while stopping take
+    /// what is left of it.
     grace: Grace,
 }
 
@@ -79,6 +79,7 @@ impl Publisher {
         allowed: AllowedTopics,
         max_in_flight: usize,
         timeout: Duration,
+        grace: Grace,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let client = producer_config(cfg, max_in_flight);
@@ -99,8 +100,7 @@ impl Publisher {
             allowed,
             last_topic: None,
             timeout,
-            stop: CancellationToken::new(),
-            grace: Grace::unwatched(Duration::from_secs(30)),
+            grace,
         })
     }
 
@@ -177,14 +177,6 @@ impl Publisher {
         self.topics.forget();
         self.last_topic = None;
         Ok(true)
-    }
-
-    /// Stops count against `grace`: waits for room in librdkafka's buffer
-    /// end at its hand-over, and waits for acknowledgements while stopping
-    /// take what is left of it ([`grace`](Self::grace)).
-    pub fn stop_on(&mut self, grace: Grace) {
-        self.stop = grace.hand_over().clone();
-        self.grace = grace;
     }
 
     /// The stop's time budget.
@@ -328,7 +320,7 @@ impl Publisher {
             .key(event.key())
             .payload(&event.payload[..])
             .headers(headers);
-        producer::send(&self.producer, record, &event.id, &self.stop).await?;
+        producer::send(&self.producer, record, &event.id, self.grace.hand_over()).await?;
         self.ledger.handed();
         Ok(())
     }
@@ -382,13 +374,18 @@ impl Publisher {
         if let Some(v) = &letter.value {
             record = record.payload(v.as_slice());
         }
-        producer::send(&self.producer, record, &letter.event_id, &self.stop)
-            .await
-            .map_err(|err| Error::DeadLetterFailed {
-                event_id: letter.event_id.clone(),
-                reason: letter.reason.clone(),
-                source: Box::new(err),
-            })?;
+        producer::send(
+            &self.producer,
+            record,
+            &letter.event_id,
+            self.grace.hand_over(),
+        )
+        .await
+        .map_err(|err| Error::DeadLetterFailed {
+            event_id: letter.event_id.clone(),
+            reason: letter.reason.clone(),
+            source: Box::new(err),
+        })?;
         self.ledger.handed();
         Ok(())
     }

@@ -64,18 +64,18 @@ pub async fn run_with_metrics(
              --topic-template with a literal prefix"
         );
     }
+    // One --shutdown-timeout from the stop request for every step of the
+    // stop (see `shutdown`).
+    let grace = Grace::watch(&token, cfg.shutdown_timeout);
     let mut publisher = Publisher::new(
         &cfg.kafka,
         cfg.topic_template.clone(),
         cfg.allowed_topics.clone(),
         cfg.max_in_flight,
         cfg.connect_timeout,
+        grace.clone(),
         metrics.clone(),
     )?;
-    // One --shutdown-timeout from the stop request for every step of the
-    // stop (see `shutdown`).
-    let grace = Grace::watch(&token, cfg.shutdown_timeout);
-    publisher.stop_on(grace.clone());
     // The last delivered event, for `outbox-relay status`.
     let bookkeeping_stop = CancellationToken::new();
     let bookkeeping = tokio::spawn(bookkeeping::run(
@@ -163,12 +163,14 @@ pub async fn run_with_metrics(
     // goes to another instance.
     bookkeeping_stop.cancel();
     let abort = bookkeeping.abort_handle();
-    // A second at least: after a stop that spent its budget waiting on
-    // Kafka, `status` should still show what the flush acknowledged.
-    let last_write = grace.left().max(Duration::from_secs(1));
-    if tokio::time::timeout(cfg.connect_timeout.min(last_write), bookkeeping)
-        .await
-        .is_err()
+    // After a stop that spent its budget waiting on Kafka, `status` should
+    // still show what the flush acknowledged.
+    if tokio::time::timeout(
+        cfg.connect_timeout.min(grace.left_for_last_words()),
+        bookkeeping,
+    )
+    .await
+    .is_err()
     {
         // Not detached: no write of this instance after the lock is gone.
         abort.abort();

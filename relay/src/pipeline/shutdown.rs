@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 /// The budget of the stop `token` requests.
 #[derive(Debug, Clone)]
 pub struct Grace {
-    /// The stop request; `None` for an unwatched budget.
-    token: Option<CancellationToken>,
+    /// The stop request.
+    token: CancellationToken,
     timeout: Duration,
     deadline: Arc<OnceLock<Instant>>,
     /// Cancelled half the budget after the stop request: ends waits for
@@ -28,7 +28,7 @@ impl Grace {
     /// Starts watching `token`. Call from within the runtime.
     pub fn watch(token: &CancellationToken, timeout: Duration) -> Self {
         let grace = Self {
-            token: Some(token.clone()),
+            token: token.clone(),
             timeout,
             deadline: Arc::new(OnceLock::new()),
             hand_over: CancellationToken::new(),
@@ -43,19 +43,8 @@ impl Grace {
         grace
     }
 
-    /// A budget that starts only when [`requested`](Self::requested) is
-    /// called (tests, and callers without a token).
-    pub fn unwatched(timeout: Duration) -> Self {
-        Self {
-            token: None,
-            timeout,
-            deadline: Arc::new(OnceLock::new()),
-            hand_over: CancellationToken::new(),
-        }
-    }
-
     /// The stop was requested now (a later call keeps the first deadline).
-    pub fn requested(&self) {
+    fn requested(&self) {
         let _ = self.deadline.set(Instant::now() + self.timeout);
     }
 
@@ -65,17 +54,20 @@ impl Grace {
     pub fn left(&self) -> Duration {
         // The watching task may not have run yet (another thread of a
         // multi-thread runtime got here first): the request counts from now.
-        if self
-            .token
-            .as_ref()
-            .is_some_and(CancellationToken::is_cancelled)
-        {
+        if self.token.is_cancelled() {
             self.requested();
         }
         match self.deadline.get() {
             Some(deadline) => deadline.saturating_duration_since(Instant::now()),
             None => self.timeout,
         }
+    }
+
+    /// What is left of the budget, but a second at least: for the stop's
+    /// last words to PostgreSQL (the final position, the last bookkeeping
+    /// write), which are worth a second even after Kafka spent the budget.
+    pub fn left_for_last_words(&self) -> Duration {
+        self.left().max(Duration::from_secs(1))
     }
 
     /// The whole budget, for messages.
@@ -148,7 +140,7 @@ mod tests {
     fn a_cancelled_token_starts_the_clock_without_its_watcher() {
         let token = CancellationToken::new();
         let grace = Grace {
-            token: Some(token.clone()),
+            token: token.clone(),
             timeout: Duration::from_secs(30),
             deadline: Arc::new(OnceLock::new()),
             hand_over: CancellationToken::new(),

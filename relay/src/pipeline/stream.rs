@@ -566,10 +566,8 @@ impl Session<'_> {
             tracing::info!(lsn = %lsn, "final position confirmed");
             let _ = self.conn.send_copy_done().await;
             // The server's answer to CopyDone says it read the final
-            // position; waited for within the stop's budget (a second at
-            // least, so a stop that spent it on Kafka still confirms).
-            let answer =
-                Duration::from_secs(5).min(publisher.grace().left().max(Duration::from_secs(1)));
+            // position; a stop that spent its budget on Kafka still confirms.
+            let answer = Duration::from_secs(5).min(publisher.grace().left_for_last_words());
             let _ = tokio::time::timeout(answer, async {
                 while let Ok(msg) = self.conn.recv().await {
                     if matches!(msg, Backend::ReadyForQuery | Backend::Error(_)) {
