@@ -158,6 +158,19 @@ struct State {
     totals: Totals,
 }
 
+impl State {
+    /// The slot of ticket `seq` when it is in this session's window and not
+    /// settled yet.
+    fn unsettled(&mut self, seq: u64) -> Option<&mut Slot> {
+        if seq < self.base.max(self.settled_below) || seq >= self.next {
+            return None;
+        }
+        let len = self.ring.len() as u64;
+        let slot = &mut self.ring[(seq % len) as usize];
+        (!slot.settled).then_some(slot)
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
     settled: bool,
@@ -224,15 +237,9 @@ impl Ledger {
     /// earlier session).
     pub fn charge(&self, ticket: Ticket, bytes: u64) {
         let mut s = self.lock();
-        let seq = ticket.seq();
-        if seq < s.base.max(s.settled_below) || seq >= s.next {
+        let Some(slot) = s.unsettled(ticket.seq()) else {
             return;
-        }
-        let len = s.ring.len() as u64;
-        let slot = &mut s.ring[(seq % len) as usize];
-        if slot.settled {
-            return;
-        }
+        };
         slot.bytes += bytes;
         s.bytes += bytes;
     }
@@ -300,15 +307,7 @@ impl Ledger {
     /// settled a ticket of this session that has one.
     pub fn acknowledged(&self, ticket: Ticket) -> Option<i64> {
         let mut s = self.lock();
-        let seq = ticket.seq();
-        if seq < s.base.max(s.settled_below) || seq >= s.next {
-            return None;
-        }
-        let len = s.ring.len() as u64;
-        let slot = &mut s.ring[(seq % len) as usize];
-        if slot.settled {
-            return None;
-        }
+        let slot = s.unsettled(ticket.seq())?;
         slot.settled = true;
         let arrival = slot.arrival;
         let weight = std::mem::take(&mut slot.bytes);
@@ -327,6 +326,7 @@ impl Ledger {
                 )
             }));
         }
+        let len = s.ring.len() as u64;
         while s.settled_below < s.next {
             let i = (s.settled_below % len) as usize;
             if !s.ring[i].settled {
